@@ -1,0 +1,377 @@
+"""
+The configuration: one TOML file read once at startup into frozen, typed
+sections, then passed down through constructors.
+
+Every key has a default, so an empty file is a valid configuration.  A key
+that is unknown, of the wrong type or out of range is a L{ConfigError} naming
+the file, the dotted key and the reason; nothing is silently ignored (a
+misspelt C{header_timout_s} must not fall back to a default unnoticed).
+Units are part of the names (C{_s} seconds, C{_bytes} bytes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# RFC 1918 and RFC 4193 ranges plus loopback: where load balancers live.  A
+# public client can therefore never assert an address of its choosing.
+DEFAULT_TRUSTED_SOURCES = (
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "fc00::/7",
+)
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used; says where and why.
+    """
+
+    def __init__(self, source: str, key: str, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}")
+        self.source = source
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """
+    A TCP address to listen on: an IPv4 or IPv6 literal (or a name) and a
+    port.
+    """
+
+    host: str
+    port: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UpstreamAddress:
+    """
+    Where the registry application listens: TCP host and port, or a UNIX
+    socket path.
+    """
+
+    scheme: Literal["http", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    """
+    Parse C{HOST:PORT} or C{[IPV6]:PORT}.
+
+    @raise ValueError: with the reason, when C{text} is not of that form.
+    """
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not [IPV6]:PORT")
+        ipaddress.IPv6Address(host)
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
+    return ListenAddress(host, _parse_port(port_text, text))
+
+
+def parse_upstream_url(text: str) -> UpstreamAddress:
+    """
+    Parse C{http://HOST:PORT} or C{unix:/absolute/path.sock}.
+
+    @raise ValueError: with the reason, when C{text} is neither.
+    """
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError(f"{text!r}: the socket path must be absolute")
+        return UpstreamAddress("unix", path=path)
+    if text.startswith("http://"):
+        authority = text[len("http://") :].rstrip("/")
+        if "/" in authority:
+            raise ValueError(f"{text!r}: a path prefix is not supported")
+        address = parse_listen_address(authority)
+        return UpstreamAddress("http", host=address.host, port=address.port)
+    raise ValueError(f"{text!r} is neither http://HOST:PORT nor unix:/PATH")
+
+
+def _parse_port(text: str, whole: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError(f"{whole!r}: port must be 1-65535")
+    return int(text)
+
+
+def parse_networks(texts: tuple[str, ...] | list[str]) -> tuple[IPNetwork, ...]:
+    """
+    Parse CIDR strings; a bare address is a one-address network.
+
+    @raise ValueError: naming the first bad entry.
+    """
+    networks = []
+    for text in texts:
+        try:
+            networks.append(ipaddress.ip_network(text.strip(), strict=True))
+        except ValueError as e:
+            raise ValueError(f"{text!r} is not a CIDR network ({e})") from None
+    return tuple(networks)
+
+
+# Each field's metadata may carry a "check": a function that turns the raw
+# TOML value into the stored one or raises ValueError with the reason.
+def _checked(default: Any, check: Callable[[Any], Any]) -> Any:
+    return field(default=default, metadata={"check": check})
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}")
+        return value
+
+    return check
+
+
+def _url_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must start with '/'")
+    return value
+
+
+def _url_paths(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_url_path(v) for v in values)
+
+
+@dataclass(frozen=True)
+class ProxyListenerConfig:
+    """
+    The listener that reads a PROXY protocol header before TLS.
+    """
+
+    enabled: bool = True
+    address: ListenAddress = _checked(ListenAddress("0.0.0.0", 8443), parse_listen_address)
+    proxy_protocol: str = _checked("required", _one_of("required", "off"))
+    header_timeout_s: float = _checked(5.0, _positive)
+    max_v2_header_bytes: int = _checked(4096, _positive)
+    trusted_sources: tuple[IPNetwork, ...] = _checked(
+        parse_networks(DEFAULT_TRUSTED_SOURCES), parse_networks
+    )
+    exempt_sources: tuple[IPNetwork, ...] = _checked((), parse_networks)
+
+
+@dataclass(frozen=True)
+class TLSListenerConfig:
+    """
+    The plain TLS listener (no PROXY header): direct clients and load
+    balancer health checks.
+    """
+
+    enabled: bool = True
+    address: ListenAddress = _checked(ListenAddress("0.0.0.0", 443), parse_listen_address)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """
+    The server certificate: a PEM certificate (leaf first, then its chain)
+    and its PEM private key.
+    """
+
+    cert: str = "/etc/quayfront/tls/cert.pem"
+    key: str = "/etc/quayfront/tls/key.pem"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """
+    The registry application quayfront forwards to.
+    """
+
+    url: UpstreamAddress = _checked(
+        UpstreamAddress("http", host="127.0.0.1", port=5000), parse_upstream_url
+    )
+    connect_timeout_s: float = _checked(10.0, _positive)
+    # Idle persistent connections kept per upstream; not a concurrency cap.
+    max_idle_connections: int = _checked(64, _positive)
+    # Below the upstreams' own keep-alive timeouts (gunicorn 2 s by default is
+    # the outlier; docker-registry and Quay's nginx use 60-75 s), so quayfront
+    # closes an idle connection before the upstream does and never sends a
+    # request into a connection that is being torn down.
+    idle_keepalive_s: float = _checked(50.0, _positive)
+
+
+@dataclass(frozen=True)
+class HTTPConfig:
+    """
+    Client-facing HTTP limits.
+    """
+
+    # Time a client may take to send a complete request head, and time a
+    # kept-alive connection may sit idle between requests.
+    idle_timeout_s: float = _checked(60.0, _positive)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """
+    The health resource that load balancers probe.
+    """
+
+    paths: tuple[str, ...] = _checked(("/health", "/health/instance"), _url_paths)
+    probe_path: str = _checked("/", _url_path)
+    probe_timeout_s: float = _checked(2.0, _positive)
+    cache_s: float = _checked(3.0, _positive)
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    """
+    Where the access log goes: a file path, or C{-} for standard output.
+    """
+
+    path: str = "-"
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    The whole configuration.
+    """
+
+    proxy_listener: ProxyListenerConfig = ProxyListenerConfig()
+    tls_listener: TLSListenerConfig = TLSListenerConfig()
+    tls: TLSConfig = TLSConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    http: HTTPConfig = HTTPConfig()
+    health: HealthConfig = HealthConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
+
+
+def load_config(path: str | None, overrides: Mapping[str, Any] = {}) -> Config:
+    """
+    Read the TOML file at C{path} (or nothing, when C{None}) and apply
+    C{overrides}, a mapping of dotted keys (C{"upstream.url"}) to values of
+    the same form the file would hold (command-line options arrive this way).
+
+    @raise ConfigError: naming the file (or C{command line}), key and reason.
+    """
+    source = path or "(defaults)"
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(path, "-", f"cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(path, "-", f"not valid TOML: {e}") from None
+    config = _build(Config, document, source, prefix="")
+    for dotted, value in overrides.items():
+        section_name, _, key = dotted.partition(".")
+        section = getattr(config, section_name)
+        raw = {key: value}
+        updated = _build(type(section), raw, "command line", f"{section_name}.", base=section)
+        config = dataclasses.replace(config, **{section_name: updated})
+    return config
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str, base: Any = None) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(source, prefix.rstrip(".") or "-", "must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(
+            source,
+            prefix + unknown[0],
+            f"unknown key (known here: {', '.join(sorted(known))})",
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        f = known[name]
+        hint = hints[name]
+        check = f.metadata.get("check")
+        if dataclasses.is_dataclass(hint) and check is None:
+            values[name] = _build(hint, value, source, key + ".")
+            continue
+        try:
+            values[name] = _convert(hint, value, check)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(source, key, str(e)) from None
+    if base is not None:
+        return dataclasses.replace(base, **values)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, check: Callable[[Any], Any] | None) -> Any:
+    raw_type = _raw_toml_type(hint, check)
+    if raw_type is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"must be true or false, not {value!r}")
+    elif raw_type is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"must be an integer, not {value!r}")
+    elif raw_type is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"must be a number, not {value!r}")
+        value = float(value)
+    elif raw_type is str:
+        if not isinstance(value, str):
+            raise TypeError(f"must be a string, not {value!r}")
+    elif raw_type is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError(f"must be a list of strings, not {value!r}")
+        value = tuple(value)
+    return check(value) if check is not None else value
+
+
+def _raw_toml_type(hint: Any, check: Callable[[Any], Any] | None) -> type:
+    """
+    The TOML type a field is written as: its own type, or for fields with a
+    parsing check (addresses, networks) the string or list it is parsed from.
+    """
+    if hint in (bool, int, float, str):
+        return hint
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return list
+    if origin in (typing.Union, types.UnionType, Literal):
+        return str
+    # A parsed field (addresses, URLs) is written as a string.
+    assert check is not None, hint
+    return str

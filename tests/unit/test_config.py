@@ -1,0 +1,128 @@
+"""
+Configuration loading: defaults, the shipped file, and errors that name the
+file, key and reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from quayfront.config import (
+    Config,
+    ConfigError,
+    ListenAddress,
+    UpstreamAddress,
+    load_config,
+    parse_listen_address,
+    parse_upstream_url,
+)
+
+SHIPPED = Path(__file__).parents[2] / "etc" / "quayfront.toml"
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "quayfront.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_file_is_the_defaults() -> None:
+    """The documented etc/quayfront.toml states exactly the built-in defaults."""
+    assert load_config(str(SHIPPED)) == Config()
+
+
+def test_no_file_gives_defaults() -> None:
+    """Without a file every setting has its default."""
+    config = load_config(None)
+    assert config.proxy_listener.address == ListenAddress("0.0.0.0", 8443)
+    assert config.tls_listener.address == ListenAddress("0.0.0.0", 443)
+    assert config.proxy_listener.header_timeout_s == 5.0
+
+
+def test_values_are_parsed(tmp_path: Path) -> None:
+    """Addresses, URLs and CIDR lists are parsed into typed values."""
+    config = load_config(
+        write(
+            tmp_path,
+            """
+            [proxy_listener]
+            address = "[::]:9443"
+            trusted_sources = ["10.1.0.0/16"]
+            header_timeout_s = 3
+            [upstream]
+            url = "unix:/run/registry.sock"
+            """,
+        )
+    )
+    assert config.proxy_listener.address == ListenAddress("::", 9443)
+    assert config.proxy_listener.trusted_sources == (ipaddress.ip_network("10.1.0.0/16"),)
+    assert config.proxy_listener.header_timeout_s == 3.0
+    assert config.upstream.url == UpstreamAddress("unix", path="/run/registry.sock")
+
+
+def test_overrides_win_over_the_file(tmp_path: Path) -> None:
+    """Command-line overrides replace single keys and keep the rest of the file."""
+    path = write(tmp_path, '[upstream]\nurl = "http://10.0.0.5:5000"\nconnect_timeout_s = 3\n')
+    config = load_config(path, {"upstream.url": "http://127.0.0.1:6000"})
+    assert config.upstream.url == UpstreamAddress("http", host="127.0.0.1", port=6000)
+    assert config.upstream.connect_timeout_s == 3.0
+
+
+@pytest.mark.parametrize(
+    "text, key, reason",
+    [
+        ("[proxy_listener]\nheader_timout_s = 5\n", "proxy_listener.header_timout_s", "unknown key"),
+        ("[nonsense]\nx = 1\n", "nonsense", "unknown key"),
+        ("[proxy_listener]\nheader_timeout_s = 'soon'\n", "proxy_listener.header_timeout_s", "number"),
+        ("[proxy_listener]\nheader_timeout_s = 0\n", "proxy_listener.header_timeout_s", "greater than 0"),
+        ("[proxy_listener]\nenabled = 1\n", "proxy_listener.enabled", "true or false"),
+        ("[proxy_listener]\nproxy_protocol = 'maybe'\n", "proxy_listener.proxy_protocol", "one of"),
+        ("[proxy_listener]\naddress = '8443'\n", "proxy_listener.address", "HOST:PORT"),
+        ("[proxy_listener]\naddress = '::1:8443'\n", "proxy_listener.address", "[ADDRESS]:PORT"),
+        ("[proxy_listener]\naddress = '0.0.0.0:70000'\n", "proxy_listener.address", "port"),
+        ("[proxy_listener]\ntrusted_sources = ['10.0.0.1/8']\n", "proxy_listener.trusted_sources", "CIDR"),
+        ("[proxy_listener]\ntrusted_sources = '10.0.0.0/8'\n", "proxy_listener.trusted_sources", "list"),
+        ("[upstream]\nurl = 'https://x:5000'\n", "upstream.url", "http://HOST:PORT"),
+        ("[upstream]\nurl = 'unix:relative.sock'\n", "upstream.url", "absolute"),
+        ("[health]\nprobe_path = 'v2'\n", "health.probe_path", "start with"),
+        ("upstream = 5\n", "upstream", "table"),
+    ],
+)
+def test_bad_values_name_file_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    """Each kind of mistake is refused with the file, the dotted key and why."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.source == path
+    assert caught.value.key == key
+    assert reason in caught.value.reason
+    assert str(caught.value).startswith(f"{path}: {key}: ")
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    """A missing file or broken TOML is reported with the file name."""
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "missing.toml"))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[upstream\n"))
+
+
+def test_bad_override_names_the_command_line() -> None:
+    """A bad command-line value is reported as coming from the command line."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"upstream.url": "ftp://x"})
+    assert caught.value.source == "command line"
+    assert caught.value.key == "upstream.url"
+
+
+def test_address_forms() -> None:
+    """Listen addresses and upstream URLs accept IPv4, bracketed IPv6 and names."""
+    assert parse_listen_address("[::1]:8443") == ListenAddress("::1", 8443)
+    assert parse_listen_address("localhost:443") == ListenAddress("localhost", 443)
+    assert str(ListenAddress("::", 8443)) == "[::]:8443"
+    assert parse_upstream_url("http://[::1]:5000/") == UpstreamAddress("http", host="::1", port=5000)
+    with pytest.raises(ValueError):
+        parse_listen_address("[::1]8443")
