@@ -1,0 +1,66 @@
+# quayfront developer and CI entry points.  Needs only make, a POSIX shell
+# and bash; `make deps` installs the system packages (Debian 12).
+
+SHELL := /bin/sh
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: all venv deps test unit integration run fuzz bench clean help
+
+all: test
+
+help:
+	@echo "make test         system deps + venv, then unit and integration tests"
+	@echo "make unit         unit tests only (tests/unit)"
+	@echo "make integration  integration tests only (tests/integration)"
+	@echo "make fuzz         PROXY parser property tests with the long 'fuzz' profile"
+	@echo "make bench        benchmarks (python -m tests.bench), when they exist"
+	@echo "make run          dev registry + quayfront in the foreground (Ctrl-C stops)"
+	@echo "make venv         create .venv and install quayfront[test] in it"
+	@echo "make deps         install missing system packages (apt-get)"
+	@echo "make clean        remove .venv, run/ and caches"
+
+# The stamp is rebuilt when the packaging metadata changes; the Twisted
+# plugin cache is regenerated every time (cheap) so new or edited plugins
+# under twisted/plugins/ are always picked up.
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+	$(VPY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+
+deps:
+	sh etc/dev/install-system-deps.sh
+
+test: deps venv
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+unit: venv
+	$(VPY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+integration: deps venv
+	$(VPY) -m pytest -q tests/integration $(PYTEST_ARGS)
+
+run: deps venv
+	bash etc/dev/run.sh
+
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz $(VPY) -m pytest -q tests/unit/test_proxy_parser_properties.py $(PYTEST_ARGS)
+
+# Placeholder: runs the benchmark module once it exists (tests/bench.py or
+# the package tests/bench/), otherwise says that there is none yet.
+bench: deps venv
+	@if [ -f tests/bench.py ] || [ -f tests/bench/__init__.py ] || [ -f tests/bench/__main__.py ]; then \
+		$(VPY) -m tests.bench; \
+	else \
+		echo "bench: no benchmarks yet (tests/bench is not written); nothing to run"; \
+	fi
+
+clean:
+	rm -rf $(VENV) run .pytest_cache .hypothesis build dist *.egg-info
+	rm -f twisted/plugins/dropin.cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,55 @@
+#!/bin/sh
+# Install the system packages quayfront's tests and dev setup need, on
+# Debian 12 (bookworm). Does nothing (and touches no package list) when
+# every package is already installed, so it is cheap to call from make.
+#
+#   haproxy          the load balancer in front of quayfront (PROXY v1/v2)
+#   docker-registry  the upstream registry (Docker Distribution 2.8)
+#   skopeo           pushes and pulls images in the integration tests
+#   curl, openssl    test clients, dev certificates
+#   nginx            baseline for the benchmarks
+#   procps           ps/pgrep for debugging the test processes
+#
+# Needs root, or sudo rights for apt-get. Set SUDO= explicitly to override.
+set -eu
+
+PACKAGES="haproxy docker-registry skopeo curl openssl nginx procps"
+
+missing=""
+for pkg in $PACKAGES; do
+    status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+    if [ "$status" != "installed" ]; then
+        missing="$missing $pkg"
+    fi
+done
+
+if [ -z "$missing" ]; then
+    echo "install-system-deps: all present ($PACKAGES)"
+    exit 0
+fi
+
+echo "install-system-deps: missing:$missing"
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-system-deps: apt-get not found; this script supports Debian 12 only." >&2
+    echo "install-system-deps: install these packages by hand:$missing" >&2
+    exit 1
+fi
+
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=${SUDO-}
+elif command -v sudo >/dev/null 2>&1; then
+    SUDO=${SUDO-sudo}
+    echo "install-system-deps: not root; using sudo to run apt-get (needs sudo rights for apt-get)."
+else
+    echo "install-system-deps: not root and sudo is not installed." >&2
+    echo "install-system-deps: as root, run: apt-get update && apt-get install -y$missing" >&2
+    exit 1
+fi
+
+# Non-interactive: CI has no stdin and no terminal.
+export DEBIAN_FRONTEND=noninteractive
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+# shellcheck disable=SC2086  # word splitting of the package list is intended
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+echo "install-system-deps: installed:$missing"
