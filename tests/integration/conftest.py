@@ -1,0 +1,109 @@
+"""
+Fixtures for the integration tests: real docker-registry, quayfront and
+HAProxy processes on 127.0.0.1, on free ports, stopped by PID at teardown.
+
+A missing program fails the test that needs it (``make deps`` installs
+them); nothing is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+import harness
+from harness import Process
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("integration")
+
+
+@pytest.fixture(scope="session")
+def dev_cert(session_dir: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and key for localhost, 127.0.0.1 and ::1."""
+    return harness.make_cert(session_dir / "cert")
+
+
+@pytest.fixture(scope="session")
+def quayfront_instances() -> list[Process]:
+    """Every quayfront process the session started, for the final output checks."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def registry(session_dir: Path) -> Iterator[Process]:
+    """A docker-registry shared by the session, filesystem storage in tmp."""
+    proc = harness.start_registry(session_dir / "registry")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def quayfront(session_dir: Path, registry: Process, dev_cert: tuple[Path, Path],
+              quayfront_instances: list[Process]) -> Iterator[Process]:
+    """quayfront in front of the session registry."""
+    cert, key = dev_cert
+    proc = harness.start_quayfront(
+        session_dir / "quayfront", f"http://127.0.0.1:{registry.ports['http']}", cert, key,
+        extra=harness.QUAYFRONT_TEST_ARGS,
+    )
+    quayfront_instances.append(proc)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def haproxy(session_dir: Path, quayfront: Process) -> Iterator[Process]:
+    """HAProxy in TCP mode: port ``v2`` sends PROXY v2, ``v1`` sends v1, both to quayfront."""
+    proc = harness.start_haproxy(session_dir / "haproxy", quayfront.ports["proxy"])
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def start_registry(tmp_path: Path) -> Iterator[Callable[[], Process]]:
+    """Start a registry of the test's own (e.g. one that the test kills)."""
+    started: list[Process] = []
+
+    def start() -> Process:
+        proc = harness.start_registry(tmp_path / f"registry{len(started)}")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def start_quayfront(tmp_path: Path, dev_cert: tuple[Path, Path],
+                    quayfront_instances: list[Process]) -> Iterator[Callable[..., Process]]:
+    """Start a quayfront of the test's own in front of ``upstream``."""
+    started: list[Process] = []
+
+    def start(upstream: str, extra: tuple[str, ...] = ()) -> Process:
+        cert, key = dev_cert
+        name = f"quayfront{len(started)}"
+        proc = harness.start_quayfront(
+            tmp_path / name, upstream, cert, key,
+            extra=(*harness.QUAYFRONT_TEST_ARGS, *extra), name=name,
+        )
+        started.append(proc)
+        quayfront_instances.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def echo_upstream(tmp_path: Path) -> Iterator[Process]:
+    """An HTTP server on 127.0.0.1 that answers with the request's headers as JSON."""
+    proc = harness.start_echo_upstream(tmp_path / "echo")
+    yield proc
+    proc.stop()
