@@ -1,0 +1,80 @@
+"""
+Which request and response headers cross the proxy, as pure functions over
+ordered C{(name, value)} pairs so that repeats and order are kept.
+
+RFC 9110 section 7.6.1: hop-by-hop fields (C{Connection} and every field it
+names) describe one connection and are never forwarded.  Framing fields
+(C{Content-Length}, C{Transfer-Encoding}) are written by the client library
+on each side from the body it actually sends.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+HeaderPairs = list[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+# Client-supplied forwarding claims: replaced by what quayfront knows, never
+# passed through, since any client can write them.
+FORWARDING = frozenset(
+    {b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip"}
+)
+
+# Written by the upstream client from the body it streams.  Expect is
+# answered by quayfront itself, so it must not reach an upstream that would
+# answer it a second time.
+FRAMING = frozenset({b"content-length", b"expect"})
+
+
+def _connection_tokens(pairs: HeaderPairs) -> frozenset[bytes]:
+    tokens = set()
+    for name, value in pairs:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def upstream_request_headers(
+    pairs: Iterable[tuple[bytes, bytes]], *, client_ip: str, scheme: bytes = b"https"
+) -> HeaderPairs:
+    """
+    The headers to send upstream for a client request with C{pairs}.
+
+    C{Host} passes unchanged (the registry builds absolute C{Location} URLs
+    from it); C{X-Forwarded-For} is the client address quayfront vouches for,
+    C{X-Forwarded-Host} the client's C{Host}.
+    """
+    pairs = list(pairs)
+    dropped = HOP_BY_HOP | FORWARDING | FRAMING | _connection_tokens(pairs)
+    forwarded = [(name, value) for name, value in pairs if name.lower() not in dropped]
+    forwarded.append((b"X-Forwarded-For", client_ip.encode("ascii")))
+    forwarded.append((b"X-Forwarded-Proto", scheme))
+    for name, value in pairs:
+        if name.lower() == b"host":
+            forwarded.append((b"X-Forwarded-Host", value))
+            break
+    return forwarded
+
+
+def client_response_headers(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderPairs:
+    """
+    The upstream response headers to pass to the client.
+    """
+    pairs = list(pairs)
+    dropped = HOP_BY_HOP | _connection_tokens(pairs)
+    return [(name, value) for name, value in pairs if name.lower() not in dropped]

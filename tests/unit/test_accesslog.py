@@ -1,0 +1,47 @@
+"""
+The access log line: Quay's lb_logs format, escaped.
+"""
+
+from quayfront.accesslog import AccessLogEntry, format_quay_line
+
+
+def entry(**overrides) -> AccessLogEntry:
+    fields = dict(
+        timestamp=1795470600.0,  # 2026-11-23 21:50:00 UTC
+        socket_peer="127.0.0.1",
+        client="203.0.113.7",
+        method=b"PATCH",
+        uri=b"/v2/lib/app/blobs/uploads/8f0e",
+        protocol=b"HTTP/1.1",
+        status=202,
+        body_bytes_sent=0,
+        referer=None,
+        user_agent=b"skopeo/1.9.3",
+        request_time_s=1.23456,
+        request_length=67109000,
+        upstream_response_time_s=1.2,
+    )
+    fields.update(overrides)
+    return AccessLogEntry(**fields)
+
+
+def test_quay_format() -> None:
+    """Socket peer, (client), request, status, bytes, referer, agent and timings, as Quay's nginx."""
+    assert format_quay_line(entry()) == (
+        '127.0.0.1 (203.0.113.7) - - [23/Nov/2026:21:50:00 +0000] '
+        '"PATCH /v2/lib/app/blobs/uploads/8f0e HTTP/1.1" 202 0 "-" "skopeo/1.9.3" '
+        "(1.235 67109000 1.200)"
+    )
+
+
+def test_no_upstream_time_is_a_dash() -> None:
+    """Requests quayfront answered itself have no upstream time."""
+    assert format_quay_line(entry(upstream_response_time_s=None)).endswith("67109000 -)")
+
+
+def test_client_bytes_are_escaped() -> None:
+    """Quotes, backslashes, control and non-ASCII bytes cannot forge fields or reach a terminal raw."""
+    line = format_quay_line(entry(user_agent=b'x" 200 "\x1b[31m\\\xff', uri=b"/a\nb"))
+    assert '"x\\x22 200 \\x22\\x1B[31m\\x5C\\xFF"' in line
+    assert "/a\\x0Ab" in line
+    assert "\n" not in line and "\x1b" not in line
