@@ -1,0 +1,63 @@
+"""
+The listener chain, composed in code: TCP -> PROXY -> TLS -> HTTP.
+
+Twisted's C{haproxy:ssl:} endpoint string composes the other way round
+(TLS outside the PROXY parser, so the header would have to arrive inside the
+encrypted stream); here the PROXY layer wraps the TCP endpoint and TLS wraps
+that.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
+from zope.interface import implementer
+
+from quayfront.config import ListenAddress
+from quayfront.metrics import Counters
+from quayfront.proxylayer import ProxyHeaderFactory, ProxyHeaderPolicy
+
+# Generous: a load balancer opens connections in bursts, and connections
+# that never send a header are closed on the header deadline anyway.
+LISTEN_BACKLOG = 1024
+
+
+@implementer(IStreamServerEndpoint)
+class ProxyHeaderServerEndpoint:
+    """
+    An endpoint whose connections go through the PROXY layer before they
+    reach the factory given to C{listen}.
+    """
+
+    def __init__(
+        self,
+        wrapped: IStreamServerEndpoint,
+        policy: ProxyHeaderPolicy,
+        clock,
+        counters: Counters,
+    ) -> None:
+        self._wrapped = wrapped
+        self._policy = policy
+        self._clock = clock
+        self._counters = counters
+
+    def listen(self, protocolFactory):
+        return self._wrapped.listen(
+            ProxyHeaderFactory(protocolFactory, self._policy, self._clock, self._counters)
+        )
+
+
+def tcp_endpoint(reactor, address: ListenAddress) -> IStreamServerEndpoint:
+    endpoint_type = TCP6ServerEndpoint if address.is_ipv6 else TCP4ServerEndpoint
+    return endpoint_type(reactor, address.port, backlog=LISTEN_BACKLOG, interface=address.host)
+
+
+def listener_endpoint(
+    reactor,
+    address: ListenAddress,
+    policy: ProxyHeaderPolicy,
+    tls: IOpenSSLServerConnectionCreator,
+    counters: Counters,
+) -> IStreamServerEndpoint:
+    proxy_layer = ProxyHeaderServerEndpoint(tcp_endpoint(reactor, address), policy, reactor, counters)
+    return wrapServerTLS(tls, proxy_layer, clock=reactor)

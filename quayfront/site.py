@@ -1,0 +1,172 @@
+"""
+The HTTP layer: a L{Site} whose requests are forwarded to the upstream as
+soon as their headers are complete, except a few paths quayfront answers
+itself (health).
+
+Twisted's stock L{Request} reads the whole body (into memory or a temporary
+file) before C{render()} runs.  L{FrontRequest} instead starts the upstream
+request in C{gotLength}, which the channel calls once the request head is
+parsed, and hands each body chunk on in C{handleContentChunk}; it never calls
+the spooling parts.
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IAgent
+from twisted.web.resource import IResource, Resource
+
+from quayfront.accesslog import CLIENT_CLOSED_REQUEST, AccessLog, AccessLogEntry
+from quayfront.forward import Forwarding, respond_with_error
+from quayfront.metrics import Counters
+from quayfront.proxylayer import ConnectionOrigin, origin_of
+
+
+def _host(address) -> str:
+    return getattr(address, "host", None) or str(address)
+
+
+def _socket_origin(transport) -> ConnectionOrigin:
+    # A channel not under quayfront's PROXY layer: the socket is the truth.
+    return ConnectionOrigin(
+        listener="direct",
+        socket_peer=transport.getPeer(),
+        client=transport.getPeer(),
+        destination=transport.getHost(),
+        proxy_header=None,
+    )
+
+
+class FrontRequest(server.Request):
+    """
+    A request that is either streamed to the upstream (L{Forwarding}) or
+    answered locally by a resource of the site's.
+    """
+
+    # Upstream responses carry their own Content-Type (or none).
+    defaultContentType = None
+    forwarding: Forwarding | None = None
+    origin: ConnectionOrigin
+
+    def gotLength(self, length: int | None) -> None:
+        channel = self.channel
+        # The request line is only on the channel until the body has been
+        # read; the access log and the forwarding need it now.
+        self.method = channel._command
+        self.uri = channel._path
+        self.clientproto = channel._version
+        self.path = self.uri.split(b"?", 1)[0]
+        self.site = site = channel.site
+        self._received_s = site.clock.seconds()
+        self.origin = origin_of(channel.transport) or _socket_origin(channel.transport)
+        self._head_length = (
+            len(self.method) + len(self.uri) + len(self.clientproto) + 4
+            + sum(
+                len(name) + len(value) + 4
+                for name, values in self.requestHeaders.getAllRawHeaders()
+                for value in values
+            )
+            + 2
+        )
+        self.notifyFinish().addBoth(self._write_access_log)
+
+        if site.local_resource(self.path) is None and self._forwardable():
+            self.forwarding = Forwarding(
+                self, length, site.agent, site.clock, client_ip=_host(self.origin.client)
+            )
+        else:
+            # Local resources take no body; whatever is sent is read and
+            # dropped rather than spooled.
+            self.content = BytesIO()
+
+    def _forwardable(self) -> bool:
+        # Only origin-form targets are proxied; absolute-form and "*" are
+        # answered locally with an error.
+        return self.uri.startswith(b"/") and len(self.requestHeaders.getRawHeaders(b"host", ())) <= 1
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.forwarding is not None:
+            self.forwarding.body_chunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.forwarding is not None:
+            self.forwarding.body_done()
+        else:
+            super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        resource = self.site.local_resource(self.path)
+        if resource is None:
+            respond_with_error(self, 400, "bad-request-target")
+        else:
+            self.render(resource)
+
+    def _write_access_log(self, result: object) -> None:
+        site = self.site
+        forwarding = self.forwarding
+        origin = self.origin
+        status = self.code
+        if isinstance(result, Failure) and not self.startedWriting:
+            status = CLIENT_CLOSED_REQUEST
+        site.counters.increment("http_responses", str(status))
+        site.access_log.write(
+            AccessLogEntry(
+                timestamp=site.clock.seconds(),
+                socket_peer=_host(origin.socket_peer),
+                client=_host(origin.client),
+                method=self.method,
+                uri=self.uri,
+                protocol=self.clientproto,
+                status=status,
+                body_bytes_sent=self.sentLength,
+                referer=self.requestHeaders.getRawHeaders(b"referer", [None])[0],
+                user_agent=self.requestHeaders.getRawHeaders(b"user-agent", [None])[0],
+                request_time_s=site.clock.seconds() - self._received_s,
+                request_length=self._head_length
+                + (forwarding.body_bytes_received if forwarding else 0),
+                upstream_response_time_s=forwarding.upstream_response_time_s
+                if forwarding
+                else None,
+            )
+        )
+
+
+class FrontSite(server.Site):
+    """
+    The site both listeners serve.
+
+    @ivar local_resources: exact paths answered by quayfront itself.
+    """
+
+    requestFactory = FrontRequest
+    _log = Logger()
+
+    def __init__(
+        self,
+        *,
+        clock: IReactorTime,
+        agent: IAgent,
+        local_resources: dict[bytes, IResource],
+        access_log: AccessLog,
+        counters: Counters,
+        idle_timeout_s: float,
+    ) -> None:
+        super().__init__(Resource(), timeout=idle_timeout_s, reactor=clock)
+        self.clock = clock
+        self.agent = agent
+        self.local_resources = dict(local_resources)
+        self.access_log = access_log
+        self.counters = counters
+
+    def local_resource(self, path: bytes) -> IResource | None:
+        return self.local_resources.get(path)
+
+    def log(self, request) -> None:
+        # FrontRequest writes its own line when it ends, aborted or not;
+        # Twisted's hook runs only for finished requests.
+        pass

@@ -1,0 +1,126 @@
+"""
+C{twistd quayfront}: command-line options and the service tree.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from quayfront.accesslog import AccessLog
+from quayfront.config import Config, ConfigError, load_config
+from quayfront.health import HealthResource, UpstreamProbe
+from quayfront.listeners import listener_endpoint
+from quayfront.metrics import Counters
+from quayfront.proxylayer import ProxyHeaderPolicy
+from quayfront.site import FrontSite
+from quayfront.tls import load_certificate_options
+from quayfront.upstream import upstream_agent, upstream_uri
+
+
+def _split_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "PROXY protocol + TLS front end for container registries. Settings come "
+        "from --config (TOML; see etc/quayfront.toml); the options below "
+        "override single settings."
+    )
+    optParameters = [
+        ["config", "c", None, "The configuration file (TOML)."],
+        ["proxy-listen", None, None, "HOST:PORT of the PROXY+TLS listener [0.0.0.0:8443]."],
+        ["listen", None, None, "HOST:PORT of the plain TLS listener [0.0.0.0:443]."],
+        ["upstream", None, None, "The registry: http://HOST:PORT or unix:/PATH."],
+        ["cert", None, None, "PEM certificate (leaf, then chain)."],
+        ["key", None, None, "PEM private key."],
+        ["access-log", None, None, "Access log file, or - for standard output."],
+        ["proxy-trusted", None, None, "CIDR[,CIDR]: sources allowed to send a PROXY header."],
+        ["proxy-exempt", None, None, "CIDR[,CIDR]: sources served without a PROXY header."],
+        ["proxy-timeout", None, None, "Seconds a connection has to send its PROXY header."],
+    ]
+
+    # option -> (dotted config key, conversion from the command-line text)
+    _OVERRIDES: dict[str, tuple[str, Any]] = {
+        "proxy-listen": ("proxy_listener.address", str),
+        "listen": ("tls_listener.address", str),
+        "upstream": ("upstream.url", str),
+        "cert": ("tls.cert", str),
+        "key": ("tls.key", str),
+        "access-log": ("access_log.path", str),
+        "proxy-trusted": ("proxy_listener.trusted_sources", _split_list),
+        "proxy-exempt": ("proxy_listener.exempt_sources", _split_list),
+        "proxy-timeout": ("proxy_listener.header_timeout_s", float),
+    }
+
+    def postOptions(self) -> None:
+        overrides = {}
+        for option, (key, convert) in self._OVERRIDES.items():
+            if self[option] is not None:
+                try:
+                    overrides[key] = convert(self[option])
+                except ValueError:
+                    raise usage.UsageError(f"--{option}: {self[option]!r} is not valid")
+        try:
+            self.config = load_config(self["config"], overrides)
+            self.tls = load_certificate_options(self.config.tls, self["config"] or "command line")
+        except ConfigError as e:
+            # A clear line and a non-zero exit; a traceback would bury it.
+            sys.stderr.write(f"quayfront: configuration error: {e}\n")
+            raise SystemExit(2)
+
+
+def make_service(config: Config, tls, reactor) -> MultiService:
+    """
+    The whole service tree for C{config}, on C{reactor}.
+    """
+    root = MultiService()
+    counters = Counters()
+    access_log = AccessLog(config.access_log.path)
+    access_log.setServiceParent(root)
+
+    agent = upstream_agent(reactor, config.upstream)
+    probe_agent = upstream_agent(reactor, config.upstream, persistent=False)
+    probe = UpstreamProbe(
+        reactor, probe_agent, upstream_uri(config.health.probe_path.encode("ascii")), config.health
+    )
+    health = HealthResource(probe)
+    site = FrontSite(
+        clock=reactor,
+        agent=agent,
+        local_resources={path.encode("ascii"): health for path in config.health.paths},
+        access_log=access_log,
+        counters=counters,
+        idle_timeout_s=config.http.idle_timeout_s,
+    )
+    root.site = site
+    root.counters = counters
+
+    listeners = []
+    if config.proxy_listener.enabled:
+        listeners.append(
+            (
+                config.proxy_listener.address,
+                ProxyHeaderPolicy.from_config("proxy", config.proxy_listener),
+            )
+        )
+    if config.tls_listener.enabled:
+        listeners.append((config.tls_listener.address, ProxyHeaderPolicy("tls", required=False)))
+    for address, policy in listeners:
+        endpoint = listener_endpoint(reactor, address, policy, tls, counters)
+        service = StreamServerEndpointService(endpoint, site)
+        service._raiseSynchronously = True
+        service.setServiceParent(root)
+    return root
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    return make_service(options.config, options.tls, reactor)

@@ -1,0 +1,262 @@
+"""
+The streaming reverse proxy, wired in memory: a real HTTP channel on a
+StringTransport, a fake agent standing in for the upstream.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web._newclient import Response
+from twisted.web.client import ResponseDone, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.resource import Resource
+
+from quayfront.accesslog import AccessLog
+from quayfront.metrics import Counters
+from quayfront.site import FrontSite
+
+
+class FakeAgent:
+    """
+    Records each request and returns a Deferred the test fires.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        cancelled = []
+        d = Deferred(lambda d: cancelled.append(True))
+        self.requests.append(
+            dict(method=method, uri=uri, headers=headers, body=bodyProducer, d=d, cancelled=cancelled)
+        )
+        return d
+
+
+class RecordingLog(AccessLog):
+    def __init__(self) -> None:
+        super().__init__("-")
+        self.entries = []
+
+    def write(self, entry) -> None:
+        self.entries.append(entry)
+
+
+class Local(Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"local"
+
+
+def make_site():
+    clock = MemoryReactorClock()
+    agent = FakeAgent()
+    log = RecordingLog()
+    site = FrontSite(
+        clock=clock,
+        agent=agent,
+        local_resources={b"/health": Local()},
+        access_log=log,
+        counters=Counters(),
+        idle_timeout_s=60.0,
+    )
+    return site, agent, log, clock
+
+
+def connect(site):
+    channel = site.buildProtocol(IPv4Address("TCP", "198.51.100.4", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "198.51.100.4", 40000))
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def response(code=200, headers=None, length=UNKNOWN_LENGTH):
+    r = Response._construct(
+        (b"HTTP", 1, 1), code, b"OK", Headers(headers or {}), StringTransport(), None
+    )
+    r.length = length
+    return r
+
+
+def test_upstream_request_starts_before_the_body_arrives() -> None:
+    """The upstream request is made once the head is parsed, with the body still to come."""
+    site, agent, _, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(
+        b"PUT /v2/x/blobs/uploads/u?digest=sha256:ab HTTP/1.1\r\nHost: reg.example:8443\r\n"
+        b"Content-Length: 10\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    )
+    [sent] = agent.requests
+    assert sent["method"] == b"PUT"
+    assert sent["uri"].endswith(b"/v2/x/blobs/uploads/u?digest=sha256:ab")
+    assert sent["body"].length == 10
+    headers = sent["headers"]
+    assert headers.getRawHeaders(b"host") == [b"reg.example:8443"]
+    assert headers.getRawHeaders(b"x-forwarded-for") == [b"198.51.100.4"]
+    assert headers.getRawHeaders(b"x-forwarded-proto") == [b"https"]
+    assert not headers.hasHeader(b"content-length")
+
+
+def test_body_streams_with_backpressure() -> None:
+    """Chunks go upstream as they arrive; an upstream pause stops reading from the client."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    body = agent.requests[0]["body"]
+    # Bytes before the upstream connection exists wait, and the client is paused.
+    assert client.producerState == "paused"
+    upstream = StringTransport()
+    finished = body.startProducing(upstream)
+    assert upstream.value() == b"abc"
+    assert client.producerState == "producing"
+    body.pauseProducing()
+    assert client.producerState == "paused"
+    client.producerState = "producing"  # the channel resumes on its own schedule...
+    channel.dataReceived(b"defg")
+    assert upstream.value() == b"abcdefg"
+    assert client.producerState == "paused"  # ...and the pause is asserted again.
+    body.resumeProducing()
+    assert client.producerState == "producing"
+    assert not finished.called
+    channel.dataReceived(b"hij")
+    assert upstream.value() == b"abcdefghij"
+    assert finished.called
+
+
+def test_chunked_upload_is_streamed_without_a_length() -> None:
+    """A chunked request body goes upstream as an unknown-length (chunked) body, de-framed."""
+    site, agent, _, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(
+        b"PATCH /v2/x/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    body = agent.requests[0]["body"]
+    assert body.length is UNKNOWN_LENGTH
+    upstream = StringTransport()
+    finished = body.startProducing(upstream)
+    channel.dataReceived(b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    assert upstream.value() == b"abcde"
+    assert finished.called
+
+
+def test_request_without_body_sends_none() -> None:
+    """A GET without body headers is sent without a body producer."""
+    site, agent, _, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert agent.requests[0]["body"] is None
+
+
+def test_response_streams_back_with_upstream_as_producer() -> None:
+    """The response status, headers and body reach the client; the upstream is the producer."""
+    site, agent, log, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/x/blobs/sha256:ab HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {b"Docker-Content-Digest": [b"sha256:ab"], b"Connection": [b"close"]}, 6)
+    agent.requests[0]["d"].callback(r)
+    # The upstream transport (behind the agent's proxy producer) drives the download.
+    assert channel._channel._requestProducer is r._transport
+    r._bodyDataReceived(b"abc")
+    r._bodyDataReceived(b"def")
+    r._bodyDataFinished(Failure(ResponseDone()))
+    out = client.value()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK")
+    assert b"Docker-Content-Digest: sha256:ab" in head
+    assert b"Content-Length: 6" in head
+    assert b"Connection: close" not in head
+    assert body == b"abcdef"
+    [entry] = log.entries
+    assert (entry.status, entry.body_bytes_sent, entry.client) == (200, 6, "198.51.100.4")
+
+
+def test_truncated_response_aborts_the_client() -> None:
+    """An upstream body that ends early aborts the client connection instead of finishing."""
+    site, agent, log, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/x/blobs/sha256:ab HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, 100)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"partial")
+    r._bodyDataFinished(Failure(ResponseFailed([Failure(ConnectionLost())])))
+    assert client.disconnected  # StringTransport's mark of abortConnection
+    channel.connectionLost(Failure(ConnectionLost()))
+    [entry] = log.entries
+    assert entry.body_bytes_sent == 7
+
+
+def test_client_abort_mid_upload_cancels_upstream() -> None:
+    """A client that goes away mid-body cancels the upstream request and is logged."""
+    site, agent, log, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    channel.connectionLost(Failure(ConnectionLost()))
+    sent = agent.requests[0]
+    assert sent["cancelled"] == [True]
+    [entry] = log.entries
+    assert entry.status == 499
+
+
+def test_upstream_unreachable_is_502_registry_json() -> None:
+    """A refused upstream connection answers 502 in the registry's error shape on /v2/."""
+    site, agent, log, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    agent.requests[0]["d"].errback(ConnectionRefusedError())
+    head, _, body = client.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 502 ")
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    assert log.entries[0].status == 502
+    assert not client.disconnecting  # the request was complete; keep-alive stays
+
+
+def test_failure_mid_upload_answers_and_closes() -> None:
+    """An upstream failure while the client still sends answers 502 and closes the connection."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    agent.requests[0]["d"].errback(ConnectionRefusedError())
+    assert client.value().startswith(b"HTTP/1.1 502 ")
+    assert b"Connection: close" in client.value()
+    assert client.disconnecting
+    channel.dataReceived(b"x" * 97)  # the rest of the body is ignored, no traceback
+
+
+def test_local_resources_are_not_forwarded() -> None:
+    """Health paths are answered locally; their bodies are dropped, not spooled."""
+    site, agent, log, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert agent.requests == []
+    assert client.value().endswith(b"local")
+    assert log.entries[0].upstream_response_time_s is None
+
+
+def test_absolute_form_target_is_refused() -> None:
+    """A request target that is not origin-form is answered 400 and never forwarded."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET http://elsewhere/v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert agent.requests == []
+    assert client.value().startswith(b"HTTP/1.1 400 ")
+
+
+def test_pipelined_requests_are_forwarded_in_turn() -> None:
+    """A second request on a kept-alive connection is forwarded after the first completes."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\nGET /v2/b HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert len(agent.requests) == 1
+    r = response(200, {}, 1)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"a")
+    r._bodyDataFinished(Failure(ResponseDone()))
+    assert [req["uri"][-5:] for req in agent.requests] == [b"/v2/a", b"/v2/b"]
