@@ -74,8 +74,17 @@ class _NoDelayEndpoint:
         return self._endpoint.connect(protocolFactory).addCallback(no_delay)
 
 
+class _QuietClientFactory(HTTPConnectionPool._factory):
+    # One upstream connection is not worth two log lines.
+    noisy = False
+
+
+class _QuietConnectionPool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
 def upstream_agent(reactor, config: UpstreamConfig, persistent: bool = True) -> Agent:
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    pool = _QuietConnectionPool(reactor, persistent=persistent)
     pool.maxPersistentPerHost = config.max_idle_connections
     pool.cachedConnectionTimeout = config.idle_keepalive_s
     endpoint = upstream_endpoint(reactor, config.url, config.connect_timeout_s)
