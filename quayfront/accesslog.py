@@ -13,10 +13,11 @@ Formatting is a pure function of an L{AccessLogEntry}.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from dataclasses import dataclass
-from typing import IO
+from dataclasses import dataclass, field
+from typing import IO, Callable
 
 from twisted.application.service import Service
 
@@ -40,6 +41,16 @@ class AccessLogEntry:
     request_time_s: float
     request_length: int
     upstream_response_time_s: float | None
+    listener: str = "-"
+    client_port: int | None = None
+    request_id: str = "-"
+    # Sanitised PROXY TLV fields and TLS session details (connectioninfo).
+    tlvs: dict[str, str] = field(default_factory=dict)
+    tls: dict[str, str] = field(default_factory=dict)
+    proxy_version: int | None = None
+    # Why the exchange did not complete normally (client-closed,
+    # upstream-unreachable, upstream-truncated, ...), or None.
+    outcome: str | None = None
 
 
 def _escape(value: bytes | None) -> str:
@@ -74,6 +85,49 @@ def format_quay_line(entry: AccessLogEntry) -> str:
     )
 
 
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else _escape(value)
+
+
+def format_json_line(entry: AccessLogEntry) -> str:
+    """
+    One JSON object with every field; byte strings escaped as in the Quay
+    format, so the line is ASCII and a client cannot break it.
+    """
+    document = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(entry.timestamp))
+        + ".%03dZ" % (int(entry.timestamp * 1000) % 1000),
+        "listener": entry.listener,
+        "socket_peer": entry.socket_peer,
+        "client": entry.client,
+        "client_port": entry.client_port,
+        "proxy_version": entry.proxy_version,
+        "request_id": entry.request_id,
+        "method": _escape(entry.method),
+        "uri": _escape(entry.uri),
+        "protocol": _escape(entry.protocol),
+        "status": entry.status,
+        "body_bytes_sent": entry.body_bytes_sent,
+        "request_length": entry.request_length,
+        "request_time_s": round(entry.request_time_s, 6),
+        "upstream_response_time_s": None
+        if entry.upstream_response_time_s is None
+        else round(entry.upstream_response_time_s, 6),
+        "referer": _text(entry.referer),
+        "user_agent": _text(entry.user_agent),
+        "outcome": entry.outcome,
+        "proxy_tlvs": entry.tlvs,
+        "tls": entry.tls,
+    }
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=True)
+
+
+FORMATS: dict[str, Callable[[AccessLogEntry], str]] = {
+    "quay": format_quay_line,
+    "json": format_json_line,
+}
+
+
 class AccessLog(Service):
     """
     Writes formatted lines to a file (opened in append mode when the service
@@ -81,8 +135,10 @@ class AccessLog(Service):
     to standard output for C{-}.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, format: str = "quay") -> None:
         self.path = path
+        self.format = format
+        self._formatter = FORMATS[format]
         self._file: IO[str] | None = None
 
     def startService(self) -> None:
@@ -103,6 +159,6 @@ class AccessLog(Service):
     def write(self, entry: AccessLogEntry) -> None:
         if self._file is None:
             return
-        self._file.write(format_quay_line(entry) + "\n")
+        self._file.write(self._formatter(entry) + "\n")
         if self.path == "-":
             self._file.flush()

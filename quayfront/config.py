@@ -146,8 +146,11 @@ def parse_networks(texts: tuple[str, ...] | list[str]) -> tuple[IPNetwork, ...]:
 
 # Each field's metadata may carry a "check": a function that turns the raw
 # TOML value into the stored one or raises ValueError with the reason.
-def _checked(default: Any, check: Callable[[Any], Any]) -> Any:
-    return field(default=default, metadata={"check": check})
+def _checked(default: Any, check: Callable[[Any], Any], toml_type: type | None = None) -> Any:
+    metadata: dict[str, Any] = {"check": check}
+    if toml_type is not None:
+        metadata["toml_type"] = toml_type
+    return field(default=default, metadata=metadata)
 
 
 def _positive(value: float) -> float:
@@ -171,6 +174,31 @@ def _url_path(value: str) -> str:
     return value
 
 
+# RFC 9110 token characters: what a header name may consist of.
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _header_name(value: str) -> str:
+    if value and not (value.isascii() and set(value.encode()) <= _TOKEN):
+        raise ValueError(f"{value!r} is not a valid HTTP header name")
+    return value
+
+
+def _tlv_headers(table: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    # Imported here: config must not depend on the parser package at import
+    # time for anything but this check.
+    from quayfront.connectioninfo import TLV_FIELDS
+
+    pairs = []
+    for tlv, header in table.items():
+        if tlv not in TLV_FIELDS:
+            raise ValueError(f"unknown TLV field {tlv!r} (known: {', '.join(TLV_FIELDS)})")
+        if not isinstance(header, str) or not header:
+            raise ValueError(f"{tlv}: the header name must be a non-empty string")
+        pairs.append((tlv, _header_name(header)))
+    return tuple(pairs)
+
+
 def _url_paths(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(_url_path(v) for v in values)
 
@@ -190,6 +218,9 @@ class ProxyListenerConfig:
         parse_networks(DEFAULT_TRUSTED_SOURCES), parse_networks
     )
     exempt_sources: tuple[IPNetwork, ...] = _checked((), parse_networks)
+    # PROXY v2 TLV fields sent upstream as headers: field name -> header
+    # name.  Client-sent headers of those names are always removed.
+    tlv_headers: tuple[tuple[str, str], ...] = _checked((), _tlv_headers, toml_type=dict)
 
 
 @dataclass(frozen=True)
@@ -242,6 +273,10 @@ class HTTPConfig:
     # Time a client may take to send a complete request head, and time a
     # kept-alive connection may sit idle between requests.
     idle_timeout_s: float = _checked(60.0, _positive)
+    # Sent upstream with each request's id (the PROXY UNIQUE_ID TLV when the
+    # load balancer sends one, else made up), replacing any client value;
+    # empty to send none.
+    request_id_header: str = _checked("X-Request-ID", _header_name)
 
 
 @dataclass(frozen=True)
@@ -263,6 +298,9 @@ class AccessLogConfig:
     """
 
     path: str = "-"
+    # "quay": Quay's nginx lb_logs line.  "json": one JSON object per line
+    # with every field, PROXY TLVs and TLS details included.
+    format: str = _checked("quay", _one_of("quay", "json"))
 
 
 @dataclass(frozen=True)
@@ -330,7 +368,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str, base: Any = None) -> A
             values[name] = _build(hint, value, source, key + ".")
             continue
         try:
-            values[name] = _convert(hint, value, check)
+            values[name] = _convert(hint, value, f)
         except (TypeError, ValueError) as e:
             raise ConfigError(source, key, str(e)) from None
     if base is not None:
@@ -338,8 +376,9 @@ def _build(cls: type, raw: Any, source: str, prefix: str, base: Any = None) -> A
     return cls(**values)
 
 
-def _convert(hint: Any, value: Any, check: Callable[[Any], Any] | None) -> Any:
-    raw_type = _raw_toml_type(hint, check)
+def _convert(hint: Any, value: Any, field_: dataclasses.Field) -> Any:
+    check = field_.metadata.get("check")
+    raw_type = _raw_toml_type(hint, check, field_.metadata.get("toml_type"))
     if raw_type is bool:
         if not isinstance(value, bool):
             raise TypeError(f"must be true or false, not {value!r}")
@@ -353,6 +392,9 @@ def _convert(hint: Any, value: Any, check: Callable[[Any], Any] | None) -> Any:
     elif raw_type is str:
         if not isinstance(value, str):
             raise TypeError(f"must be a string, not {value!r}")
+    elif raw_type is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"must be a table, not {value!r}")
     elif raw_type is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise TypeError(f"must be a list of strings, not {value!r}")
@@ -360,11 +402,13 @@ def _convert(hint: Any, value: Any, check: Callable[[Any], Any] | None) -> Any:
     return check(value) if check is not None else value
 
 
-def _raw_toml_type(hint: Any, check: Callable[[Any], Any] | None) -> type:
+def _raw_toml_type(hint: Any, check: Callable[[Any], Any] | None, toml_type: type | None) -> type:
     """
     The TOML type a field is written as: its own type, or for fields with a
     parsing check (addresses, networks) the string or list it is parsed from.
     """
+    if toml_type is not None:
+        return toml_type
     if hint in (bool, int, float, str):
         return hint
     origin = typing.get_origin(hint)

@@ -171,6 +171,8 @@ class Forwarding:
         agent: IAgent,
         clock: IReactorTime,
         client_ip: str,
+        vouched_headers: list[tuple[bytes, bytes]] = [],
+        reserved_headers: frozenset[bytes] = frozenset(),
     ) -> None:
         self.request = request
         self._clock = clock
@@ -182,7 +184,10 @@ class Forwarding:
 
         headers = Headers()
         for name, value in upstream_request_headers(
-            header_pairs(request.requestHeaders), client_ip=client_ip
+            header_pairs(request.requestHeaders),
+            client_ip=client_ip,
+            vouched=vouched_headers,
+            reserved=reserved_headers,
         ):
             headers.addRawHeader(name, value)
 

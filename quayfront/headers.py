@@ -50,7 +50,12 @@ def _connection_tokens(pairs: HeaderPairs) -> frozenset[bytes]:
 
 
 def upstream_request_headers(
-    pairs: Iterable[tuple[bytes, bytes]], *, client_ip: str, scheme: bytes = b"https"
+    pairs: Iterable[tuple[bytes, bytes]],
+    *,
+    client_ip: str,
+    scheme: bytes = b"https",
+    vouched: Iterable[tuple[bytes, bytes]] = (),
+    reserved: Iterable[bytes] = (),
 ) -> HeaderPairs:
     """
     The headers to send upstream for a client request with C{pairs}.
@@ -58,12 +63,28 @@ def upstream_request_headers(
     C{Host} passes unchanged (the registry builds absolute C{Location} URLs
     from it); C{X-Forwarded-For} is the client address quayfront vouches for,
     C{X-Forwarded-Host} the client's C{Host}.
+
+    @param vouched: further headers quayfront itself asserts (request id,
+        PROXY TLV values).
+    @param reserved: lower-case names only quayfront may send (all the
+        configured request-id and TLV headers, whether sent this time or
+        not): client-sent headers of these names are removed, so a client
+        cannot pose as the load balancer.
     """
     pairs = list(pairs)
-    dropped = HOP_BY_HOP | FORWARDING | FRAMING | _connection_tokens(pairs)
+    vouched = list(vouched)
+    dropped = (
+        HOP_BY_HOP
+        | FORWARDING
+        | FRAMING
+        | _connection_tokens(pairs)
+        | {name.lower() for name, _ in vouched}
+        | frozenset(reserved)
+    )
     forwarded = [(name, value) for name, value in pairs if name.lower() not in dropped]
     forwarded.append((b"X-Forwarded-For", client_ip.encode("ascii")))
     forwarded.append((b"X-Forwarded-Proto", scheme))
+    forwarded.extend(vouched)
     for name, value in pairs:
         if name.lower() == b"host":
             forwarded.append((b"X-Forwarded-Host", value))

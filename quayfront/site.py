@@ -12,6 +12,7 @@ the spooling parts.
 
 from __future__ import annotations
 
+import os
 from io import BytesIO
 
 from twisted.internet.interfaces import IReactorTime
@@ -22,6 +23,7 @@ from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource, Resource
 
 from quayfront.accesslog import CLIENT_CLOSED_REQUEST, AccessLog, AccessLogEntry
+from quayfront.connectioninfo import tls_fields, tlv_fields
 from quayfront.forward import Forwarding, respond_with_error
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ConnectionOrigin, origin_of
@@ -63,6 +65,8 @@ class FrontRequest(server.Request):
         self.path = self.uri.split(b"?", 1)[0]
         self.site = site = channel.site
         self._received_s = site.clock.seconds()
+        # Read now: the channel is gone by the time an aborted request logs.
+        self._tls = tls_fields(channel.transport) if site.access_log.format == "json" else {}
         self.origin = origin_of(channel.transport) or _socket_origin(channel.transport)
         self._head_length = (
             len(self.method) + len(self.uri) + len(self.clientproto) + 4
@@ -73,11 +77,21 @@ class FrontRequest(server.Request):
             )
             + 2
         )
+        self.tlvs = tlv_fields(self.origin.proxy_header)
+        # The load balancer's UNIQUE_ID names the request where it has one,
+        # so its logs and the registry's can be joined.
+        self.request_id = self.tlvs.get("unique_id") or os.urandom(16).hex()
         self.notifyFinish().addBoth(self._write_access_log)
 
         if site.local_resource(self.path) is None and self._forwardable():
             self.forwarding = Forwarding(
-                self, length, site.agent, site.clock, client_ip=_host(self.origin.client)
+                self,
+                length,
+                site.agent,
+                site.clock,
+                client_ip=_host(self.origin.client),
+                vouched_headers=site.vouched_headers(self.request_id, self.tlvs),
+                reserved_headers=site.reserved_headers,
             )
         else:
             # Local resources take no body; whatever is sent is read and
@@ -132,6 +146,13 @@ class FrontRequest(server.Request):
                 upstream_response_time_s=forwarding.upstream_response_time_s
                 if forwarding
                 else None,
+                listener=origin.listener,
+                client_port=getattr(origin.client, "port", None),
+                request_id=self.request_id,
+                tlvs=self.tlvs,
+                tls=self._tls,
+                proxy_version=origin.proxy_header.version if origin.proxy_header else None,
+                outcome=forwarding.failure_reason if forwarding else None,
             )
         )
 
@@ -155,6 +176,8 @@ class FrontSite(server.Site):
         access_log: AccessLog,
         counters: Counters,
         idle_timeout_s: float,
+        request_id_header: str = "X-Request-ID",
+        tlv_headers: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(Resource(), timeout=idle_timeout_s, reactor=clock)
         self.clock = clock
@@ -162,6 +185,23 @@ class FrontSite(server.Site):
         self.local_resources = dict(local_resources)
         self.access_log = access_log
         self.counters = counters
+        self._request_id_header = request_id_header.encode("ascii")
+        self._tlv_headers = tuple((field, name.encode("ascii")) for field, name in tlv_headers)
+        self.reserved_headers = frozenset(
+            name.lower() for name in (self._request_id_header, *dict(self._tlv_headers).values()) if name
+        )
+
+    def vouched_headers(self, request_id: str, tlvs: dict[str, str]) -> list[tuple[bytes, bytes]]:
+        """
+        The headers quayfront itself asserts to the upstream for a request.
+        """
+        headers = []
+        if self._request_id_header:
+            headers.append((self._request_id_header, request_id.encode("ascii")))
+        for field, name in self._tlv_headers:
+            if field in tlvs:
+                headers.append((name, tlvs[field].encode("ascii")))
+        return headers
 
     def local_resource(self, path: bytes) -> IResource | None:
         return self.local_resources.get(path)

@@ -82,7 +82,7 @@ def make_service(config: Config, tls, reactor) -> MultiService:
     """
     root = MultiService()
     counters = Counters()
-    access_log = AccessLog(config.access_log.path)
+    access_log = AccessLog(config.access_log.path, config.access_log.format)
     access_log.setServiceParent(root)
 
     agent = upstream_agent(reactor, config.upstream)
@@ -98,6 +98,8 @@ def make_service(config: Config, tls, reactor) -> MultiService:
         access_log=access_log,
         counters=counters,
         idle_timeout_s=config.http.idle_timeout_s,
+        request_id_header=config.http.request_id_header,
+        tlv_headers=config.proxy_listener.tlv_headers,
     )
     root.site = site
     root.counters = counters

@@ -45,3 +45,32 @@ def test_client_bytes_are_escaped() -> None:
     assert '"x\\x22 200 \\x22\\x1B[31m\\x5C\\xFF"' in line
     assert "/a\\x0Ab" in line
     assert "\n" not in line and "\x1b" not in line
+
+
+def test_json_format_carries_every_field() -> None:
+    """The JSON line has the addresses, request, timings, TLVs and TLS fields, in ASCII."""
+    import json
+
+    from quayfront.accesslog import format_json_line
+
+    line = format_json_line(
+        entry(
+            listener="proxy",
+            client_port=51000,
+            request_id="lb-req-42",
+            tlvs={"authority": "registry.example"},
+            tls={"version": "TLSv1.3"},
+            proxy_version=2,
+            outcome="client-closed",
+            user_agent=b"ua\xff",
+        )
+    )
+    assert line.isascii() and "\n" not in line
+    doc = json.loads(line)
+    assert doc["time"] == "2026-11-23T21:50:00.000Z"
+    assert (doc["socket_peer"], doc["client"], doc["client_port"]) == ("127.0.0.1", "203.0.113.7", 51000)
+    assert doc["proxy_tlvs"] == {"authority": "registry.example"}
+    assert doc["tls"] == {"version": "TLSv1.3"}
+    assert doc["user_agent"] == "ua\\xFF"
+    assert doc["referer"] is None
+    assert (doc["status"], doc["outcome"], doc["request_id"]) == (202, "client-closed", "lb-req-42")

@@ -63,6 +63,14 @@ def test_values_are_parsed(tmp_path: Path) -> None:
     assert config.upstream.url == UpstreamAddress("unix", path="/run/registry.sock")
 
 
+def test_tlv_headers_table(tmp_path: Path) -> None:
+    """tlv_headers maps TLV field names to header names, kept in order."""
+    config = load_config(
+        write(tmp_path, '[proxy_listener]\ntlv_headers = { authority = "X-A", aws_vpce_id = "X-V" }\n')
+    )
+    assert config.proxy_listener.tlv_headers == (("authority", "X-A"), ("aws_vpce_id", "X-V"))
+
+
 def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     """Command-line overrides replace single keys and keep the rest of the file."""
     path = write(tmp_path, '[upstream]\nurl = "http://10.0.0.5:5000"\nconnect_timeout_s = 3\n')
@@ -89,6 +97,10 @@ def test_overrides_win_over_the_file(tmp_path: Path) -> None:
         ("[upstream]\nurl = 'unix:relative.sock'\n", "upstream.url", "absolute"),
         ("[health]\nprobe_path = 'v2'\n", "health.probe_path", "start with"),
         ("upstream = 5\n", "upstream", "table"),
+        ("[proxy_listener]\ntlv_headers = { sni = 'X-Sni' }\n", "proxy_listener.tlv_headers", "unknown TLV field"),
+        ("[proxy_listener]\ntlv_headers = { authority = 'X Bad' }\n", "proxy_listener.tlv_headers", "header name"),
+        ("[proxy_listener]\ntlv_headers = ['authority']\n", "proxy_listener.tlv_headers", "table"),
+        ("[access_log]\nformat = 'xml'\n", "access_log.format", "one of"),
     ],
 )
 def test_bad_values_name_file_key_and_reason(tmp_path: Path, text: str, key: str, reason: str) -> None:

@@ -260,3 +260,75 @@ def test_pipelined_requests_are_forwarded_in_turn() -> None:
     r._bodyDataReceived(b"a")
     r._bodyDataFinished(Failure(ResponseDone()))
     assert [req["uri"][-5:] for req in agent.requests] == [b"/v2/a", b"/v2/b"]
+
+
+def connect_with_origin(site, proxy_header):
+    from quayfront.proxylayer import ConnectionOrigin
+
+    channel, transport = connect(site)
+    transport.quayfront_origin = ConnectionOrigin(
+        listener="proxy",
+        socket_peer=IPv4Address("TCP", "10.0.0.5", 41000),
+        client=IPv4Address("TCP", "203.0.113.7", 51000),
+        destination=IPv4Address("TCP", "192.0.2.10", 8443),
+        proxy_header=proxy_header,
+    )
+    return channel, transport
+
+
+def test_proxy_client_and_tlvs_reach_upstream_and_log() -> None:
+    """The PROXY source is X-Forwarded-For; UNIQUE_ID is the request id; chosen TLVs become headers."""
+    from quayfront.proxyprotocol import Address, Command, Family, ProxyHeader
+
+    clock = MemoryReactorClock()
+    agent = FakeAgent()
+    log = RecordingLog()
+    site = FrontSite(
+        clock=clock,
+        agent=agent,
+        local_resources={},
+        access_log=log,
+        counters=Counters(),
+        idle_timeout_s=60.0,
+        tlv_headers=(("authority", "X-Proxy-Authority"), ("aws_vpce_id", "X-Amzn-Vpce-Id")),
+    )
+    proxy_header = ProxyHeader(
+        version=2,
+        command=Command.PROXY,
+        family=Family.TCP4,
+        source=Address("203.0.113.7", 51000),
+        destination=Address("192.0.2.10", 8443),
+        authority=b"reg\r\nInjected: 1",
+        unique_id=b"lb-req-42",
+        length=60,
+    )
+    channel, _ = connect_with_origin(site, proxy_header)
+    channel.dataReceived(
+        b"GET /v2/ HTTP/1.1\r\nHost: h\r\nX-Request-ID: forged\r\n"
+        b"X-Amzn-Vpce-Id: vpce-forged\r\nX-Proxy-Authority: forged\r\n\r\n"
+    )
+    headers = agent.requests[0]["headers"]
+    assert headers.getRawHeaders(b"x-forwarded-for") == [b"203.0.113.7"]
+    assert headers.getRawHeaders(b"x-request-id") == [b"lb-req-42"]
+    assert headers.getRawHeaders(b"x-proxy-authority") == [b"reg\\x0D\\x0AInjected: 1"]
+    # Absent from the PROXY header, so absent upstream, and never the client's.
+    assert not headers.hasHeader(b"x-amzn-vpce-id")
+    agent.requests[0]["d"].errback(ConnectionRefusedError())
+    [entry] = log.entries
+    assert (entry.socket_peer, entry.client, entry.client_port) == ("10.0.0.5", "203.0.113.7", 51000)
+    assert entry.request_id == "lb-req-42"
+    assert entry.proxy_version == 2
+    assert entry.outcome == "upstream-unreachable"
+
+
+def test_request_ids_are_made_up_without_unique_id() -> None:
+    """Without a UNIQUE_ID TLV each request gets its own random id."""
+    site, agent, _, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, 0)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    channel.dataReceived(b"GET /v2/b HTTP/1.1\r\nHost: h\r\n\r\n")
+    ids = [req["headers"].getRawHeaders(b"x-request-id")[0] for req in agent.requests]
+    assert len(ids) == 2 and ids[0] != ids[1] and len(ids[0]) == 32
