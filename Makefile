@@ -24,10 +24,12 @@ help:
 
 # The stamp is rebuilt when the packaging metadata changes; the Twisted
 # plugin cache is regenerated every time (cheap) so new or edited plugins
-# under twisted/plugins/ are always picked up.
+# under twisted/plugins/ are always picked up.  editable_mode=compat puts the
+# repository root on sys.path, so twistd finds twisted/plugins/ in it.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(VPY) -m pip install -q --disable-pip-version-check \
+		--config-settings editable_mode=compat -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
