@@ -18,7 +18,7 @@ from quayfront.listeners import listener_endpoint
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.site import FrontSite
-from quayfront.tls import load_certificate_options
+from quayfront.tls import load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
 
 
@@ -69,7 +69,7 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{option}: {self[option]!r} is not valid")
         try:
             self.config = load_config(self["config"], overrides)
-            self.tls = load_certificate_options(self.config.tls, self["config"] or "command line")
+            self.tls = load_server_tls(self.config.tls, self["config"] or "command line")
         except ConfigError as e:
             # A clear line and a non-zero exit; a traceback would bury it.
             sys.stderr.write(f"quayfront: configuration error: {e}\n")

@@ -12,8 +12,9 @@ import datetime
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
-from twisted.internet import ssl
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from quayfront.config import ConfigError, TLSConfig
 
@@ -25,9 +26,60 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 ALPN_PROTOCOLS = (b"http/1.1",)
 
 
-def load_certificate_options(
+# Distinguishes this server's session cache entries for resumption.
+SESSION_ID_CONTEXT = b"quayfront"
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    Hands each new connection an C{SSL.Connection} on the current context.
+
+    Established connections keep the context they started with, so the
+    context can be replaced (certificate reload) without touching them.
+    """
+
+    def __init__(self, context: SSL.Context) -> None:
+        self.context = context
+
+    def serverConnectionForTLS(self, protocol) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+    for protocol in ALPN_PROTOCOLS:
+        if protocol in offered:
+            return protocol
+    # A client offering only h2 still gets HTTP/1.1 without ALPN rather
+    # than a failed handshake.
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def server_context(chain: list[x509.Certificate], private_key) -> SSL.Context:
+    """
+    The OpenSSL context: TLS 1.2 and 1.3 only, AEAD suites in the server's
+    order, no compression or renegotiation, session resumption, ALPN.
+    """
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(SSL.TLS1_2_VERSION)
+    context.set_options(
+        SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
+    )
+    context.set_cipher_list(TLS12_CIPHERS.encode("ascii"))
+    context.use_certificate(chain[0])
+    for certificate in chain[1:]:
+        context.add_extra_chain_cert(certificate)
+    context.use_privatekey(private_key)
+    context.check_privatekey()
+    context.set_session_id(SESSION_ID_CONTEXT)
+    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    context.set_alpn_select_callback(_select_alpn)
+    return context
+
+
+def load_server_tls(
     config: TLSConfig, source: str, now: datetime.datetime | None = None
-) -> ssl.CertificateOptions:
+) -> ServerTLS:
     """
     Load C{config.cert} (leaf, then chain) and C{config.key} and check that
     they belong together and that the leaf is valid now.
@@ -61,14 +113,7 @@ def load_certificate_options(
             f"{config.cert} is not valid before "
             f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC",
         )
-    return ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(private_key),
-        certificate=crypto.X509.from_cryptography(leaf),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in chain[1:]],
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
-        acceptableProtocols=list(ALPN_PROTOCOLS),
-    )
+    return ServerTLS(server_context(chain, private_key))
 
 
 def _read(path: str, key: str, source: str) -> bytes:
