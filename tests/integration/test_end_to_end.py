@@ -256,6 +256,8 @@ def test_memory_stays_bounded_for_1gib_blob(tmp_path: Path, quayfront: Process) 
     assert received == size
     assert "sha256:" + h.hexdigest() == digest
     assert sampler.samples, "no RSS samples taken"
+    print(f"quayfront RSS during 1 GiB up+down: max {sampler.max / MiB:.1f} MiB, "
+          f"start {sampler.samples[0] / MiB:.1f} MiB, {len(sampler.samples)} samples")
     assert sampler.max < 100 * MiB, (
         f"quayfront max RSS {sampler.max / MiB:.1f} MiB during a 1 GiB upload+download "
         f"({len(sampler.samples)} samples, first {sampler.samples[0] / MiB:.1f} MiB)")
