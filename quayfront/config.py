@@ -235,14 +235,85 @@ class TLSListenerConfig:
 
 
 @dataclass(frozen=True)
-class TLSConfig:
+class CertificateFiles:
     """
-    The server certificate: a PEM certificate (leaf first, then its chain)
-    and its PEM private key.
+    One certificate: a PEM file with the leaf first and then its chain, and
+    the PEM file of its unencrypted private key (may be the same file).
     """
 
+    cert: str
+    key: str
+
+
+def _certificate_list(entries: list[Any]) -> tuple[CertificateFiles, ...]:
+    files = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) != {"cert", "key"}:
+            raise ValueError(f"entry {index}: must be a table with exactly 'cert' and 'key'")
+        if not all(isinstance(v, str) and v for v in entry.values()):
+            raise ValueError(f"entry {index}: 'cert' and 'key' must be non-empty paths")
+        files.append(CertificateFiles(entry["cert"], entry["key"]))
+    return tuple(files)
+
+
+def _tls_version(value: str) -> str:
+    return _one_of("TLSv1.2", "TLSv1.3")(value)
+
+
+def _non_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+@dataclass(frozen=True)
+class RedirectListenerConfig:
+    """
+    An optional plain-HTTP listener that redirects every request to https,
+    optionally behind a PROXY header like the TLS listener.
+    """
+
+    enabled: bool = False
+    address: ListenAddress = _checked(ListenAddress("0.0.0.0", 80), parse_listen_address)
+    proxy_protocol: str = _checked("off", _one_of("required", "off"))
+    header_timeout_s: float = _checked(5.0, _positive)
+    trusted_sources: tuple[IPNetwork, ...] = _checked(
+        parse_networks(DEFAULT_TRUSTED_SOURCES), parse_networks
+    )
+    exempt_sources: tuple[IPNetwork, ...] = _checked((), parse_networks)
+    # The https port redirects point at; 443 is left out of the URL.
+    https_port: int = _checked(443, _positive)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """
+    Certificates and the TLS policy of both TLS listeners.
+    """
+
+    # The default certificate: for clients that send no SNI name, or one no
+    # other certificate covers.  Empty with self_signed_dev = true: a
+    # throw-away certificate for localhost, for development only.
     cert: str = "/etc/quayfront/tls/cert.pem"
     key: str = "/etc/quayfront/tls/key.pem"
+    # Further certificates, chosen by the SNI name the client sends (their
+    # DNS subjectAltNames, wildcards included).
+    certificates: tuple[CertificateFiles, ...] = _checked((), _certificate_list, toml_type=list)
+    # A directory of PEM files, each holding a certificate chain and its key,
+    # chosen by SNI like `certificates`.  Read at startup and on reload only.
+    certificate_dir: str = ""
+    self_signed_dev: bool = False
+    # Refuse to start with an expired certificate unless this is set.
+    allow_expired: bool = False
+    min_version: str = _checked("TLSv1.2", _tls_version)
+    # OpenSSL cipher string for TLS 1.2 (TLS 1.3 suites are all AEAD).
+    ciphers_tls12: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    # Seconds between checks of the certificate files for changes (a reload
+    # when they changed); 0 turns the check off.  SIGHUP always reloads.
+    reload_check_s: float = _checked(60.0, _non_negative)
+    # The Strict-Transport-Security header added to responses that lack
+    # one; empty for none.
+    hsts: str = "max-age=63072000"
 
 
 @dataclass(frozen=True)
@@ -311,6 +382,7 @@ class Config:
 
     proxy_listener: ProxyListenerConfig = ProxyListenerConfig()
     tls_listener: TLSListenerConfig = TLSListenerConfig()
+    redirect_listener: RedirectListenerConfig = RedirectListenerConfig()
     tls: TLSConfig = TLSConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     http: HTTPConfig = HTTPConfig()
@@ -396,9 +468,11 @@ def _convert(hint: Any, value: Any, field_: dataclasses.Field) -> Any:
         if not isinstance(value, dict):
             raise TypeError(f"must be a table, not {value!r}")
     elif raw_type is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, list):
+            raise TypeError(f"must be a list, not {value!r}")
+        if field_.metadata.get("toml_type") is None and not all(isinstance(v, str) for v in value):
             raise TypeError(f"must be a list of strings, not {value!r}")
-        value = tuple(value)
+        value = tuple(value) if field_.metadata.get("toml_type") is None else value
     return check(value) if check is not None else value
 
 

@@ -52,6 +52,15 @@ def tcp_endpoint(reactor, address: ListenAddress) -> IStreamServerEndpoint:
     return endpoint_type(reactor, address.port, backlog=LISTEN_BACKLOG, interface=address.host)
 
 
+def plain_endpoint(
+    reactor, address: ListenAddress, policy: ProxyHeaderPolicy, counters: Counters
+) -> IStreamServerEndpoint:
+    """
+    TCP -> PROXY -> HTTP, without TLS (the redirect listener).
+    """
+    return ProxyHeaderServerEndpoint(tcp_endpoint(reactor, address), policy, reactor, counters)
+
+
 def listener_endpoint(
     reactor,
     address: ListenAddress,

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
 
-from quayfront.config import IPNetwork, ProxyListenerConfig
+from quayfront.config import IPNetwork, ProxyListenerConfig, RedirectListenerConfig
 from quayfront.metrics import Counters
 from quayfront.proxyprotocol import Address, ProxyHeader, ProxyHeaderError, ProxyHeaderParser
 
@@ -58,12 +58,14 @@ class ProxyHeaderPolicy:
     exempt: tuple[IPNetwork, ...] = ()
 
     @classmethod
-    def from_config(cls, listener: str, config: ProxyListenerConfig) -> ProxyHeaderPolicy:
+    def from_config(
+        cls, listener: str, config: ProxyListenerConfig | RedirectListenerConfig
+    ) -> ProxyHeaderPolicy:
         return cls(
             listener=listener,
             required=config.proxy_protocol == "required",
             header_timeout_s=config.header_timeout_s,
-            max_v2_header_bytes=config.max_v2_header_bytes,
+            max_v2_header_bytes=getattr(config, "max_v2_header_bytes", cls.max_v2_header_bytes),
             trusted=config.trusted_sources,
             exempt=config.exempt_sources,
         )

@@ -103,6 +103,13 @@ class FrontRequest(server.Request):
         # answered locally with an error.
         return self.uri.startswith(b"/") and len(self.requestHeaders.getRawHeaders(b"host", ())) <= 1
 
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting and self.site.hsts and not self.responseHeaders.hasHeader(
+            b"strict-transport-security"
+        ):
+            self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [self.site.hsts])
+        super().write(data)
+
     def handleContentChunk(self, data: bytes) -> None:
         if self.forwarding is not None:
             self.forwarding.body_chunk(data)
@@ -178,6 +185,7 @@ class FrontSite(server.Site):
         idle_timeout_s: float,
         request_id_header: str = "X-Request-ID",
         tlv_headers: tuple[tuple[str, str], ...] = (),
+        hsts: str = "",
     ) -> None:
         super().__init__(Resource(), timeout=idle_timeout_s, reactor=clock)
         self.clock = clock
@@ -185,6 +193,7 @@ class FrontSite(server.Site):
         self.local_resources = dict(local_resources)
         self.access_log = access_log
         self.counters = counters
+        self.hsts = hsts.encode("ascii")
         self._request_id_header = request_id_header.encode("ascii")
         self._tlv_headers = tuple((field, name.encode("ascii")) for field, name in tlv_headers)
         self.reserved_headers = frozenset(

@@ -9,16 +9,18 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from quayfront.accesslog import AccessLog
 from quayfront.config import Config, ConfigError, load_config
 from quayfront.health import HealthResource, UpstreamProbe
-from quayfront.listeners import listener_endpoint
+from quayfront.listeners import listener_endpoint, plain_endpoint
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.site import FrontSite
-from quayfront.tls import load_server_tls
+from quayfront.redirect import redirect_site
+from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
 
 
@@ -67,20 +69,34 @@ class Options(usage.Options):
                     overrides[key] = convert(self[option])
                 except ValueError:
                     raise usage.UsageError(f"--{option}: {self[option]!r} is not valid")
+        self.source = self["config"] or "command line"
         try:
             self.config = load_config(self["config"], overrides)
-            self.tls = load_server_tls(self.config.tls, self["config"] or "command line")
+            self.tls = load_server_tls(self.config.tls, self.source)
         except ConfigError as e:
             # A clear line and a non-zero exit; a traceback would bury it.
             sys.stderr.write(f"quayfront: configuration error: {e}\n")
             raise SystemExit(2)
 
 
-def make_service(config: Config, tls, reactor) -> MultiService:
+_log = Logger(namespace="quayfront")
+
+
+def make_service(config: Config, tls, reactor, source: str = "command line") -> MultiService:
     """
     The whole service tree for C{config}, on C{reactor}.
     """
     root = MultiService()
+    if not config.tls.cert:
+        _log.warn(
+            "!!! NO CERTIFICATE CONFIGURED: serving a SELF-SIGNED DEVELOPMENT CERTIFICATE for"
+            " localhost (tls.self_signed_dev = true). Clients cannot verify it. Never use this in"
+            " production. !!!"
+        )
+    _log.info("TLS certificates: {certificates}", certificates=tls.store.describe())
+    reloader = CertificateReloader(tls, config.tls, source, reactor)
+    reloader.setServiceParent(root)
+    root.reloader = reloader
     counters = Counters()
     access_log = AccessLog(config.access_log.path, config.access_log.format)
     access_log.setServiceParent(root)
@@ -100,6 +116,7 @@ def make_service(config: Config, tls, reactor) -> MultiService:
         idle_timeout_s=config.http.idle_timeout_s,
         request_id_header=config.http.request_id_header,
         tlv_headers=config.proxy_listener.tlv_headers,
+        hsts=config.tls.hsts,
     )
     root.site = site
     root.counters = counters
@@ -119,10 +136,18 @@ def make_service(config: Config, tls, reactor) -> MultiService:
         service = StreamServerEndpointService(endpoint, site)
         service._raiseSynchronously = True
         service.setServiceParent(root)
+    if config.redirect_listener.enabled:
+        redirect = config.redirect_listener
+        endpoint = plain_endpoint(
+            reactor, redirect.address, ProxyHeaderPolicy.from_config("redirect", redirect), counters
+        )
+        service = StreamServerEndpointService(endpoint, redirect_site(redirect.https_port, reactor))
+        service._raiseSynchronously = True
+        service.setServiceParent(root)
     return root
 
 
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return make_service(options.config, options.tls, reactor)
+    return make_service(options.config, options.tls, reactor, options.source)
