@@ -13,8 +13,19 @@ from typing import Callable, Iterator
 
 import pytest
 
-import harness
-from harness import Process
+from tests.integration import harness
+from tests.integration.harness import Process
+
+
+#: Runs after every other test of the session (see below).
+LAST_TEST = "test_zz_no_traceback_in_quayfront_output"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Move the session-wide output check behind every other test."""
+    last = [item for item in items if item.name == LAST_TEST]
+    if last:
+        items[:] = [item for item in items if item.name != LAST_TEST] + last
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +51,7 @@ def registry(session_dir: Path) -> Iterator[Process]:
     proc = harness.start_registry(session_dir / "registry")
     yield proc
     proc.stop()
+    harness.remove_registry_storage(proc)
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +89,7 @@ def start_registry(tmp_path: Path) -> Iterator[Callable[[], Process]]:
     yield start
     for proc in started:
         proc.stop()
+        harness.remove_registry_storage(proc)
 
 
 @pytest.fixture

@@ -329,6 +329,11 @@ def start_registry(workdir: Path, port: int | None = None) -> Process:
     return proc
 
 
+def remove_registry_storage(proc: Process) -> None:
+    """Delete a stopped registry's blobs (the memory test leaves 1 GiB); keep its logs."""
+    shutil.rmtree(proc.workdir / "storage", ignore_errors=True)
+
+
 # --------------------------------------------------------------------------
 # quayfront
 

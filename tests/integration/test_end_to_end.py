@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-import harness
-from harness import Process, curl
+from tests.integration import harness
+from tests.integration.harness import Process, curl
 
 pytestmark = pytest.mark.integration
 
@@ -354,7 +354,7 @@ def test_openssl_handshake_on_plain_listener(tmp_path: Path, quayfront: Process,
 
 
 # --------------------------------------------------------------------------
-# Keep this test last in the module: it checks the whole session's output.
+# conftest.py runs this test after all others: it checks the whole session's output.
 
 
 def test_zz_no_traceback_in_quayfront_output(quayfront: Process,
