@@ -53,13 +53,13 @@ run: deps venv
 fuzz: venv
 	HYPOTHESIS_PROFILE=fuzz $(VPY) -m pytest -q tests/unit/test_proxy_parser_properties.py $(PYTEST_ARGS)
 
-# Placeholder: runs the benchmark module once it exists (tests/bench.py or
-# the package tests/bench/), otherwise says that there is none yet.
+# Placeholder: runs the benchmark module once it is runnable (tests/bench.py
+# or tests/bench/__main__.py), otherwise says that there is none yet.
 bench: deps venv
-	@if [ -f tests/bench.py ] || [ -f tests/bench/__init__.py ] || [ -f tests/bench/__main__.py ]; then \
+	@if [ -f tests/bench.py ] || [ -f tests/bench/__main__.py ]; then \
 		$(VPY) -m tests.bench; \
 	else \
-		echo "bench: no benchmarks yet (tests/bench is not written); nothing to run"; \
+		echo "bench: no runnable benchmarks yet (no tests/bench/__main__.py); nothing to run"; \
 	fi
 
 clean:
