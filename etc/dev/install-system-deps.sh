@@ -7,13 +7,14 @@
 #   docker-registry  the upstream registry (Docker Distribution 2.8)
 #   skopeo           pushes and pulls images in the integration tests
 #   curl, openssl    test clients, dev certificates
+#   testssl.sh       TLS scan in the integration tests (`testssl`)
 #   nginx            baseline for the benchmarks
 #   procps           ps/pgrep for debugging the test processes
 #
 # Needs root, or sudo rights for apt-get. Set SUDO= explicitly to override.
 set -eu
 
-PACKAGES="haproxy docker-registry skopeo curl openssl nginx procps"
+PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps"
 
 missing=""
 for pkg in $PACKAGES; do
