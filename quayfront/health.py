@@ -15,7 +15,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -70,9 +69,10 @@ class UpstreamProbe:
         d = self._agent.request(
             b"GET", self._probe_uri, Headers({b"User-Agent": [b"quayfront-health"]})
         )
-        d.addTimeout(self._config.probe_timeout_s, self._clock)
         d.addCallback(self._drain)
-        d.addCallbacks(self._probed, self._probe_failed)
+        d.addTimeout(self._config.probe_timeout_s, self._clock)
+        d.addErrback(self._probe_failed)
+        d.addCallback(self._probed)
 
     def _drain(self, response) -> Deferred:
         done: Deferred = Deferred()
