@@ -333,6 +333,77 @@ class UpstreamConfig:
     # closes an idle connection before the upstream does and never sends a
     # request into a connection that is being torn down.
     idle_keepalive_s: float = _checked(50.0, _positive)
+    # Requests in flight to this upstream at once; 0 = no cap.  Beyond the
+    # cap requests wait in a queue of queue_size for at most queue_timeout_s;
+    # past either they are answered 503.
+    max_connections: int = _checked(0, _non_negative)
+    queue_size: int = _checked(256, _non_negative)
+    queue_timeout_s: float = _checked(30.0, _positive)
+
+
+def _prefix(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("must start with '/'")
+    return value
+
+
+# Quay's front uses 2000 s on registry routes: the closing PUT of a large
+# blob can take minutes while the registry assembles it.
+REGISTRY_ROUTE_TIMEOUT_S = 2000.0
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """
+    Requests whose path starts with C{prefix} (the longest matching prefix
+    wins) go to C{upstream}, or are served from C{directory}.
+    """
+
+    prefix: str = _checked("/", _prefix)
+    upstream: str = "default"
+    directory: str = ""
+    # Largest request body accepted, in bytes; 0 = unlimited.  Larger bodies
+    # get 413 before the upstream sees the excess.
+    max_body_bytes: int = _checked(0, _non_negative)
+    # From the end of the request body to the upstream's response head.
+    response_timeout_s: float = _checked(60.0, _positive)
+    # Longest pause in either direction while a body streams.
+    idle_timeout_s: float = _checked(60.0, _positive)
+    # false closes the client connection after each response (Quay does this
+    # on registry routes so an L4 balancer can rebalance).
+    keepalive: bool = True
+    # The [rate_limits.NAME] zone that applies, or "" for none.
+    rate_limit: str = ""
+
+
+DEFAULT_ROUTES = (
+    RouteConfig(
+        prefix="/v2/",
+        response_timeout_s=REGISTRY_ROUTE_TIMEOUT_S,
+        idle_timeout_s=REGISTRY_ROUTE_TIMEOUT_S,
+    ),
+    RouteConfig(
+        prefix="/v1/",
+        response_timeout_s=REGISTRY_ROUTE_TIMEOUT_S,
+        idle_timeout_s=REGISTRY_ROUTE_TIMEOUT_S,
+    ),
+    RouteConfig(prefix="/"),
+)
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    """
+    A token bucket per client address (the PROXY source): C{requests_per_s}
+    sustained, C{burst} at once.
+    """
+
+    requests_per_s: float = _checked(10.0, _positive)
+    burst: int = _checked(20, _positive)
+    exempt_sources: tuple[IPNetwork, ...] = _checked((), parse_networks)
+    # Clients tracked at most; the longest idle are forgotten first (a
+    # forgotten client starts again with a full bucket).
+    max_clients: int = _checked(100_000, _positive)
 
 
 @dataclass(frozen=True)
@@ -385,6 +456,10 @@ class Config:
     redirect_listener: RedirectListenerConfig = RedirectListenerConfig()
     tls: TLSConfig = TLSConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    # More upstreams by name; [upstream] is the one named "default".
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = DEFAULT_ROUTES
+    rate_limits: dict[str, RateLimitConfig] = field(default_factory=dict)
     http: HTTPConfig = HTTPConfig()
     health: HealthConfig = HealthConfig()
     access_log: AccessLogConfig = AccessLogConfig()
@@ -409,6 +484,7 @@ def load_config(path: str | None, overrides: Mapping[str, Any] = {}) -> Config:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(path, "-", f"not valid TOML: {e}") from None
     config = _build(Config, document, source, prefix="")
+    _check_references(config, source)
     for dotted, value in overrides.items():
         section_name, _, key = dotted.partition(".")
         section = getattr(config, section_name)
@@ -416,6 +492,33 @@ def load_config(path: str | None, overrides: Mapping[str, Any] = {}) -> Config:
         updated = _build(type(section), raw, "command line", f"{section_name}.", base=section)
         config = dataclasses.replace(config, **{section_name: updated})
     return config
+
+
+def _check_references(config: Config, source: str) -> None:
+    """
+    Names a route uses must exist; prefixes must be unique.
+    """
+    upstreams = {"default", *config.upstreams}
+    seen = set()
+    for index, route in enumerate(config.routes):
+        key = f"routes[{index}]"
+        if route.prefix in seen:
+            raise ConfigError(source, f"{key}.prefix", f"{route.prefix!r} is routed twice")
+        seen.add(route.prefix)
+        if not route.directory and route.upstream not in upstreams:
+            raise ConfigError(
+                source,
+                f"{key}.upstream",
+                f"no upstream named {route.upstream!r} (known: {', '.join(sorted(upstreams))})",
+            )
+        if route.rate_limit and route.rate_limit not in config.rate_limits:
+            raise ConfigError(
+                source, f"{key}.rate_limit", f"no [rate_limits.{route.rate_limit}] section"
+            )
+    if "default" in config.upstreams:
+        raise ConfigError(
+            source, "upstreams.default", "the default upstream is configured as [upstream]"
+        )
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str, base: Any = None) -> Any:
@@ -439,6 +542,24 @@ def _build(cls: type, raw: Any, source: str, prefix: str, base: Any = None) -> A
         if dataclasses.is_dataclass(hint) and check is None:
             values[name] = _build(hint, value, source, key + ".")
             continue
+        section = _section_of(hint)
+        if section is not None:
+            container, section_type = section
+            if container is dict:
+                if not isinstance(value, dict):
+                    raise ConfigError(source, key, "must be a table of tables")
+                values[name] = {
+                    entry: _build(section_type, table, source, f"{key}.{entry}.")
+                    for entry, table in value.items()
+                }
+            else:
+                if not isinstance(value, list):
+                    raise ConfigError(source, key, f"must be an array of tables ([[{key}]])")
+                values[name] = tuple(
+                    _build(section_type, table, source, f"{key}[{index}].")
+                    for index, table in enumerate(value)
+                )
+            continue
         try:
             values[name] = _convert(hint, value, f)
         except (TypeError, ValueError) as e:
@@ -446,6 +567,20 @@ def _build(cls: type, raw: Any, source: str, prefix: str, base: Any = None) -> A
     if base is not None:
         return dataclasses.replace(base, **values)
     return cls(**values)
+
+
+def _section_of(hint: Any) -> tuple[type, type] | None:
+    """
+    For C{dict[str, Section]} and C{tuple[Section, ...]} fields: the
+    container and the section type.
+    """
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        return dict, args[1]
+    if origin is tuple and args and dataclasses.is_dataclass(args[0]):
+        return tuple, args[0]
+    return None
 
 
 def _convert(hint: Any, value: Any, field_: dataclasses.Field) -> Any:

@@ -1,7 +1,8 @@
 """
-Streaming one client request to the upstream and its response back.
+Streaming one client request to its upstream and the response back.
 
-The upstream request starts as soon as the client's headers are complete;
+The upstream request starts as soon as the client's headers are complete
+(and the route's rate limit and the upstream's concurrency cap admit it);
 body bytes are written upstream as they arrive and response bytes are
 written to the client as they arrive, with backpressure both ways: a slow
 upstream stops quayfront reading from the client, a slow client stops
@@ -11,17 +12,26 @@ grow with body size.
 Failures are never silent.  A client that goes away cancels the upstream
 request (aborting its connection, so a half-sent blob is never taken as
 whole); an upstream response that ends early aborts the client connection,
-so a truncated body never looks complete.
+so a truncated body never looks complete; quayfront's own answers (413, 429,
+502, 503, 504) use the registry's JSON error shape on registry paths.
+
+An upstream may answer before the request body is complete (401, 403, 413
+mid-upload): the answer is relayed at once and the client connection is
+closed after it rather than reading the rest of the body.  For the same
+reason a client's C{Expect: 100-continue} is answered only once the upstream
+has the request head, so a client that asked first never sends a body the
+upstream has already refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,10 +43,12 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from quayfront.headers import client_response_headers, upstream_request_headers
+from quayfront.limits import Overloaded
+from quayfront.routing import Route
 from quayfront.upstream import upstream_uri
 
 # Paths whose clients (docker, podman, skopeo, containerd) expect registry
@@ -61,10 +73,12 @@ class RequestBodyStream:
         length: int,
         pause_client: Callable[[], None],
         resume_client: Callable[[], None],
+        started: Callable[[], None] = lambda: None,
     ) -> None:
         self.length = length
         self._pause_client = pause_client
         self._resume_client = resume_client
+        self._started = started
         self._consumer = None
         # Chunks that arrived before the upstream connection was ready; at
         # most one read's worth, since the client is paused on the first.
@@ -72,7 +86,7 @@ class RequestBodyStream:
         self._producing: Deferred | None = None
         self._complete = False
         self._stopped = False
-        self._upstream_paused = False
+        self.upstream_paused = False
         self.bytes_received = 0
 
     @property
@@ -90,7 +104,7 @@ class RequestBodyStream:
             self._pause_client()
             return
         self._consumer.write(data)
-        if self._upstream_paused:
+        if self.upstream_paused:
             # The channel resumes its transport on its own schedule (after
             # writing a 100 Continue, for one); the upstream still wants a
             # pause, and says so only once.
@@ -106,22 +120,23 @@ class RequestBodyStream:
 
     def startProducing(self, consumer) -> Deferred:
         self._consumer = consumer
+        self._started()
         backlog, self._backlog = self._backlog, []
         for chunk in backlog:
             consumer.write(chunk)
         if self._complete:
             return succeed(None)
         self._producing = Deferred()
-        if not self._upstream_paused:
+        if not self.upstream_paused:
             self._resume_client()
         return self._producing
 
     def pauseProducing(self) -> None:
-        self._upstream_paused = True
+        self.upstream_paused = True
         self._pause_client()
 
     def resumeProducing(self) -> None:
-        self._upstream_paused = False
+        self.upstream_paused = False
         if not self._stopped:
             self._resume_client()
 
@@ -151,7 +166,7 @@ class ResponseRelay(Protocol):
         request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
-        self._forwarding.request.write(data)
+        self._forwarding.response_data(data)
 
     def connectionLost(self, reason: Failure) -> None:
         self._forwarding.response_ended(reason)
@@ -168,41 +183,65 @@ class Forwarding:
         self,
         request,
         length: int | None,
-        agent: IAgent,
+        route: Route,
         clock: IReactorTime,
         client_ip: str,
         vouched_headers: list[tuple[bytes, bytes]] = [],
         reserved_headers: frozenset[bytes] = frozenset(),
     ) -> None:
         self.request = request
+        self.route = route
+        self._limits = route.config
         self._clock = clock
         self._started_s = clock.seconds()
         self.upstream_response_time_s: float | None = None
         self.failure_reason: str | None = None
         self._relay: ResponseRelay | None = None
         self._client_paused_timeout: object = None
+        self._admission: Deferred | None = None
+        self._upstream: Deferred | None = None
+        self._holding_slot = False
+        self._over = False
+        self._response_timer: IDelayedCall | None = None
+        self._watchdog: IDelayedCall | None = None
+        self._last_activity_s = self._started_s
+        # True while the channel is still inside gotLength: it cannot take a
+        # finished request until it is done with the head.
+        self._in_head = True
 
-        headers = Headers()
+        self._headers = Headers()
         for name, value in upstream_request_headers(
             header_pairs(request.requestHeaders),
             client_ip=client_ip,
             vouched=vouched_headers,
             reserved=reserved_headers,
         ):
-            headers.addRawHeader(name, value)
+            self._headers.addRawHeader(name, value)
 
         # The channel reports length None for a chunked body and 0 both for
         # "Content-Length: 0" and for no body at all; only the first two are
         # sent with a body (the agent writes the framing itself).
         self.body: RequestBodyStream | None = None
-        if length is None:
-            self.body = RequestBodyStream(UNKNOWN_LENGTH, self._pause_client, self._resume_client)
-        elif request.requestHeaders.hasHeader(b"content-length"):
-            self.body = RequestBodyStream(length, self._pause_client, self._resume_client)
-
-        self._upstream = agent.request(request.method, upstream_uri(request.uri), headers, self.body)
-        self._upstream.addCallbacks(self._got_response, self._upstream_failed)
+        if length is None or request.requestHeaders.hasHeader(b"content-length"):
+            self.body = RequestBodyStream(
+                UNKNOWN_LENGTH if length is None else length,
+                self._pause_client,
+                self._resume_client,
+                started=request.send_held_continue,
+            )
         request.notifyFinish().addErrback(self._client_gone)
+
+        max_body = self._limits.max_body_bytes
+        wait_s = None if route.rate_limiter is None else route.rate_limiter.check(client_ip)
+        if max_body and length is not None and length > max_body:
+            self._fail(413, "body-too-large")
+        elif wait_s is not None:
+            self._fail(429, "rate-limited", retry_after_s=wait_s)
+        else:
+            self._arm_watchdog()
+            self._admission = route.upstream.limiter.acquire()
+            self._admission.addCallbacks(self._admitted, self._not_admitted)
+        self._in_head = False
 
     @property
     def body_complete(self) -> bool:
@@ -212,11 +251,74 @@ class Forwarding:
     def body_bytes_received(self) -> int:
         return 0 if self.body is None else self.body.bytes_received
 
-    # Backpressure on the client connection.
+    # Admission.
 
-    def _client_transport(self) -> IPushProducer | None:
-        channel = self.request.channel
-        return None if channel is None else channel.transport
+    def _admitted(self, _: object) -> None:
+        self._admission = None
+        self._holding_slot = True
+        if self._over:
+            self._release_slot()
+            return
+        request = self.request
+        self._upstream = self.route.upstream.agent.request(
+            request.method, upstream_uri(request.uri), self._headers, self.body
+        )
+        self._upstream.addCallbacks(self._got_response, self._upstream_failed)
+        if self.body_complete and not self._over:
+            self._arm_response_timer()
+
+    def _not_admitted(self, failure: Failure) -> None:
+        self._admission = None
+        if failure.check(CancelledError):
+            return
+        failure.trap(Overloaded)
+        self._fail(503, failure.value.reason)
+
+    def _release_slot(self) -> None:
+        if self._holding_slot:
+            self._holding_slot = False
+            self.route.upstream.limiter.release()
+
+    # Timers.
+
+    def _arm_response_timer(self) -> None:
+        self._response_timer = self._clock.callLater(
+            self._limits.response_timeout_s, self._response_timed_out
+        )
+
+    def _response_timed_out(self) -> None:
+        self._response_timer = None
+        self._abandon_upstream()
+        self._fail(504, "upstream-timeout")
+
+    def _arm_watchdog(self) -> None:
+        self._watchdog = self._clock.callLater(self._limits.idle_timeout_s, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._watchdog = None
+        if self._over:
+            return
+        idle_s = self._clock.seconds() - self._last_activity_s
+        if idle_s < self._limits.idle_timeout_s:
+            self._watchdog = self._clock.callLater(
+                self._limits.idle_timeout_s - idle_s, self._check_idle
+            )
+            return
+        if self._relay is not None:
+            # Mid-response: either side may be the one that stopped.
+            self._abort_exchange("response-idle-timeout")
+        elif not self.body_complete:
+            stalled_upstream = self.body is not None and self.body.upstream_paused
+            self._abandon_upstream()
+            if stalled_upstream:
+                self._fail(504, "upstream-stalled")
+            else:
+                self._fail(408, "client-body-timeout")
+
+    def _touch(self) -> None:
+        self._last_activity_s = self._clock.seconds()
+
+    # Backpressure on the client connection.
 
     def _pause_client(self) -> None:
         channel = self.request.channel
@@ -239,29 +341,45 @@ class Forwarding:
     # The client's side of the exchange.
 
     def body_chunk(self, data: bytes) -> None:
-        if self.body is not None:
-            self.body.body_chunk(data)
+        body = self.body
+        if body is None or self._over:
+            return
+        self._touch()
+        max_body = self._limits.max_body_bytes
+        if max_body and body.bytes_received + len(data) > max_body:
+            # Not one byte past the limit reaches the upstream.
+            body.bytes_received += len(data)
+            self._abandon_upstream()
+            self._fail(413, "body-too-large")
+            return
+        body.body_chunk(data)
 
     def body_done(self) -> None:
         if self.body is not None:
             self.body.body_complete()
+        if self._watchdog is not None and self._relay is None:
+            # Waiting for the response head is the response timer's job.
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._upstream is not None and self._relay is None and not self._over:
+            self._arm_response_timer()
 
     def _client_gone(self, reason: Failure) -> None:
         if self.failure_reason is None:
             self.failure_reason = "client-closed"
-        if not self._upstream.called:
-            # Aborts the upstream connection, mid-body if need be.
-            self._upstream.cancel()
-        elif self._relay is not None and self._relay.transport is not None:
-            self._relay.transport.stopProducing()
+        self._abandon_upstream()
+        self._end()
 
     # The upstream's side.
 
     def _got_response(self, response) -> None:
+        if self._response_timer is not None:
+            self._response_timer.cancel()
+            self._response_timer = None
         self.upstream_response_time_s = self._clock.seconds() - self._started_s
         request = self.request
         self._relay = ResponseRelay(self)
-        if request._disconnected:
+        if request._disconnected or self._over:
             response.deliverBody(self._relay)
             return
         request.setResponseCode(response.code, response.phrase)
@@ -273,51 +391,141 @@ class Forwarding:
             and response.code not in http.NO_BODY_CODES
         ):
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
+        if not self.body_complete:
+            # An early answer: the rest of the body is not read.
+            self._log.info(
+                "upstream answered {status} to {method} {uri} before the request body was"
+                " complete; closing the client connection after the answer",
+                status=response.code,
+                method=_text(request.method),
+                uri=_text(request.uri),
+            )
+            stop_reading_requests(request)
+        elif not self._limits.keepalive:
+            close_after_response(request)
+        self._touch()
+        if self._watchdog is None:
+            self._arm_watchdog()
         response.deliverBody(self._relay)
 
+    def response_data(self, data: bytes) -> None:
+        self._last_activity_s = self._clock.seconds()
+        self.request.write(data)
+
     def response_ended(self, reason: Failure) -> None:
+        self._end()
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
-        if request._disconnected:
+        if request._disconnected or request.finished:
             return
         # PotentialDataLoss: a body delimited by the upstream closing the
         # connection, complete by HTTP's own definition.
         if reason.check(ResponseDone, PotentialDataLoss):
             request.finish()
             return
-        self.failure_reason = "upstream-truncated"
+        if self.failure_reason is None:
+            self.failure_reason = "upstream-truncated"
         self._log.warn(
             "upstream response to {method} {uri} ended early; aborting the client connection:"
             " {error}",
-            method=request.method.decode("ascii", "replace"),
-            uri=request.uri.decode("ascii", "replace"),
+            method=_text(request.method),
+            uri=_text(request.uri),
             error=reason.getErrorMessage(),
         )
         request.channel.transport.abortConnection()
 
     def _upstream_failed(self, failure: Failure) -> None:
-        request = self.request
-        if failure.check(CancelledError) or request._disconnected:
+        if failure.check(CancelledError) or self._over:
+            # Whoever cancelled it has answered the client already.
+            self._end()
             return
-        if failure.check(TimeoutError):
-            status, reason = 504, "upstream-timeout"
-        elif failure.check(net_error.ConnectError, net_error.DNSLookupError):
+        if failure.check(net_error.ConnectError, net_error.DNSLookupError):
             status, reason = 502, "upstream-unreachable"
         elif failure.check(ResponseNeverReceived, ResponseFailed, net_error.ConnectionLost):
             status, reason = 502, "upstream-reset"
         else:
             status, reason = 502, "upstream-error"
+        self._fail(status, reason, detail=_describe(failure))
+
+    # Endings.
+
+    def _abandon_upstream(self) -> None:
+        """
+        Stop whatever is under way upstream; an unfinished request is
+        aborted, so the upstream sees it end incomplete.
+        """
+        if self._admission is not None:
+            admission, self._admission = self._admission, None
+            admission.cancel()
+        if self._upstream is not None and not self._upstream.called:
+            self._upstream.cancel()
+        elif self._relay is not None and self._relay.transport is not None:
+            self._relay.transport.stopProducing()
+
+    def _abort_exchange(self, reason: str) -> None:
         self.failure_reason = reason
+        request = self.request
         self._log.warn(
-            "{status} for {method} {uri}: {reason}: {error}",
-            status=status,
-            method=request.method.decode("ascii", "replace"),
-            uri=request.uri.decode("ascii", "replace"),
+            "{reason}: {method} {uri}: no progress for {idle}s; aborting both connections",
             reason=reason,
-            error=_describe(failure),
+            method=_text(request.method),
+            uri=_text(request.uri),
+            idle=self._limits.idle_timeout_s,
         )
-        respond_with_error(request, status, reason, close=not self.body_complete)
+        self._abandon_upstream()
+        self._end()
+        if request.channel is not None:
+            request.channel.transport.abortConnection()
+
+    def _end(self) -> None:
+        """
+        The exchange is over: timers stop and the upstream slot is freed.
+        """
+        self._over = True
+        for timer in (self._response_timer, self._watchdog):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._response_timer = self._watchdog = None
+        self._release_slot()
+
+    def _fail(
+        self, status: int, reason: str, detail: str = "", retry_after_s: float | None = None
+    ) -> None:
+        self._end()
+        self.failure_reason = reason
+        request = self.request
+        self._log.warn(
+            "{status} for {method} {uri}: {reason}{detail}",
+            status=status,
+            method=_text(request.method),
+            uri=_text(request.uri),
+            reason=reason,
+            detail=f": {detail}" if detail else "",
+        )
+        extra = []
+        if retry_after_s is not None:
+            extra.append((b"Retry-After", b"%d" % max(1, math.ceil(retry_after_s))))
+        if self._in_head:
+            self._clock.callLater(0, self._answer, status, reason, extra)
+        else:
+            self._answer(status, reason, extra)
+
+    def _answer(self, status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> None:
+        request = self.request
+        if request._disconnected or request.startedWriting:
+            return
+        respond_with_error(
+            request,
+            status,
+            reason,
+            close=not self.body_complete or not self._limits.keepalive,
+            headers=headers,
+        )
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "backslashreplace")
 
 
 def _describe(failure: Failure) -> str:
@@ -326,22 +534,51 @@ def _describe(failure: Failure) -> str:
     return failure.getErrorMessage() or failure.type.__name__
 
 
+def close_after_response(request) -> None:
+    """
+    Close the client connection once this response is written.
+    """
+    request.setHeader(b"Connection", b"close")
+    if request.channel is not None:
+        request.channel.persistent = False
+
+
+def stop_reading_requests(request) -> None:
+    """
+    Close after this response, and ignore what else the client sends: it
+    belongs to a request that has been answered, and the channel must not
+    parse it as a new one.
+    """
+    close_after_response(request)
+    if request.channel is not None:
+        request.channel.dataReceived = lambda data: None
+
+
 _REGISTRY_ERROR_CODES = {
     400: "BAD_REQUEST",
     404: "NOT_FOUND",
+    408: "UNKNOWN",
+    413: "SIZE_INVALID",
+    429: "TOOMANYREQUESTS",
     502: "UNAVAILABLE",
     503: "UNAVAILABLE",
     504: "UNAVAILABLE",
 }
 
 
-def respond_with_error(request, status: int, reason: str, close: bool = False) -> None:
+def respond_with_error(
+    request,
+    status: int,
+    reason: str,
+    close: bool = False,
+    headers: list[tuple[bytes, bytes]] = [],
+) -> None:
     """
     Answer C{request} with an error quayfront makes itself: the registry's
     JSON error shape on registry API paths, plain text elsewhere.
 
-    @param close: the client is still sending a body nobody will read, so
-        close the connection after the answer instead of reading on.
+    @param close: the client may still be sending a body nobody will read,
+        so close the connection after the answer instead of reading on.
     """
     message = http.RESPONSES.get(status, b"Error").decode("ascii")
     if request.path.startswith(REGISTRY_API_PREFIXES):
@@ -358,12 +595,9 @@ def respond_with_error(request, status: int, reason: str, close: bool = False) -
     request.setHeader(b"Content-Type", content_type)
     request.setHeader(b"Content-Length", b"%d" % len(body))
     request.setHeader(b"Cache-Control", b"no-store")
-    channel = request.channel
+    for name, value in headers:
+        request.setHeader(name, value)
     if close:
-        request.setHeader(b"Connection", b"close")
-        channel.persistent = False
-        # Whatever else the client sends belongs to a request that has been
-        # answered; the channel must not parse it as a new one.
-        channel.dataReceived = lambda data: None
+        stop_reading_requests(request)
     request.write(body)
     request.finish()

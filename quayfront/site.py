@@ -1,13 +1,13 @@
 """
-The HTTP layer: a L{Site} whose requests are forwarded to the upstream as
-soon as their headers are complete, except a few paths quayfront answers
-itself (health).
+The HTTP layer: a L{Site} whose requests are forwarded to their route's
+upstream as soon as their headers are complete, except the paths quayfront
+answers itself (health, C{/v1/_ping}, static directories).
 
 Twisted's stock L{Request} reads the whole body (into memory or a temporary
-file) before C{render()} runs.  L{FrontRequest} instead starts the upstream
-request in C{gotLength}, which the channel calls once the request head is
-parsed, and hands each body chunk on in C{handleContentChunk}; it never calls
-the spooling parts.
+file) before C{render()} runs.  L{FrontRequest} instead starts forwarding in
+C{gotLength}, which the channel calls once the request head is parsed, and
+hands each body chunk on in C{handleContentChunk}; it never calls the
+spooling parts.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from io import BytesIO
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
-from twisted.web.iweb import IAgent
+from twisted.web import http, pages, resource, server, static
 from twisted.web.resource import IResource, Resource
 
 from quayfront.accesslog import CLIENT_CLOSED_REQUEST, AccessLog, AccessLogEntry
@@ -27,6 +26,7 @@ from quayfront.connectioninfo import tls_fields, tlv_fields
 from quayfront.forward import Forwarding, respond_with_error
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ConnectionOrigin, origin_of
+from quayfront.routing import Route, Router
 
 
 def _host(address) -> str:
@@ -44,16 +44,32 @@ def _socket_origin(transport) -> ConnectionOrigin:
     )
 
 
+class FrontChannel(http.HTTPChannel):
+    """
+    An HTTP/1.1 channel whose automatic C{100 Continue} a request can hold
+    back until its upstream is ready for the body.
+    """
+
+    def _send100Continue(self) -> None:
+        request = self.requests[-1]
+        if getattr(request, "forwarding", None) is not None:
+            request.continue_held = True
+        else:
+            super()._send100Continue()
+
+
 class FrontRequest(server.Request):
     """
-    A request that is either streamed to the upstream (L{Forwarding}) or
-    answered locally by a resource of the site's.
+    A request that is either streamed to an upstream (L{Forwarding}) or
+    answered locally.
     """
 
     # Upstream responses carry their own Content-Type (or none).
     defaultContentType = None
     forwarding: Forwarding | None = None
+    route: Route | None = None
     origin: ConnectionOrigin
+    continue_held = False
 
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
@@ -65,9 +81,9 @@ class FrontRequest(server.Request):
         self.path = self.uri.split(b"?", 1)[0]
         self.site = site = channel.site
         self._received_s = site.clock.seconds()
+        self.origin = origin_of(channel.transport) or _socket_origin(channel.transport)
         # Read now: the channel is gone by the time an aborted request logs.
         self._tls = tls_fields(channel.transport) if site.access_log.format == "json" else {}
-        self.origin = origin_of(channel.transport) or _socket_origin(channel.transport)
         self._head_length = (
             len(self.method) + len(self.uri) + len(self.clientproto) + 4
             + sum(
@@ -84,24 +100,35 @@ class FrontRequest(server.Request):
         self.notifyFinish().addBoth(self._write_access_log)
 
         if site.local_resource(self.path) is None and self._forwardable():
+            self.route = site.router.route_for(self.path)
+        if self.route is not None and self.route.upstream is not None:
             self.forwarding = Forwarding(
                 self,
                 length,
-                site.agent,
+                self.route,
                 site.clock,
                 client_ip=_host(self.origin.client),
                 vouched_headers=site.vouched_headers(self.request_id, self.tlvs),
                 reserved_headers=site.reserved_headers,
             )
         else:
-            # Local resources take no body; whatever is sent is read and
+            # Local answers take no body; whatever is sent is read and
             # dropped rather than spooled.
             self.content = BytesIO()
 
     def _forwardable(self) -> bool:
-        # Only origin-form targets are proxied; absolute-form and "*" are
+        # Only origin-form targets are routed; absolute-form and "*" are
         # answered locally with an error.
         return self.uri.startswith(b"/") and len(self.requestHeaders.getRawHeaders(b"host", ())) <= 1
+
+    def send_held_continue(self) -> None:
+        """
+        The upstream is ready for the body: send the C{100 Continue} the
+        client asked for, if it is still wanted.
+        """
+        if self.continue_held and not self.startedWriting and not self._disconnected:
+            self.continue_held = False
+            http.HTTPChannel._send100Continue(self.channel)
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting and self.site.hsts and not self.responseHeaders.hasHeader(
@@ -121,11 +148,18 @@ class FrontRequest(server.Request):
             super().requestReceived(command, path, version)
 
     def process(self) -> None:
-        resource = self.site.local_resource(self.path)
-        if resource is None:
-            respond_with_error(self, 400, "bad-request-target")
+        local = self.site.local_resource(self.path)
+        if local is not None:
+            self.render(local)
+        elif self.route is not None and self.route.resource is not None:
+            # A static directory: traverse below the route's prefix.
+            self.prepath = []
+            self.postpath = self.path[len(self.route.prefix) :].split(b"/")
+            self.render(resource.getChildForRequest(self.route.resource, self))
+        elif self.route is None and self._forwardable():
+            respond_with_error(self, 404, "no-route")
         else:
-            self.render(resource)
+            respond_with_error(self, 400, "bad-request-target")
 
     def _write_access_log(self, result: object) -> None:
         site = self.site
@@ -164,9 +198,35 @@ class FrontRequest(server.Request):
         )
 
 
+class StaticDirectory(static.File):
+    """
+    Files under a directory; no directory listings.
+    """
+
+    def directoryListing(self):
+        return pages.forbidden()
+
+
+class RegistryPing(Resource):
+    """
+    C{/v1/_ping}, answered as Quay's front does: docker clients probe it to
+    detect a v1 registry.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"X-Docker-Registry-Version", b"0.6.0")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return b"true"
+
+    render_HEAD = render_GET
+
+
 class FrontSite(server.Site):
     """
-    The site both listeners serve.
+    The site both TLS listeners serve.
 
     @ivar local_resources: exact paths answered by quayfront itself.
     """
@@ -178,7 +238,7 @@ class FrontSite(server.Site):
         self,
         *,
         clock: IReactorTime,
-        agent: IAgent,
+        router: Router,
         local_resources: dict[bytes, IResource],
         access_log: AccessLog,
         counters: Counters,
@@ -189,16 +249,20 @@ class FrontSite(server.Site):
     ) -> None:
         super().__init__(Resource(), timeout=idle_timeout_s, reactor=clock)
         self.clock = clock
-        self.agent = agent
+        self.router = router
         self.local_resources = dict(local_resources)
         self.access_log = access_log
         self.counters = counters
         self.hsts = hsts.encode("ascii")
+        self.displayTracebacks = False
         self._request_id_header = request_id_header.encode("ascii")
         self._tlv_headers = tuple((field, name.encode("ascii")) for field, name in tlv_headers)
         self.reserved_headers = frozenset(
             name.lower() for name in (self._request_id_header, *dict(self._tlv_headers).values()) if name
         )
+
+    def protocol(self):
+        return http._GenericHTTPChannelProtocol(FrontChannel())
 
     def vouched_headers(self, request_id: str, tlvs: dict[str, str]) -> list[tuple[bytes, bytes]]:
         """

@@ -18,7 +18,9 @@ from quayfront.health import HealthResource, UpstreamProbe
 from quayfront.listeners import listener_endpoint, plain_endpoint
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ProxyHeaderPolicy
-from quayfront.site import FrontSite
+from quayfront.limits import ConcurrencyLimiter, RateLimiter
+from quayfront.routing import Route, Router, Upstream
+from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.redirect import redirect_site
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
@@ -101,16 +103,18 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     access_log = AccessLog(config.access_log.path, config.access_log.format)
     access_log.setServiceParent(root)
 
-    agent = upstream_agent(reactor, config.upstream)
+    router = build_router(config, reactor)
     probe_agent = upstream_agent(reactor, config.upstream, persistent=False)
     probe = UpstreamProbe(
         reactor, probe_agent, upstream_uri(config.health.probe_path.encode("ascii")), config.health
     )
     health = HealthResource(probe)
+    local_resources = {path.encode("ascii"): health for path in config.health.paths}
+    local_resources[b"/v1/_ping"] = RegistryPing()
     site = FrontSite(
         clock=reactor,
-        agent=agent,
-        local_resources={path.encode("ascii"): health for path in config.health.paths},
+        router=router,
+        local_resources=local_resources,
         access_log=access_log,
         counters=counters,
         idle_timeout_s=config.http.idle_timeout_s,
@@ -145,6 +149,34 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         service._raiseSynchronously = True
         service.setServiceParent(root)
     return root
+
+
+def build_router(config: Config, reactor) -> Router:
+    """
+    The upstreams with their pools and caps, rate-limit zones, and routes.
+    """
+    upstreams = {}
+    for name, upstream in {"default": config.upstream, **config.upstreams}.items():
+        upstreams[name] = Upstream(
+            name=name,
+            agent=upstream_agent(reactor, upstream),
+            limiter=ConcurrencyLimiter(
+                reactor, upstream.max_connections, upstream.queue_size, upstream.queue_timeout_s
+            ),
+        )
+    # One limiter per zone, shared by the routes that name it.
+    zones = {name: RateLimiter(reactor, zone) for name, zone in config.rate_limits.items()}
+    routes = []
+    for route in config.routes:
+        routes.append(
+            Route(
+                config=route,
+                upstream=None if route.directory else upstreams[route.upstream],
+                resource=StaticDirectory(route.directory) if route.directory else None,
+                rate_limiter=zones.get(route.rate_limit) if route.rate_limit else None,
+            )
+        )
+    return Router(routes)
 
 
 def makeService(options: Options) -> MultiService:

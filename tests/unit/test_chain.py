@@ -55,9 +55,11 @@ def run_chain(tmp_path: Path, header: bytes, request: bytes):
     cert_path, key_path = write_pair(tmp_path, cert, key)
     clock = MemoryReactorClock()
     agent = FakeAgent()
+    from tests.unit.test_forward import make_router
+
     site = FrontSite(
         clock=clock,
-        agent=agent,
+        router=make_router(agent, clock),
         local_resources={},
         access_log=RecordingLog(),
         counters=Counters(),

@@ -19,7 +19,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 
 from quayfront.accesslog import AccessLog
+from quayfront.config import RouteConfig
+from quayfront.limits import ConcurrencyLimiter
 from quayfront.metrics import Counters
+from quayfront.routing import Route, Router, Upstream
 from quayfront.site import FrontSite
 
 
@@ -56,13 +59,18 @@ class Local(Resource):
         return b"local"
 
 
-def make_site():
+def make_router(agent, clock, max_active=0, **route_settings):
+    upstream = Upstream("default", agent, ConcurrencyLimiter(clock, max_active, 2, 30.0))
+    return Router([Route(RouteConfig(prefix="/", **route_settings), upstream=upstream)])
+
+
+def make_site(**route_settings):
     clock = MemoryReactorClock()
     agent = FakeAgent()
     log = RecordingLog()
     site = FrontSite(
         clock=clock,
-        agent=agent,
+        router=make_router(agent, clock, **route_settings),
         local_resources={b"/health": Local()},
         access_log=log,
         counters=Counters(),
@@ -285,7 +293,7 @@ def test_proxy_client_and_tlvs_reach_upstream_and_log() -> None:
     log = RecordingLog()
     site = FrontSite(
         clock=clock,
-        agent=agent,
+        router=make_router(agent, clock),
         local_resources={},
         access_log=log,
         counters=Counters(),

@@ -1,0 +1,160 @@
+"""
+Admission limits: a concurrency cap with a bounded wait queue per upstream,
+and token-bucket rate limits per client address.
+
+Both take the clock as a parameter and hold memory bounded by their
+configuration, whatever the traffic: the queue by C{queue_size}, the buckets
+by C{max_clients}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict, deque
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from quayfront.config import IPNetwork, RateLimitConfig
+
+
+class Overloaded(Exception):
+    """
+    No slot was free and the wait queue was full, or the wait timed out.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConcurrencyLimiter:
+    """
+    At most C{max_active} holders at once; up to C{queue_size} more wait, in
+    order, for at most C{queue_timeout_s}.  C{max_active} 0 means no cap.
+    """
+
+    def __init__(
+        self, clock: IReactorTime, max_active: int, queue_size: int, queue_timeout_s: float
+    ) -> None:
+        self._clock = clock
+        self.max_active = max_active
+        self.queue_size = queue_size
+        self.queue_timeout_s = queue_timeout_s
+        self.active = 0
+        self._waiting: deque[tuple[Deferred, IDelayedCall]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def acquire(self) -> Deferred:
+        """
+        A Deferred that fires when the caller holds a slot (call L{release}
+        exactly once then), or fails with L{Overloaded}.  Cancelling it
+        leaves the queue.
+        """
+        if not self.max_active or self.active < self.max_active:
+            self.active += 1
+            return succeed(None)
+        if len(self._waiting) >= self.queue_size:
+            return fail(Overloaded("upstream-queue-full"))
+
+        def cancel(d: Deferred) -> None:
+            self._forget(d)
+
+        waiter: Deferred = Deferred(cancel)
+        timer = self._clock.callLater(self.queue_timeout_s, self._time_out, waiter)
+        self._waiting.append((waiter, timer))
+        return waiter
+
+    def _forget(self, waiter: Deferred) -> IDelayedCall | None:
+        for entry in self._waiting:
+            if entry[0] is waiter:
+                self._waiting.remove(entry)
+                if entry[1].active():
+                    entry[1].cancel()
+                return entry[1]
+        return None
+
+    def _time_out(self, waiter: Deferred) -> None:
+        self._forget(waiter)
+        waiter.errback(Overloaded("upstream-queue-timeout"))
+
+    def release(self) -> None:
+        if self._waiting:
+            waiter, timer = self._waiting.popleft()
+            timer.cancel()
+            # The slot passes straight to the next waiter.
+            waiter.callback(None)
+        else:
+            self.active -= 1
+
+
+def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class RateLimiter:
+    """
+    A token bucket per client address.
+
+    A bucket that has been idle long enough to refill completely is
+    indistinguishable from a new one, so idle buckets are dropped (oldest
+    first) as new ones are made, and never more than C{max_clients} are
+    kept: a flood of distinct addresses cannot grow memory without limit.
+    """
+
+    def __init__(self, clock: IReactorTime, config: RateLimitConfig) -> None:
+        self._clock = clock
+        self._rate = config.requests_per_s
+        self._burst = float(config.burst)
+        self._exempt: tuple[IPNetwork, ...] = config.exempt_sources
+        self._max_clients = config.max_clients
+        self._refill_s = self._burst / self._rate
+        # client -> (tokens, last update); least recently used first.
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _exempted(self, client: str) -> bool:
+        if not self._exempt:
+            return False
+        ip = _client_ip(client)
+        return ip is not None and any(ip in network for network in self._exempt)
+
+    def check(self, client: str) -> float | None:
+        """
+        Take a token for C{client}: C{None} when allowed, else the seconds
+        until a token will be available (for C{Retry-After}).
+        """
+        if self._exempted(client):
+            return None
+        now = self._clock.seconds()
+        self._expire(now)
+        tokens, updated = self._buckets.pop(client, (self._burst, now))
+        tokens = min(self._burst, tokens + (now - updated) * self._rate)
+        if tokens >= 1.0:
+            self._buckets[client] = (tokens - 1.0, now)
+            allowed = True
+        else:
+            self._buckets[client] = (tokens, now)
+            allowed = False
+        while len(self._buckets) > self._max_clients:
+            self._buckets.popitem(last=False)
+        return None if allowed else (1.0 - tokens) / self._rate
+
+    def _expire(self, now: float) -> None:
+        buckets = self._buckets
+        while buckets:
+            client, (tokens, updated) = next(iter(buckets.items()))
+            if now - updated < self._refill_s:
+                break
+            del buckets[client]

@@ -1,0 +1,246 @@
+"""
+Per-route limits and timeouts, admission, early answers and local routes,
+wired in memory.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from quayfront.config import RateLimitConfig, RouteConfig
+from quayfront.limits import ConcurrencyLimiter, RateLimiter
+from quayfront.metrics import Counters
+from quayfront.routing import Route, Router, Upstream
+from quayfront.site import FrontSite, RegistryPing, StaticDirectory
+from tests.unit.test_forward import FakeAgent, RecordingLog, connect, make_site, response
+
+
+def status_of(transport: StringTransport) -> int:
+    return int(transport.value().split(b" ", 2)[1])
+
+
+def body_of(transport: StringTransport) -> bytes:
+    return transport.value().partition(b"\r\n\r\n")[2]
+
+
+def test_content_length_over_limit_is_413_without_upstream() -> None:
+    """A declared body over max_body_bytes is refused 413 in registry JSON; the upstream never hears of it."""
+    site, agent, log, _ = make_site(max_body_bytes=100)
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/x/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: 101\r\n\r\n")
+    site.clock.advance(0)
+    assert agent.requests == []
+    assert status_of(client) == 413
+    assert json.loads(body_of(client))["errors"][0]["code"] == "SIZE_INVALID"
+    assert client.disconnecting
+    assert log.entries[0].outcome == "body-too-large"
+
+
+def test_chunked_body_over_limit_stops_before_the_excess() -> None:
+    """A chunked body crossing the limit is cut: the upstream gets no byte past it and is aborted."""
+    site, agent, _, _ = make_site(max_body_bytes=10)
+    channel, client = connect(site)
+    channel.dataReceived(b"PATCH /v2/u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    sent = agent.requests[0]
+    upstream = StringTransport()
+    sent["body"].startProducing(upstream)
+    channel.dataReceived(b"8\r\n12345678\r\n")
+    channel.dataReceived(b"8\r\nabcdefgh\r\n")
+    assert upstream.value() == b"12345678"
+    assert sent["cancelled"] == [True]
+    assert status_of(client) == 413
+
+
+def test_rate_limit_answers_429_with_retry_after() -> None:
+    """Over its bucket a client gets 429 TOOMANYREQUESTS and Retry-After; another client does not."""
+    clock = MemoryReactorClock()
+    agent = FakeAgent()
+    limiter = RateLimiter(clock, RateLimitConfig(requests_per_s=0.5, burst=1))
+    upstream = Upstream("default", agent, ConcurrencyLimiter(clock, 0, 0, 1))
+    site = FrontSite(
+        clock=clock,
+        router=Router([Route(RouteConfig(prefix="/v2/"), upstream=upstream, rate_limiter=limiter)]),
+        local_resources={},
+        access_log=RecordingLog(),
+        counters=Counters(),
+        idle_timeout_s=60,
+    )
+    first, _ = connect(site)
+    first.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    second, client = connect(site)
+    second.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(0)
+    assert len(agent.requests) == 1
+    assert status_of(client) == 429
+    assert b"Retry-After: 2" in client.value()
+    assert json.loads(body_of(client))["errors"][0]["code"] == "TOOMANYREQUESTS"
+
+
+def test_concurrency_cap_queues_then_overflows_to_503() -> None:
+    """Beyond max_connections requests wait; past the queue they get 503; a finished one admits the next."""
+    site, agent, _, _ = make_site(max_active=1)
+    clients = []
+    for _ in range(4):
+        channel, client = connect(site)
+        channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        clients.append(client)
+    site.clock.advance(0)
+    assert len(agent.requests) == 1  # one active, two queued (queue_size 2), one refused
+    assert status_of(clients[3]) == 503
+    r = response(200, {}, 0)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    assert len(agent.requests) == 2
+
+
+def test_response_timeout_is_504() -> None:
+    """No response head within response_timeout_s: 504 in registry JSON, upstream request cancelled."""
+    site, agent, log, clock = make_site(response_timeout_s=30)
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(29)
+    assert client.value() == b""
+    clock.advance(1)
+    assert status_of(client) == 504
+    assert agent.requests[0]["cancelled"] == [True]
+    assert log.entries[0].outcome == "upstream-timeout"
+
+
+def test_stalled_upstream_during_upload_is_504_and_stalled_client_408() -> None:
+    """While a body streams, an upstream that stops reading gives 504; a client that stops sending gives 408."""
+    site, agent, _, clock = make_site(idle_timeout_s=20)
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    body = agent.requests[0]["body"]
+    body.startProducing(StringTransport())
+    body.pauseProducing()
+    clock.advance(20)
+    assert status_of(client) == 504
+    assert agent.requests[0]["cancelled"] == [True]
+
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    agent.requests[1]["body"].startProducing(StringTransport())
+    clock.advance(10)
+    channel.dataReceived(b"def")  # activity resets the idle clock
+    clock.advance(15)
+    assert client.value() == b""
+    clock.advance(5)
+    assert status_of(client) == 408
+
+
+def test_early_answer_is_relayed_and_the_rest_of_the_body_ignored() -> None:
+    """An upstream answer before the body ends reaches the client at once, with Connection: close."""
+    site, agent, log, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\nabc")
+    agent.requests[0]["body"].startProducing(StringTransport())
+    r = response(401, {b"WWW-Authenticate": [b'Bearer realm="x"']}, 2)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"{}")
+    r._bodyDataFinished(Failure(ResponseDone()))
+    head = client.value()
+    assert head.startswith(b"HTTP/1.1 401")
+    assert b"Connection: close" in head
+    assert client.disconnecting
+    channel.dataReceived(b"x" * 100_000)  # the rest of the upload: dropped, no error
+    assert log.entries[0].status == 401
+
+
+def test_expect_continue_waits_for_the_upstream() -> None:
+    """100 Continue is sent only once the upstream is ready for the body."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(
+        b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert client.value() == b""
+    assert not agent.requests[0]["headers"].hasHeader(b"expect")
+    agent.requests[0]["body"].startProducing(StringTransport())
+    assert client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_expect_continue_never_sent_when_refused() -> None:
+    """A request refused before the upstream is ready gets its answer without a 100 Continue."""
+    site, _, _, _ = make_site(max_body_bytes=2)
+    channel, client = connect(site)
+    channel.dataReceived(
+        b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    )
+    site.clock.advance(0)
+    assert client.value().startswith(b"HTTP/1.1 413")
+
+
+def test_keepalive_off_closes_after_response() -> None:
+    """A route with keepalive = false answers with Connection: close and closes."""
+    site, agent, _, _ = make_site(keepalive=False)
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, 0)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    assert b"Connection: close" in client.value()
+    assert client.disconnecting
+
+
+def test_slot_released_when_client_leaves_mid_response() -> None:
+    """A client that disconnects mid-download frees the upstream slot and stops the upstream."""
+    site, agent, _, _ = make_site(max_active=1)
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/big HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, 1000)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"x" * 10)
+    channel.connectionLost(Failure(ConnectionLost()))
+    assert r._transport.producerState == "stopped"
+    other, _ = connect(site)
+    other.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert len(agent.requests) == 2
+
+
+def test_longest_prefix_wins_and_local_routes(tmp_path) -> None:
+    """Routes match by longest prefix; /v1/_ping and static directories are answered locally."""
+    (tmp_path / "app.js").write_text("console.log(1)")
+    clock = MemoryReactorClock()
+    registry, web = FakeAgent(), FakeAgent()
+    site = FrontSite(
+        clock=clock,
+        router=Router(
+            [
+                Route(RouteConfig(prefix="/"), upstream=Upstream("web", web, ConcurrencyLimiter(clock, 0, 0, 1))),
+                Route(
+                    RouteConfig(prefix="/v2/"),
+                    upstream=Upstream("registry", registry, ConcurrencyLimiter(clock, 0, 0, 1)),
+                ),
+                Route(RouteConfig(prefix="/static/", directory=str(tmp_path)), resource=StaticDirectory(str(tmp_path))),
+            ]
+        ),
+        local_resources={b"/v1/_ping": RegistryPing()},
+        access_log=RecordingLog(),
+        counters=Counters(),
+        idle_timeout_s=60,
+    )
+    for path in (b"/v2/x", b"/api/v1/user", b"/v2"):
+        channel, _ = connect(site)
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert [r["uri"][-5:] for r in registry.requests] == [b"/v2/x"]
+    assert [r["uri"][-7:] for r in web.requests] == [b"v1/user", b"ream/v2"]
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v1/_ping HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert b"X-Docker-Registry-Version: 0.6.0" in client.value() and body_of(client) == b"true"
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /static/app.js HTTP/1.1\r\nHost: h\r\n\r\n")
+    # File's bytes (and head) follow through Twisted's global cooperator,
+    # which does not run here; the file route must not reach an upstream.
+    assert len(web.requests) == 2 and len(registry.requests) == 1
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /static/../../etc/passwd HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert status_of(client) in (400, 403, 404)
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /static/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert status_of(client) == 403
