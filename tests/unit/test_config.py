@@ -138,3 +138,54 @@ def test_address_forms() -> None:
     assert parse_upstream_url("http://[::1]:5000/") == UpstreamAddress("http", host="::1", port=5000)
     with pytest.raises(ValueError):
         parse_listen_address("[::1]8443")
+
+
+def test_routes_upstreams_and_rate_limits(tmp_path: Path) -> None:
+    """Named upstreams, [[routes]] and rate-limit zones load; listing routes replaces the defaults."""
+    config = load_config(
+        write(
+            tmp_path,
+            """
+            [upstreams.web]
+            url = "unix:/run/web.sock"
+            max_connections = 8
+            [rate_limits.api]
+            requests_per_s = 2.5
+            burst = 5
+            [[routes]]
+            prefix = "/v2/"
+            max_body_bytes = 1000
+            keepalive = false
+            rate_limit = "api"
+            [[routes]]
+            prefix = "/"
+            upstream = "web"
+            """,
+        )
+    )
+    assert [r.prefix for r in config.routes] == ["/v2/", "/"]
+    assert config.routes[0].max_body_bytes == 1000 and not config.routes[0].keepalive
+    assert config.routes[1].upstream == "web"
+    assert config.upstreams["web"].max_connections == 8
+    assert config.rate_limits["api"].requests_per_s == 2.5
+
+
+@pytest.mark.parametrize(
+    "text, key, reason",
+    [
+        ("[[routes]]\nprefix = '/'\nupstream = 'nope'\n", "routes[0].upstream", "no upstream named"),
+        ("[[routes]]\nprefix = '/'\nrate_limit = 'x'\n", "routes[0].rate_limit", "no [rate_limits.x]"),
+        ("[[routes]]\nprefix = '/'\n[[routes]]\nprefix = '/'\n", "routes[1].prefix", "routed twice"),
+        ("[[routes]]\nprefix = 'v2'\n", "routes[0].prefix", "start with"),
+        ("[[routes]]\nprefx = '/'\n", "routes[0].prefx", "unknown key"),
+        ("[upstreams.web]\nurl = 'ftp://x'\n", "upstreams.web.url", "http://HOST:PORT"),
+        ("[upstreams.default]\nurl = 'http://a:1'\n", "upstreams.default", "[upstream]"),
+        ("routes = 5\n", "routes", "array of tables"),
+    ],
+)
+def test_route_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
+    """Dangling names, duplicate prefixes and bad route keys are refused with the key."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert caught.value.key == key
+    assert reason in caught.value.reason
