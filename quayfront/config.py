@@ -419,6 +419,21 @@ class HTTPConfig:
     # load balancer sends one, else made up), replacing any client value;
     # empty to send none.
     request_id_header: str = _checked("X-Request-ID", _header_name)
+    # On SIGTERM: stop accepting, answer health checks 503, close kept-alive
+    # connections after their current response, and wait this long for
+    # requests in flight before exiting.
+    drain_timeout_s: float = _checked(60.0, _non_negative)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """
+    A plain-HTTP endpoint with counters in Prometheus' text format; keep it
+    on loopback or an admin network.
+    """
+
+    enabled: bool = True
+    address: ListenAddress = _checked(ListenAddress("127.0.0.1", 9091), parse_listen_address)
 
 
 @dataclass(frozen=True)
@@ -462,6 +477,7 @@ class Config:
     rate_limits: dict[str, RateLimitConfig] = field(default_factory=dict)
     http: HTTPConfig = HTTPConfig()
     health: HealthConfig = HealthConfig()
+    metrics: MetricsConfig = MetricsConfig()
     access_log: AccessLogConfig = AccessLogConfig()
 
 

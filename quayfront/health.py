@@ -10,6 +10,7 @@ keeps them from piling onto the upstream.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -105,17 +106,25 @@ def health_document(services: dict[str, bool]) -> tuple[int, bytes]:
 
 
 class HealthResource(Resource):
+    """
+    Quay's health document for quayfront itself (down while draining, so
+    load balancers stop sending new connections) and its upstream.
+    """
+
     isLeaf = True
 
-    def __init__(self, probe: UpstreamProbe) -> None:
+    def __init__(self, probe: UpstreamProbe, draining: Callable[[], bool] = lambda: False) -> None:
         super().__init__()
         self._probe = probe
+        self._draining = draining
 
     def render_GET(self, request):
         d = self._probe.is_up()
 
         def respond(upstream_up: bool) -> None:
-            status, body = health_document({"quayfront": True, "upstream": upstream_up})
+            status, body = health_document(
+                {"quayfront": not self._draining(), "upstream": upstream_up}
+            )
             request.setResponseCode(status)
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Cache-Control", b"no-cache, no-store")

@@ -40,11 +40,15 @@ class ProxyHeaderServerEndpoint:
         self._policy = policy
         self._clock = clock
         self._counters = counters
+        self._factories: list[ProxyHeaderFactory] = []
 
     def listen(self, protocolFactory):
-        return self._wrapped.listen(
-            ProxyHeaderFactory(protocolFactory, self._policy, self._clock, self._counters)
-        )
+        factory = ProxyHeaderFactory(protocolFactory, self._policy, self._clock, self._counters)
+        self._factories.append(factory)
+        return self._wrapped.listen(factory)
+
+    def open_connections(self) -> int:
+        return sum(len(factory.protocols) for factory in self._factories)
 
 
 def tcp_endpoint(reactor, address: ListenAddress) -> IStreamServerEndpoint:
@@ -68,5 +72,26 @@ def listener_endpoint(
     tls: IOpenSSLServerConnectionCreator,
     counters: Counters,
 ) -> IStreamServerEndpoint:
-    proxy_layer = ProxyHeaderServerEndpoint(tcp_endpoint(reactor, address), policy, reactor, counters)
-    return wrapServerTLS(tls, proxy_layer, clock=reactor)
+    return TLSListenerEndpoint(
+        ProxyHeaderServerEndpoint(tcp_endpoint(reactor, address), policy, reactor, counters),
+        tls,
+        reactor,
+    )
+
+
+@implementer(IStreamServerEndpoint)
+class TLSListenerEndpoint:
+    """
+    TLS around the PROXY layer, keeping the PROXY layer reachable for its
+    connection count.
+    """
+
+    def __init__(self, proxy_layer: ProxyHeaderServerEndpoint, tls, reactor) -> None:
+        self.proxy_layer = proxy_layer
+        self._endpoint = wrapServerTLS(tls, proxy_layer, clock=reactor)
+
+    def listen(self, protocolFactory):
+        return self._endpoint.listen(protocolFactory)
+
+    def open_connections(self) -> int:
+        return self.proxy_layer.open_connections()

@@ -46,6 +46,13 @@ class Router:
         # Longest first, so the first match is the most specific.
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
 
+    def upstreams(self) -> list[Upstream]:
+        seen: dict[str, Upstream] = {}
+        for route in self._routes:
+            if route.upstream is not None:
+                seen.setdefault(route.upstream.name, route.upstream)
+        return list(seen.values())
+
     def route_for(self, path: bytes) -> Route | None:
         for route in self._routes:
             if path.startswith(route.prefix):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from io import BytesIO
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,7 +24,7 @@ from twisted.web.resource import IResource, Resource
 
 from quayfront.accesslog import CLIENT_CLOSED_REQUEST, AccessLog, AccessLogEntry
 from quayfront.connectioninfo import tls_fields, tlv_fields
-from quayfront.forward import Forwarding, respond_with_error
+from quayfront.forward import Forwarding, close_after_response, respond_with_error
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ConnectionOrigin, origin_of
 from quayfront.routing import Route, Router
@@ -97,6 +98,7 @@ class FrontRequest(server.Request):
         # The load balancer's UNIQUE_ID names the request where it has one,
         # so its logs and the registry's can be joined.
         self.request_id = self.tlvs.get("unique_id") or os.urandom(16).hex()
+        site.request_started()
         self.notifyFinish().addBoth(self._write_access_log)
 
         if site.local_resource(self.path) is None and self._forwardable():
@@ -131,10 +133,12 @@ class FrontRequest(server.Request):
             http.HTTPChannel._send100Continue(self.channel)
 
     def write(self, data: bytes) -> None:
-        if not self.startedWriting and self.site.hsts and not self.responseHeaders.hasHeader(
-            b"strict-transport-security"
-        ):
-            self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [self.site.hsts])
+        if not self.startedWriting:
+            site = self.site
+            if site.hsts and not self.responseHeaders.hasHeader(b"strict-transport-security"):
+                self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [site.hsts])
+            if site.draining:
+                close_after_response(self)
         super().write(data)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -163,6 +167,7 @@ class FrontRequest(server.Request):
 
     def _write_access_log(self, result: object) -> None:
         site = self.site
+        site.request_ended()
         forwarding = self.forwarding
         origin = self.origin
         status = self.code
@@ -260,6 +265,31 @@ class FrontSite(server.Site):
         self.reserved_headers = frozenset(
             name.lower() for name in (self._request_id_header, *dict(self._tlv_headers).values()) if name
         )
+        self.in_flight = 0
+        self.draining = False
+        self._drained: list[Deferred] = []
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_ended(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._drained:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def drain(self) -> Deferred:
+        """
+        From now on, health checks fail and connections close after their
+        current response; fires when no request is in flight.
+        """
+        self.draining = True
+        if self.in_flight == 0:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        self._drained.append(waiter)
+        return waiter
 
     def protocol(self):
         return http._GenericHTTPChannelProtocol(FrontChannel())

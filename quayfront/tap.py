@@ -9,14 +9,16 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
+from twisted.web import server
 from twisted.logger import Logger
 from twisted.python import usage
 
 from quayfront.accesslog import AccessLog
 from quayfront.config import Config, ConfigError, load_config
 from quayfront.health import HealthResource, UpstreamProbe
-from quayfront.listeners import listener_endpoint, plain_endpoint
-from quayfront.metrics import Counters
+from quayfront.listeners import listener_endpoint, plain_endpoint, tcp_endpoint
+from quayfront.lifecycle import DrainService
+from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
 from quayfront.routing import Route, Router, Upstream
@@ -48,6 +50,7 @@ class Options(usage.Options):
         ["proxy-trusted", None, None, "CIDR[,CIDR]: sources allowed to send a PROXY header."],
         ["proxy-exempt", None, None, "CIDR[,CIDR]: sources served without a PROXY header."],
         ["proxy-timeout", None, None, "Seconds a connection has to send its PROXY header."],
+        ["metrics-listen", None, None, "HOST:PORT of the metrics endpoint, or 'off' [127.0.0.1:9091]."],
     ]
 
     # option -> (dotted config key, conversion from the command-line text)
@@ -64,7 +67,11 @@ class Options(usage.Options):
     }
 
     def postOptions(self) -> None:
-        overrides = {}
+        overrides: dict[str, Any] = {}
+        if self["metrics-listen"] == "off":
+            overrides["metrics.enabled"] = False
+        elif self["metrics-listen"] is not None:
+            overrides["metrics.address"] = self["metrics-listen"]
         for option, (key, convert) in self._OVERRIDES.items():
             if self[option] is not None:
                 try:
@@ -108,7 +115,7 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     probe = UpstreamProbe(
         reactor, probe_agent, upstream_uri(config.health.probe_path.encode("ascii")), config.health
     )
-    health = HealthResource(probe)
+    health = HealthResource(probe, draining=lambda: site.draining)
     local_resources = {path.encode("ascii"): health for path in config.health.paths}
     local_resources[b"/v1/_ping"] = RegistryPing()
     site = FrontSite(
@@ -124,7 +131,9 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     )
     root.site = site
     root.counters = counters
+    DrainService(site, reactor, config.http.drain_timeout_s).setServiceParent(root)
 
+    listener_factories = {}
     listeners = []
     if config.proxy_listener.enabled:
         listeners.append(
@@ -137,7 +146,44 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         listeners.append((config.tls_listener.address, ProxyHeaderPolicy("tls", required=False)))
     for address, policy in listeners:
         endpoint = listener_endpoint(reactor, address, policy, tls, counters)
+        listener_factories[policy.listener] = endpoint
         service = StreamServerEndpointService(endpoint, site)
+        service._raiseSynchronously = True
+        service.setServiceParent(root)
+    if config.metrics.enabled:
+        gauges = [
+            (
+                "requests_in_flight",
+                "Requests being served.",
+                "",
+                lambda: [("", site.in_flight)],
+            ),
+            (
+                "connections_open",
+                "Open client connections, by listener.",
+                "listener",
+                lambda: [(name, e.open_connections()) for name, e in listener_factories.items()],
+            ),
+            (
+                "upstream_requests_active",
+                "Requests holding an upstream slot, by upstream.",
+                "upstream",
+                lambda: [(u.name, u.limiter.active) for u in router.upstreams()],
+            ),
+            (
+                "upstream_requests_waiting",
+                "Requests queued for an upstream slot, by upstream.",
+                "upstream",
+                lambda: [(u.name, u.limiter.waiting) for u in router.upstreams()],
+            ),
+        ]
+        metrics_site = server.Site(MetricsResource(counters, gauges), reactor=reactor)
+        metrics_site.noisy = False
+        # A scrape every few seconds is not worth a log line each.
+        metrics_site.log = lambda request: None
+        service = StreamServerEndpointService(
+            tcp_endpoint(reactor, config.metrics.address), metrics_site
+        )
         service._raiseSynchronously = True
         service.setServiceParent(root)
     if config.redirect_listener.enabled:

@@ -42,8 +42,9 @@ STOP_TIMEOUT_S = 10.0
 #: Extra command-line options every quayfront started by the tests gets.
 #: HAProxy, curl --haproxy-protocol and the raw-socket tests all connect from
 #: loopback and send a PROXY header, so loopback must be trusted to send one
-#: (and must not be exempt from it, which is the built-in default).
-QUAYFRONT_TEST_ARGS: tuple[str, ...] = ("--proxy-trusted", "127.0.0.0/8")
+#: (and must not be exempt from it, which is the built-in default).  Several
+#: instances run at once, so none takes the default metrics port.
+QUAYFRONT_TEST_ARGS: tuple[str, ...] = ("--proxy-trusted", "127.0.0.0/8", "--metrics-listen", "off")
 
 T = TypeVar("T")
 
