@@ -680,6 +680,7 @@ def render(results: Results) -> str:
     direct_d, direct_u = results.direct_download, results.direct_upload
     lines = [
         "2. quayfront vs nginx as a PROXY + TLS front (127.0.0.1, curl clients)",
+        f"   ({tool_versions()})",
         "",
         table(["metric", "quayfront", "nginx", "ratio q/n", "better"], rows),
         "",
