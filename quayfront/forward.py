@@ -282,6 +282,10 @@ class Forwarding:
     # Timers.
 
     def _arm_response_timer(self) -> None:
+        # Armed by whichever comes last of admission and the end of the
+        # body; both may ask for a body-less request.
+        if self._response_timer is not None:
+            return
         self._response_timer = self._clock.callLater(
             self._limits.response_timeout_s, self._response_timed_out
         )

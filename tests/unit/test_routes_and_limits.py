@@ -244,3 +244,25 @@ def test_longest_prefix_wins_and_local_routes(tmp_path) -> None:
     channel, client = connect(site)
     channel.dataReceived(b"GET /static/ HTTP/1.1\r\nHost: h\r\n\r\n")
     assert status_of(client) == 403
+
+
+def test_no_timer_outlives_its_exchange() -> None:
+    """After a completed GET, PUT or failed request no timer is left pending in the reactor."""
+    from twisted.internet.error import ConnectionRefusedError
+
+    site, agent, _, clock = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, 0)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
+    agent.requests[1]["body"].startProducing(StringTransport())
+    r = response(201, {}, 0)
+    agent.requests[1]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    channel.dataReceived(b"GET /v2/c HTTP/1.1\r\nHost: h\r\n\r\n")
+    agent.requests[2]["d"].errback(ConnectionRefusedError())
+    pending = [call for call in clock.getDelayedCalls() if call.active()]
+    # Only the channel's own idle timeout may remain.
+    assert len(pending) <= 1, pending
