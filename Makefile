@@ -16,7 +16,7 @@ help:
 	@echo "make unit         unit tests only (tests/unit)"
 	@echo "make integration  integration tests only (tests/integration)"
 	@echo "make fuzz         PROXY parser property tests with the long 'fuzz' profile"
-	@echo "make bench        benchmarks (python -m tests.bench), when they exist"
+	@echo "make bench        benchmarks: quayfront vs nginx, PROXY parse vs TLS handshake"
 	@echo "make run          dev registry + quayfront in the foreground (Ctrl-C stops)"
 	@echo "make venv         create .venv and install quayfront[test] in it"
 	@echo "make deps         install missing system packages (apt-get)"
@@ -53,8 +53,7 @@ run: deps venv
 fuzz: venv
 	HYPOTHESIS_PROFILE=fuzz $(VPY) -m pytest -q tests/unit/test_proxy_parser_properties.py $(PYTEST_ARGS)
 
-# Placeholder: runs the benchmark module once it is runnable (tests/bench.py
-# or tests/bench/__main__.py), otherwise says that there is none yet.
+# Runs the benchmarks (tests/bench/__main__.py); says so when they are absent.
 bench: deps venv
 	@if [ -f tests/bench.py ] || [ -f tests/bench/__main__.py ]; then \
 		$(VPY) -m tests.bench; \
