@@ -199,6 +199,20 @@ def _tlv_headers(table: dict[str, Any]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+TLS_FIELDS = ("version", "cipher", "sni")
+
+
+def _tls_headers(table: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for name, header in table.items():
+        if name not in TLS_FIELDS:
+            raise ValueError(f"unknown TLS field {name!r} (known: {', '.join(TLS_FIELDS)})")
+        if not isinstance(header, str) or not header:
+            raise ValueError(f"{name}: the header name must be a non-empty string")
+        pairs.append((name, _header_name(header)))
+    return tuple(pairs)
+
+
 def _url_paths(values: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(_url_path(v) for v in values)
 
@@ -314,6 +328,9 @@ class TLSConfig:
     # The Strict-Transport-Security header added to responses that lack
     # one; empty for none.
     hsts: str = "max-age=63072000"
+    # TLS session details sent upstream as headers: field (version, cipher,
+    # sni) -> header name.  Client-sent headers of these names are removed.
+    headers: tuple[tuple[str, str], ...] = _checked((), _tls_headers, toml_type=dict)
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class FrontRequest(server.Request):
         self._received_s = site.clock.seconds()
         self.origin = origin_of(channel.transport) or _socket_origin(channel.transport)
         # Read now: the channel is gone by the time an aborted request logs.
-        self._tls = tls_fields(channel.transport) if site.access_log.format == "json" else {}
+        self._tls = tls_fields(channel.transport) if site.wants_tls_fields else {}
         self._head_length = (
             len(self.method) + len(self.uri) + len(self.clientproto) + 4
             + sum(
@@ -110,7 +110,7 @@ class FrontRequest(server.Request):
                 self.route,
                 site.clock,
                 client_ip=_host(self.origin.client),
-                vouched_headers=site.vouched_headers(self.request_id, self.tlvs),
+                vouched_headers=site.vouched_headers(self.request_id, self.tlvs, self._tls),
                 reserved_headers=site.reserved_headers,
             )
         else:
@@ -250,6 +250,7 @@ class FrontSite(server.Site):
         idle_timeout_s: float,
         request_id_header: str = "X-Request-ID",
         tlv_headers: tuple[tuple[str, str], ...] = (),
+        tls_headers: tuple[tuple[str, str], ...] = (),
         hsts: str = "",
     ) -> None:
         super().__init__(Resource(), timeout=idle_timeout_s, reactor=clock)
@@ -262,8 +263,16 @@ class FrontSite(server.Site):
         self.displayTracebacks = False
         self._request_id_header = request_id_header.encode("ascii")
         self._tlv_headers = tuple((field, name.encode("ascii")) for field, name in tlv_headers)
+        self._tls_headers = tuple((field, name.encode("ascii")) for field, name in tls_headers)
+        self.wants_tls_fields = access_log.format == "json" or bool(tls_headers)
         self.reserved_headers = frozenset(
-            name.lower() for name in (self._request_id_header, *dict(self._tlv_headers).values()) if name
+            name.lower()
+            for name in (
+                self._request_id_header,
+                *dict(self._tlv_headers).values(),
+                *dict(self._tls_headers).values(),
+            )
+            if name
         )
         self.in_flight = 0
         self.draining = False
@@ -294,16 +303,19 @@ class FrontSite(server.Site):
     def protocol(self):
         return http._GenericHTTPChannelProtocol(FrontChannel())
 
-    def vouched_headers(self, request_id: str, tlvs: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    def vouched_headers(
+        self, request_id: str, tlvs: dict[str, str], tls: dict[str, str] = {}
+    ) -> list[tuple[bytes, bytes]]:
         """
         The headers quayfront itself asserts to the upstream for a request.
         """
         headers = []
         if self._request_id_header:
             headers.append((self._request_id_header, request_id.encode("ascii")))
-        for field, name in self._tlv_headers:
-            if field in tlvs:
-                headers.append((name, tlvs[field].encode("ascii")))
+        for fields, configured in ((tlvs, self._tlv_headers), (tls, self._tls_headers)):
+            for field, name in configured:
+                if field in fields:
+                    headers.append((name, fields[field].encode("ascii")))
         return headers
 
     def local_resource(self, path: bytes) -> IResource | None:

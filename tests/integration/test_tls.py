@@ -274,3 +274,53 @@ def test_reload_on_sighup_keeps_transfers_and_survives_bad_files(tmp_path, ca, s
     assert result.status == 200, result.describe()
     assert json.loads(result.body)["body_length"] == size
     assert "Traceback" not in qf.output()
+
+
+def test_tls_details_forwarded_upstream(tmp_path, start_quayfront, echo_upstream):
+    """Configured TLS headers carry the negotiated version, cipher and SNI; client copies are dropped."""
+    config = tmp_path / "quayfront.toml"
+    config.write_text(
+        '[tls]\nheaders = { version = "X-TLS-Version", cipher = "X-TLS-Cipher", sni = "X-TLS-SNI" }\n'
+    )
+    qf = start_quayfront(
+        f"http://{LOOPBACK}:{echo_upstream.ports['http']}", extra=("--config", str(config))
+    )
+    port = qf.ports["tls"]
+    result = curl(
+        "--tlsv1.2", "--tls-max", "1.2",
+        "--resolve", f"registry.example:{port}:127.0.0.1",
+        "-H", "X-TLS-Version: forged",
+        f"https://registry.example:{port}/v2/tls", workdir=tmp_path,
+    )
+    assert result.status == 200, result.describe()
+    echoed = {}
+    for name, value in json.loads(result.body)["headers"]:
+        echoed.setdefault(name.lower(), []).append(value)
+    assert echoed["x-tls-version"] == ["TLSv1.2"]
+    assert echoed["x-tls-sni"] == ["registry.example"]
+    assert "GCM" in echoed["x-tls-cipher"][0] or "CHACHA20" in echoed["x-tls-cipher"][0]
+
+
+def test_redirect_listener(tmp_path, start_quayfront, echo_upstream):
+    """The plain-HTTP listener redirects to https, also behind a PROXY header when configured."""
+    plain, proxied = harness.free_ports(2)
+    for port, proxy_protocol in ((plain, "off"), (proxied, "required")):
+        config = tmp_path / f"redirect-{port}.toml"
+        config.write_text(
+            "[redirect_listener]\nenabled = true\n"
+            f'address = "127.0.0.1:{port}"\nproxy_protocol = "{proxy_protocol}"\n'
+            'trusted_sources = ["127.0.0.0/8"]\nhttps_port = 8443\n'
+        )
+        start_quayfront(
+            f"http://{LOOPBACK}:{echo_upstream.ports['http']}", extra=("--config", str(config))
+        )
+        wait_for(lambda: harness.port_listening(port), 30, what="the redirect listener")
+    got = curl("-H", "Host: registry.example", f"http://127.0.0.1:{plain}/v2/x?y=1", workdir=tmp_path)
+    assert got.status == 301
+    assert got.header("Location") == "https://registry.example:8443/v2/x?y=1"
+    put = curl("-X", "PUT", "-H", "Host: registry.example", f"http://127.0.0.1:{plain}/v2/x", workdir=tmp_path)
+    assert put.status == 308
+    behind = curl("--haproxy-protocol", "-H", "Host: registry.example", f"http://127.0.0.1:{proxied}/", workdir=tmp_path)
+    assert behind.status == 301
+    without_header = curl("-H", "Host: registry.example", f"http://127.0.0.1:{proxied}/", workdir=tmp_path)
+    assert without_header.status == 0
