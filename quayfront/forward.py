@@ -202,6 +202,9 @@ class Forwarding:
         self._upstream: Deferred | None = None
         self._holding_slot = False
         self._over = False
+        # Set once quayfront itself stops the upstream request, so the
+        # failure that cancelling produces is not answered a second time.
+        self._abandoned = False
         self._response_timer: IDelayedCall | None = None
         self._watchdog: IDelayedCall | None = None
         self._last_activity_s = self._started_s
@@ -440,7 +443,7 @@ class Forwarding:
         request.channel.transport.abortConnection()
 
     def _upstream_failed(self, failure: Failure) -> None:
-        if failure.check(CancelledError) or self._over:
+        if failure.check(CancelledError) or self._over or self._abandoned:
             # Whoever cancelled it has answered the client already.
             self._end()
             return
@@ -459,12 +462,17 @@ class Forwarding:
         Stop whatever is under way upstream; an unfinished request is
         aborted, so the upstream sees it end incomplete.
         """
+        self._abandoned = True
         if self._admission is not None:
             admission, self._admission = self._admission, None
             admission.cancel()
-        if self._upstream is not None and not self._upstream.called:
-            self._upstream.cancel()
-        elif self._relay is not None and self._relay.transport is not None:
+        if self._relay is None:
+            if self._upstream is not None:
+                # Also when the agent's Deferred has fired with the pooled
+                # connection and waits on the request: cancel() reaches the
+                # inner Deferred and aborts that connection.
+                self._upstream.cancel()
+        elif self._relay.transport is not None:
             self._relay.transport.stopProducing()
 
     def _abort_exchange(self, reason: str) -> None:

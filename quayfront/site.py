@@ -53,7 +53,7 @@ class FrontChannel(http.HTTPChannel):
 
     def _send100Continue(self) -> None:
         request = self.requests[-1]
-        if getattr(request, "forwarding", None) is not None:
+        if getattr(request, "forwarding", None) is not None and not request.upstream_ready:
             request.continue_held = True
         else:
             super()._send100Continue()
@@ -71,6 +71,7 @@ class FrontRequest(server.Request):
     route: Route | None = None
     origin: ConnectionOrigin
     continue_held = False
+    upstream_ready = False
 
     def gotLength(self, length: int | None) -> None:
         channel = self.channel
@@ -128,6 +129,9 @@ class FrontRequest(server.Request):
         The upstream is ready for the body: send the C{100 Continue} the
         client asked for, if it is still wanted.
         """
+        # With a pooled connection this can run inside gotLength, before the
+        # channel asks for the 100: it then goes out at once.
+        self.upstream_ready = True
         if self.continue_held and not self.startedWriting and not self._disconnected:
             self.continue_held = False
             http.HTTPChannel._send100Continue(self.channel)

@@ -266,3 +266,71 @@ def test_no_timer_outlives_its_exchange() -> None:
     pending = [call for call in clock.getDelayedCalls() if call.active()]
     # Only the channel's own idle timeout may remain.
     assert len(pending) <= 1, pending
+
+
+class PooledAgent(FakeAgent):
+    """
+    Like the real agent with an idle pooled connection: the returned Deferred
+    has already fired with the connection and waits on the request itself,
+    and the body producer starts at once.
+    """
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        from twisted.internet.defer import Deferred, succeed
+
+        inner_cancelled = []
+        inner = Deferred(lambda d: inner_cancelled.append(True))
+        if bodyProducer is not None:
+            bodyProducer.startProducing(StringTransport())
+        outer = succeed(None)
+        outer.addCallback(lambda _: inner)
+        self.requests.append(
+            dict(method=method, uri=uri, headers=headers, body=bodyProducer, d=inner, cancelled=inner_cancelled)
+        )
+        return outer
+
+
+def pooled_site(**route_settings):
+    from tests.unit.test_forward import make_router
+
+    clock = MemoryReactorClock()
+    agent = PooledAgent()
+    site = FrontSite(
+        clock=clock,
+        router=make_router(agent, clock, **route_settings),
+        local_resources={},
+        access_log=RecordingLog(),
+        counters=Counters(),
+        idle_timeout_s=60,
+    )
+    return site, agent, clock
+
+
+def test_timeout_cancels_a_request_on_a_pooled_connection() -> None:
+    """The response timeout aborts the upstream request even once its connection was handed out; 504, once."""
+    site, agent, clock = pooled_site(response_timeout_s=5)
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/stall HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(5)
+    assert agent.requests[0]["cancelled"] == [True]
+    assert status_of(client) == 504
+    assert client.value().count(b"HTTP/1.1 ") == 1
+
+
+def test_client_abort_cancels_a_request_on_a_pooled_connection() -> None:
+    """A client leaving mid-upload aborts the upstream request on a pooled connection."""
+    site, agent, _ = pooled_site()
+    channel, _ = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    channel.connectionLost(Failure(ConnectionLost()))
+    assert agent.requests[0]["cancelled"] == [True]
+
+
+def test_expect_continue_on_a_pooled_connection() -> None:
+    """When the upstream is ready before the channel asks for the 100, it is sent at once."""
+    site, agent, _ = pooled_site()
+    channel, client = connect(site)
+    channel.dataReceived(
+        b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
