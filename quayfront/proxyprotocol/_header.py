@@ -87,6 +87,10 @@ class Command(enum.Enum):
     The v2 command nibble (section 2.2); a v1 header is always C{PROXY}.
     """
 
+    # Members are singletons compared by identity; Enum's own hash runs
+    # Python code on every dict or set lookup the parser makes.
+    __hash__ = object.__hash__
+
     LOCAL = 0x0
     PROXY = 0x1
 
@@ -99,6 +103,10 @@ class Family(enum.Enum):
     C{UNSPEC}, C{TCP4} and C{TCP6} for a C{PROXY} command; the others can
     appear only on C{LOCAL} headers, whose family carries no meaning.
     """
+
+    # Members are singletons compared by identity; Enum's own hash runs
+    # Python code on every dict or set lookup the parser makes.
+    __hash__ = object.__hash__
 
     UNSPEC = 0x00
     TCP4 = 0x11

@@ -94,6 +94,8 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
+import socket
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -166,6 +168,7 @@ _ADDRESS_BLOCK_LENGTH: Final = {
     Family.UNIX_DGRAM: 216,
 }
 _FAMILY_VALUES: Final = frozenset(family.value for family in Family)
+_FAMILY_BY_BYTE: Final = {family.value: family for family in Family}
 _IPV4_ADDRESS_LENGTH: Final = 4
 _IPV6_ADDRESS_LENGTH: Final = 16
 _PORT_LENGTH: Final = 2
@@ -327,6 +330,77 @@ def _ipv6_problem(text: str, complete: bool) -> str | None:
     return None
 
 
+_V1_WHOLE_LINE_FAMILIES: Final = {
+    b"TCP4": (Family.TCP4, ipaddress.IPv4Address),
+    b"TCP6": (Family.TCP6, ipaddress.IPv6Address),
+}
+_V1_WHOLE_LINE_FIELDS: Final = 6
+
+
+# Section 2.1's TCP4 line, whole: octets 0-255 and ports 0-65535, each
+# without leading zeros (the port range's upper end is checked after).
+_OCTET: Final = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4_TEXT: Final = _OCTET + rb"(?:\." + _OCTET + rb"){3}"
+_PORT_TEXT: Final = rb"(?:0|[1-9][0-9]{0,4})"
+_WHOLE_TCP4_LINE: Final = re.compile(
+    rb"PROXY TCP4 (" + _IPV4_TEXT + rb") (" + _IPV4_TEXT + rb") (" + _PORT_TEXT + rb") ("
+    + _PORT_TEXT + rb")"
+)
+
+
+def _whole_v1_line(line: bytes) -> ProxyHeader | None:
+    """
+    The header of a complete TCP4/TCP6 line (without its CRLF) that passes
+    every check, or C{None} when it does not (or is UNKNOWN): the byte
+    scanner then decides, and names the fault.
+    """
+    tcp4 = _WHOLE_TCP4_LINE.fullmatch(line)
+    if tcp4 is not None:
+        source, destination, source_port, destination_port = tcp4.groups()
+        if int(source_port) > _PORT_MAX or int(destination_port) > _PORT_MAX:
+            return None
+        # Text that matches is already the canonical dotted quad.
+        return ProxyHeader(
+            version=1,
+            command=Command.PROXY,
+            family=Family.TCP4,
+            source=Address(source.decode("ascii"), int(source_port)),
+            destination=Address(destination.decode("ascii"), int(destination_port)),
+            length=len(line) + 2,
+        )
+    fields = line.split(b" ")
+    if len(fields) != _V1_WHOLE_LINE_FIELDS or fields[0] != V1_KEYWORD.encode("ascii"):
+        return None
+    family_and_type = _V1_WHOLE_LINE_FAMILIES.get(fields[1])
+    if family_and_type is None:
+        return None
+    family, address_type = family_and_type
+    address_problem = _ipv4_problem if family is Family.TCP4 else _ipv6_problem
+    try:
+        source, destination, source_port, destination_port = (f.decode("ascii") for f in fields[2:])
+    except UnicodeDecodeError:
+        return None
+    if (
+        not source_port
+        or not destination_port
+        or _decimal_problem(source_port, _PORT_MAX)
+        or _decimal_problem(destination_port, _PORT_MAX)
+        or not source
+        or not destination
+        or address_problem(source, True)
+        or address_problem(destination, True)
+    ):
+        return None
+    return ProxyHeader(
+        version=1,
+        command=Command.PROXY,
+        family=family,
+        source=Address(str(address_type(source)), int(source_port)),
+        destination=Address(str(address_type(destination)), int(destination_port)),
+        length=len(line) + 2,
+    )
+
+
 class _V1Field(enum.IntEnum):
     KEYWORD = 0
     FAMILY = 1
@@ -367,6 +441,7 @@ class _V1LineScanner:
         self._text = ""
         self._fields: list[str] = []
         self._length = 0
+        self._whole_line_header: ProxyHeader | None = None
 
     def scan(self, buffer: bytearray) -> int | None:
         """
@@ -375,11 +450,25 @@ class _V1LineScanner:
         @return: the line's length once its CRLF is in, else C{None}.
         @raise ProxyHeaderError: at the first byte that makes the line invalid.
         """
+        if self._length == 0:
+            # The usual case: the whole line came in one read.  A line that
+            # passes every check at once needs no byte-by-byte scan; any
+            # other goes through the scanner, which names its exact fault.
+            end = buffer.find(b"\r\n", 0, V1_MAX_LENGTH)
+            if end != -1:
+                header = _whole_v1_line(bytes(buffer[:end]))
+                if header is not None:
+                    self._whole_line_header = header
+                    self._length = end + 2
+                    self._state = _V1LineState.COMPLETE
+                    return self._length
         while self._state is not _V1LineState.COMPLETE and self._length < len(buffer):
             self._consume(buffer[self._length])
         return self._length if self._state is _V1LineState.COMPLETE else None
 
     def header(self) -> ProxyHeader:
+        if self._whole_line_header is not None:
+            return self._whole_line_header
         family = V1_FAMILIES[self._fields[_V1Field.FAMILY]]
         if family is Family.UNSPEC:
             return ProxyHeader(
@@ -716,26 +805,33 @@ def _best_effort_tlvs(header: bytes, starts: list[int]) -> _TLVFields:
     return _TLVFields()
 
 
+def _address_text(family: Family, packed: bytes) -> str:
+    # inet_ntop writes IPv4 exactly as ipaddress does, in C; IPv6 keeps
+    # ipaddress's form (it differs for IPv4-mapped addresses).
+    if family is Family.TCP4:
+        return socket.inet_ntop(socket.AF_INET, packed)
+    return str(ipaddress.IPv6Address(packed))
+
+
 def _decode_v2(header: bytes, command: Command, family_byte: int) -> ProxyHeader:
     """
     Decode a complete v2 header whose 16 fixed bytes were already checked.
     """
     body_start = V2_FIXED_LENGTH
-    family = Family(family_byte) if family_byte in _FAMILY_VALUES else Family.UNSPEC
+    family = _FAMILY_BY_BYTE.get(family_byte, Family.UNSPEC)
     source = destination = None
     if command is Command.PROXY and family in (Family.TCP4, Family.TCP6):
         address_length = _IPV4_ADDRESS_LENGTH if family is Family.TCP4 else _IPV6_ADDRESS_LENGTH
-        address_type = ipaddress.IPv4Address if family is Family.TCP4 else ipaddress.IPv6Address
         ports_start = body_start + 2 * address_length
         source_port = int.from_bytes(header[ports_start : ports_start + _PORT_LENGTH], "big")
         destination_port = int.from_bytes(
             header[ports_start + _PORT_LENGTH : ports_start + 2 * _PORT_LENGTH], "big"
         )
         source = Address(
-            str(address_type(header[body_start : body_start + address_length])), source_port
+            _address_text(family, header[body_start : body_start + address_length]), source_port
         )
         destination = Address(
-            str(address_type(header[body_start + address_length : ports_start])),
+            _address_text(family, header[body_start + address_length : ports_start]),
             destination_port,
         )
         fields = _strict_tlvs(header, body_start + _ADDRESS_BLOCK_LENGTH[family])
@@ -789,6 +885,8 @@ def _check_proxy_family(family_byte: int) -> None:
 
 
 class _Phase(enum.Enum):
+    __hash__ = object.__hash__  # see Family
+
     DETECTING = "detecting"
     V1_LINE = "v1-line"
     V2_FIXED_PART = "v2-fixed-part"
@@ -921,7 +1019,22 @@ class ProxyHeaderParser:
 
         @return: whether all 16 are in and valid.
         """
-        available = min(len(self._buffer), V2_FIXED_LENGTH)
+        buffer = self._buffer
+        if (
+            self._v2_checked == 0
+            and len(buffer) >= V2_FIXED_LENGTH
+            and buffer.startswith(V2_SIGNATURE)
+        ):
+            # The usual case, all 16 bytes in one read with a good signature:
+            # the three remaining fields are checked once, in order.
+            self._check_version_command(buffer[_V2_VERSION_COMMAND_OFFSET])
+            self._v2_family_byte = buffer[_V2_FAMILY_OFFSET]
+            if self._v2_command is Command.PROXY:
+                _check_proxy_family(self._v2_family_byte)
+            self._check_length(int.from_bytes(buffer[_V2_LENGTH_OFFSET:V2_FIXED_LENGTH], "big"))
+            self._v2_checked = V2_FIXED_LENGTH
+            return True
+        available = min(len(buffer), V2_FIXED_LENGTH)
         while self._v2_checked < available:
             offset = self._v2_checked
             byte = self._buffer[offset]
@@ -970,11 +1083,11 @@ class ProxyHeaderParser:
                 "v2-too-long", f"length field is {length}, the limit is {self.max_v2_length}"
             )
         if self._v2_command is Command.PROXY:
-            needed = _ADDRESS_BLOCK_LENGTH[Family(self._v2_family_byte)]
+            needed = _ADDRESS_BLOCK_LENGTH[_FAMILY_BY_BYTE[self._v2_family_byte]]
             if length < needed:
                 raise ProxyHeaderError(
                     "v2-short-address-block",
                     f"length field is {length}, the "
-                    f"{Family(self._v2_family_byte).name} address block needs {needed}",
+                    f"{_FAMILY_BY_BYTE[self._v2_family_byte].name} address block needs {needed}",
                 )
         self._v2_length = length

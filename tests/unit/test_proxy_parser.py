@@ -30,7 +30,7 @@ from quayfront.proxyprotocol import (
     SSLInfo,
 )
 from quayfront.proxyprotocol import _parser
-from quayfront.proxyprotocol._crc32c import crc32c
+from quayfront.proxyprotocol._crc32c import crc32c, crc32c_python
 
 from .proxy_encoder import (
     CLIENT_CERT_CONN,
@@ -1217,12 +1217,19 @@ def test_aws_nlb_vpc_endpoint_layout() -> None:
         pytest.param(b"", 0x00000000, id="empty"),
     ],
 )
-def test_crc32c_vectors(data: bytes, expected: int) -> None:
-    """CRC32C matches the RFC 3720 / RFC 4960 test vectors."""
-    assert crc32c(data) == expected
+@pytest.mark.parametrize("implementation", [crc32c, crc32c_python], ids=["in-use", "python"])
+def test_crc32c_vectors(data: bytes, expected: int, implementation) -> None:
+    """CRC32C (the C library and the table fallback) matches the RFC 3720 / RFC 4960 vectors."""
+    assert implementation(data) == expected
 
 
-def test_crc32c_in_pieces() -> None:
+@pytest.mark.parametrize("implementation", [crc32c, crc32c_python], ids=["in-use", "python"])
+def test_crc32c_in_pieces(implementation) -> None:
     """Checksumming a message in pieces gives the checksum of the whole."""
     data = b"The quick brown fox jumps over the lazy dog"
-    assert crc32c(data[20:], crc32c(data[:20])) == crc32c(data)
+    assert implementation(data[20:], implementation(data[:20])) == implementation(data)
+
+
+def test_crc32c_uses_the_c_library() -> None:
+    """The dependency's C implementation is the one in use, not the fallback."""
+    assert crc32c is not crc32c_python
