@@ -129,6 +129,22 @@ def _parse_port(text: str, whole: str) -> int:
     return int(text)
 
 
+def host_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    The IP address in a socket or PROXY host string, or C{None}.
+
+    A dual-stack listener sees IPv4 peers as C{::ffff:a.b.c.d}; they are
+    returned as IPv4, since operators write IPv4 CIDRs for them.
+    """
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 def parse_networks(texts: tuple[str, ...] | list[str]) -> tuple[IPNetwork, ...]:
     """
     Parse CIDR strings; a bare address is a one-address network.

@@ -9,13 +9,12 @@ by C{max_clients}.
 
 from __future__ import annotations
 
-import ipaddress
 from collections import OrderedDict, deque
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from quayfront.config import IPNetwork, RateLimitConfig
+from quayfront.config import IPNetwork, RateLimitConfig, host_ip
 
 
 class Overloaded(Exception):
@@ -91,16 +90,6 @@ class ConcurrencyLimiter:
             self.active -= 1
 
 
-def _client_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 class RateLimiter:
     """
     A token bucket per client address.
@@ -127,7 +116,7 @@ class RateLimiter:
     def _exempted(self, client: str) -> bool:
         if not self._exempt:
             return False
-        ip = _client_ip(client)
+        ip = host_ip(client)
         return ip is not None and any(ip in network for network in self._exempt)
 
     def check(self, client: str) -> float | None:

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from zope.interface import directlyProvides, providedBy
 
-from quayfront.config import IPNetwork, ProxyListenerConfig, RedirectListenerConfig
+from quayfront.config import IPNetwork, ProxyListenerConfig, RedirectListenerConfig, host_ip
 from quayfront.metrics import Counters
 from quayfront.proxyprotocol import Address, ProxyHeader, ProxyHeaderError, ProxyHeaderParser
 
@@ -85,17 +85,7 @@ class ProxyHeaderPolicy:
 
 def _peer_ip(peer: IAddress) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     host = getattr(peer, "host", None)
-    if not isinstance(host, str):
-        return None
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return None
-    # A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; the operator
-    # writes IPv4 CIDRs for them.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return host_ip(host) if isinstance(host, str) else None
 
 
 @dataclass(frozen=True)

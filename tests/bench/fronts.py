@@ -685,7 +685,7 @@ def render(results: Results) -> str:
         table(["metric", "quayfront", "nginx", "ratio q/n", "better"], rows),
         "",
         "ratio = quayfront / nginx; 'better' says which direction is better for the metric.",
-        f"nginx: 1 master + 1 worker (worker_processes 1) against quayfront's single process;",
+        "nginx: 1 master + 1 worker (worker_processes 1) against quayfront's single process;",
         "  nginx RSS is the worker's (the master only supervises), CPU is master + worker.",
         f"{ROUNDS} round(s), the fronts' order alternating.  Transfers: one connection, the",
         "  best round's throughput and CPU; peak RSS is the highest sample (every 50 ms) of",

@@ -26,13 +26,13 @@ import timeit
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from quayfront.proxyprotocol import ProxyHeaderError, ProxyHeaderParser
 from quayfront.proxyprotocol._crc32c import crc32c
+from quayfront.tls import self_signed_certificate
 from quayfront.tap import Options
 
 from .report import fmt, table
@@ -151,23 +151,9 @@ def parse_cost_s(header: bytes) -> float:
 
 
 def make_ecdsa_certificate() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """A self-signed ECDSA P-256 certificate for localhost, valid for a day."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return certificate, key
+    """quayfront's own development certificate: ECDSA P-256, localhost."""
+    loaded = self_signed_certificate(datetime.datetime.now(datetime.timezone.utc))
+    return loaded.chain[0], loaded.private_key
 
 
 def write_pem(certificate: x509.Certificate, key, directory: str) -> tuple[str, str]:
