@@ -7,6 +7,7 @@ invalid input.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import socket
 import struct
@@ -261,15 +262,39 @@ def test_idle_headerless_connections_do_not_block_service(tmp_path, start_quayfr
 
 def test_startup_failures_exit_nonzero_with_reason(tmp_path, dev_cert):
     """A bad config or certificate stops quayfront at startup with the key and the reason, no traceback."""
+    import datetime
+
+    from tests.unit.certs import make_certificate, write_pair
+
     cert, key = dev_cert
+    now = datetime.datetime.now(datetime.timezone.utc)
     bad_config = write_config(tmp_path / "bad.toml", "[proxy_listener]\nheader_timout_s = 5\n")
+    _, other_key = write_pair(tmp_path, *make_certificate(), stem="other")
+    expired = write_pair(
+        tmp_path,
+        *make_certificate(not_before=now - datetime.timedelta(days=9), not_after=now - datetime.timedelta(days=1)),
+        stem="expired",
+    )
+    future = write_pair(tmp_path, *make_certificate(not_before=now + datetime.timedelta(days=1)), stem="future")
+    encrypted = write_pair(tmp_path, *make_certificate(), stem="encrypted", password=b"secret")
+    unreadable = tmp_path / "unreadable.pem"
+    unreadable.write_bytes(cert.read_bytes())
+    unreadable.chmod(0)
+    not_pem = write_config(tmp_path / "not.pem", "hello\n")
     cases = [
         (["--config", str(bad_config), "--cert", str(cert), "--key", str(key)],
          "proxy_listener.header_timout_s: unknown key"),
         (["--cert", str(tmp_path / "missing.pem"), "--key", str(key)], "tls.cert: cannot read"),
+        (["--cert", str(not_pem), "--key", str(key)], "tls.cert: " + str(not_pem) + " holds no PEM certificate"),
         (["--cert", str(cert), "--key", str(cert)], "tls.key:"),
+        (["--cert", str(cert), "--key", str(other_key)], "the key does not match the certificate"),
+        (["--cert", expired[0], "--key", expired[1]], "expired on"),
+        (["--cert", future[0], "--key", future[1]], "is not valid before"),
+        (["--cert", encrypted[0], "--key", encrypted[1]], "is encrypted"),
         (["--cert", str(cert), "--key", str(key), "--upstream", "ftp://x"], "upstream.url"),
     ]
+    if os.geteuid() != 0:  # root reads any file
+        cases.append((["--cert", str(unreadable), "--key", str(key)], "tls.cert: cannot read"))
     proxy_port, tls_port = harness.free_ports(2)
     for args, expected in cases:
         argv = [*harness.twistd_command(), "-n", "--pidfile=", "quayfront",

@@ -237,17 +237,21 @@ def test_reload_on_sighup_keeps_transfers_and_survives_bad_files(tmp_path, ca, s
     port = qf.ports["tls"]
     assert peer_cn(s_client(port)) == "before.example"
 
-    # An upload paced to last several seconds, in flight across both reloads.
-    size = 24 * 1024 * 1024
+    # A 1 GiB upload (a sparse file: no disk), paced to last several
+    # seconds, in flight across both reloads.
+    size = 1024 * 1024 * 1024
+    blob = tmp_path / "blob.bin"
+    with open(blob, "wb") as f:
+        f.truncate(size)
     upload_result: list = []
 
     def upload() -> None:
         upload_result.append(
             curl(
-                "--limit-rate", "3M", "-X", "PUT", "--data-binary", "@-",
+                "--limit-rate", "100M", "-X", "PUT", "-T", str(blob),
                 "-H", "Content-Type: application/octet-stream",
                 f"https://127.0.0.1:{port}/v2/slow-upload",
-                workdir=tmp_path / "upload", stdin=b"\x5a" * size, timeout=120,
+                workdir=tmp_path / "upload", timeout=120,
             )
         )
 
