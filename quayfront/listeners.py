@@ -9,7 +9,11 @@ that.
 
 from __future__ import annotations
 
+import sys
+
+from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
 from zope.interface import implementer
 
@@ -95,3 +99,28 @@ class TLSListenerEndpoint:
 
     def open_connections(self) -> int:
         return self.proxy_layer.open_connections()
+
+
+class ListenerService(StreamServerEndpointService):
+    """
+    Listens when the application starts (before twistd drops privileges),
+    and turns a failure to listen into one line naming the setting, and a
+    non-zero exit, instead of a traceback.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory, setting: str, address) -> None:
+        super().__init__(endpoint, factory)
+        self._raiseSynchronously = True
+        self._setting = setting
+        self._address = address
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = e.socketError.strerror if e.socketError is not None else str(e)
+            # twistd has redirected sys.stderr into its log by now.
+            sys.__stderr__.write(
+                f"quayfront: cannot listen on {self._address} ({self._setting}): {reason}\n"
+            )
+            raise SystemExit(1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.web import server
 from twisted.logger import Logger
@@ -16,7 +15,7 @@ from twisted.python import usage
 from quayfront.accesslog import AccessLog
 from quayfront.config import Config, ConfigError, load_config
 from quayfront.health import HealthResource, UpstreamProbe
-from quayfront.listeners import listener_endpoint, plain_endpoint, tcp_endpoint
+from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
 from quayfront.lifecycle import DrainService
 from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
@@ -148,9 +147,8 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     for address, policy in listeners:
         endpoint = listener_endpoint(reactor, address, policy, tls, counters)
         listener_factories[policy.listener] = endpoint
-        service = StreamServerEndpointService(endpoint, site)
-        service._raiseSynchronously = True
-        service.setServiceParent(root)
+        setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
+        ListenerService(endpoint, site, setting, address).setServiceParent(root)
     if config.metrics.enabled:
         gauges = [
             (
@@ -182,19 +180,23 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         metrics_site.noisy = False
         # A scrape every few seconds is not worth a log line each.
         metrics_site.log = lambda request: None
-        service = StreamServerEndpointService(
-            tcp_endpoint(reactor, config.metrics.address), metrics_site
-        )
-        service._raiseSynchronously = True
-        service.setServiceParent(root)
+        ListenerService(
+            tcp_endpoint(reactor, config.metrics.address),
+            metrics_site,
+            "metrics.address",
+            config.metrics.address,
+        ).setServiceParent(root)
     if config.redirect_listener.enabled:
         redirect = config.redirect_listener
         endpoint = plain_endpoint(
             reactor, redirect.address, ProxyHeaderPolicy.from_config("redirect", redirect), counters
         )
-        service = StreamServerEndpointService(endpoint, redirect_site(redirect.https_port, reactor))
-        service._raiseSynchronously = True
-        service.setServiceParent(root)
+        ListenerService(
+            endpoint,
+            redirect_site(redirect.https_port, reactor),
+            "redirect_listener.address",
+            redirect.address,
+        ).setServiceParent(root)
     return root
 
 

@@ -296,6 +296,15 @@ def test_startup_failures_exit_nonzero_with_reason(tmp_path, dev_cert):
     if os.geteuid() != 0:  # root reads any file
         cases.append((["--cert", str(unreadable), "--key", str(key)], "tls.cert: cannot read"))
     proxy_port, tls_port = harness.free_ports(2)
+    # A port already taken: the setting and the reason, no traceback.
+    taken = socket.socket()
+    taken.bind((LOOPBACK, 0))
+    taken.listen()
+    busy_port = taken.getsockname()[1]
+    cases.append(
+        (["--cert", str(cert), "--key", str(key), "--proxy-listen", f"127.0.0.1:{busy_port}"],
+         f"cannot listen on 127.0.0.1:{busy_port} (proxy_listener.address): Address already in use")
+    )
     for args, expected in cases:
         argv = [*harness.twistd_command(), "-n", "--pidfile=", "quayfront",
                 "--proxy-listen", f"127.0.0.1:{proxy_port}", "--listen", f"127.0.0.1:{tls_port}", *args]
@@ -305,3 +314,4 @@ def test_startup_failures_exit_nonzero_with_reason(tmp_path, dev_cert):
         assert done.returncode != 0, output
         assert expected in output, output
         assert "Traceback" not in output, output
+    taken.close()
