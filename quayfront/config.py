@@ -398,6 +398,8 @@ class RouteConfig:
     # Largest request body accepted, in bytes; 0 = unlimited.  Larger bodies
     # get 413 before the upstream sees the excess.
     max_body_bytes: int = _checked(0, _non_negative)
+    # Connecting to the upstream; 0 = the upstream's connect_timeout_s.
+    connect_timeout_s: float = _checked(0.0, _non_negative)
     # From the end of the request body to the upstream's response head.
     response_timeout_s: float = _checked(60.0, _positive)
     # Longest pause in either direction while a body streams.

@@ -4,6 +4,7 @@ C{twistd quayfront}: command-line options and the service tree.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -204,8 +205,9 @@ def build_router(config: Config, reactor) -> Router:
     """
     The upstreams with their pools and caps, rate-limit zones, and routes.
     """
+    upstream_configs = {"default": config.upstream, **config.upstreams}
     upstreams = {}
-    for name, upstream in {"default": config.upstream, **config.upstreams}.items():
+    for name, upstream in upstream_configs.items():
         upstreams[name] = Upstream(
             name=name,
             agent=upstream_agent(reactor, upstream),
@@ -217,10 +219,21 @@ def build_router(config: Config, reactor) -> Router:
     zones = {name: RateLimiter(reactor, zone) for name, zone in config.rate_limits.items()}
     routes = []
     for route in config.routes:
+        upstream = None if route.directory else upstreams[route.upstream]
+        if upstream is not None and route.connect_timeout_s:
+            # Its own pool with the route's connect timeout; the upstream's
+            # concurrency cap stays shared.
+            agent = upstream_agent(
+                reactor,
+                dataclasses.replace(
+                    upstream_configs[route.upstream], connect_timeout_s=route.connect_timeout_s
+                ),
+            )
+            upstream = dataclasses.replace(upstream, agent=agent)
         routes.append(
             Route(
                 config=route,
-                upstream=None if route.directory else upstreams[route.upstream],
+                upstream=upstream,
                 resource=StaticDirectory(route.directory) if route.directory else None,
                 rate_limiter=zones.get(route.rate_limit) if route.rate_limit else None,
             )

@@ -189,3 +189,23 @@ def test_route_errors(tmp_path: Path, text: str, key: str, reason: str) -> None:
         load_config(write(tmp_path, text))
     assert caught.value.key == key
     assert reason in caught.value.reason
+
+
+def test_route_connect_timeout_gets_its_own_pool_and_shares_the_cap(tmp_path: Path) -> None:
+    """A route's connect_timeout_s gives it its own agent while the upstream's limiter is shared."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from quayfront.tap import build_router
+
+    config = load_config(
+        write(
+            tmp_path,
+            "[upstream]\nmax_connections = 4\n"
+            "[[routes]]\nprefix = '/v2/'\nconnect_timeout_s = 2.5\n[[routes]]\nprefix = '/'\n",
+        )
+    )
+    router = build_router(config, MemoryReactorClock())
+    v2, rest = router.route_for(b"/v2/x"), router.route_for(b"/api")
+    assert v2.upstream.agent is not rest.upstream.agent
+    assert v2.upstream.limiter is rest.upstream.limiter
+    assert v2.upstream.agent._endpointFactory._endpoint._timeout == 2.5
