@@ -148,6 +148,8 @@ class RequestBodyStream:
         self._producing = None
         self._backlog = []
 
+    stop = stopProducing
+
 
 class ResponseRelay(Protocol):
     """
@@ -159,7 +161,11 @@ class ResponseRelay(Protocol):
         self._forwarding = forwarding
 
     def connectionMade(self) -> None:
-        request = self._forwarding.request
+        forwarding = self._forwarding
+        request = forwarding.request
+        # The upstream socket itself, for aborting an exchange that ended
+        # early (the proxy producer lets go of it when the body ends).
+        forwarding.upstream_transport = getattr(self.transport, "_producer", None)
         if request._disconnected:
             self.transport.stopProducing()
             return
@@ -197,6 +203,7 @@ class Forwarding:
         self.upstream_response_time_s: float | None = None
         self.failure_reason: str | None = None
         self._relay: ResponseRelay | None = None
+        self.upstream_transport = None
         self._client_paused_timeout: object = None
         self._admission: Deferred | None = None
         self._upstream: Deferred | None = None
@@ -208,9 +215,6 @@ class Forwarding:
         self._response_timer: IDelayedCall | None = None
         self._watchdog: IDelayedCall | None = None
         self._last_activity_s = self._started_s
-        # True while the channel is still inside gotLength: it cannot take a
-        # finished request until it is done with the head.
-        self._in_head = True
 
         self._headers = Headers()
         for name, value in upstream_request_headers(
@@ -235,8 +239,11 @@ class Forwarding:
         request.notifyFinish().addErrback(self._client_gone)
 
         max_body = self._limits.max_body_bytes
-        wait_s = None if route.rate_limiter is None else route.rate_limiter.check(client_ip)
-        if max_body and length is not None and length > max_body:
+        too_large = bool(max_body and length is not None and length > max_body)
+        wait_s = None
+        if not too_large and route.rate_limiter is not None:
+            wait_s = route.rate_limiter.check(client_ip)
+        if too_large:
             self._fail(413, "body-too-large")
         elif wait_s is not None:
             self._fail(429, "rate-limited", retry_after_s=wait_s)
@@ -244,7 +251,6 @@ class Forwarding:
             self._arm_watchdog()
             self._admission = route.upstream.limiter.acquire()
             self._admission.addCallbacks(self._admitted, self._not_admitted)
-        self._in_head = False
 
     @property
     def body_complete(self) -> bool:
@@ -311,7 +317,10 @@ class Forwarding:
                 self._limits.idle_timeout_s - idle_s, self._check_idle
             )
             return
-        if self._relay is not None:
+        if self._admission is not None:
+            # Waiting for an upstream slot: the queue's own timeout decides.
+            self._watchdog = self._clock.callLater(self._limits.idle_timeout_s, self._check_idle)
+        elif self._relay is not None:
             # Mid-response: either side may be the one that stopped.
             self._abort_exchange("response-idle-timeout")
         elif not self.body_complete:
@@ -328,7 +337,7 @@ class Forwarding:
     # Backpressure on the client connection.
 
     def _pause_client(self) -> None:
-        channel = self.request.channel
+        channel = getattr(self.request, "channel", None)
         if channel is None:
             return
         channel.transport.pauseProducing()
@@ -337,13 +346,26 @@ class Forwarding:
             self._client_paused_timeout = channel.setTimeout(None) or 0
 
     def _resume_client(self) -> None:
-        channel = self.request.channel
+        channel = getattr(self.request, "channel", None)
         if channel is None:
             return
-        if self._client_paused_timeout is not None:
-            channel.setTimeout(self._client_paused_timeout or None)
-            self._client_paused_timeout = None
+        self._restore_client_timeout()
         channel.transport.resumeProducing()
+
+    def _restore_client_timeout(self) -> None:
+        """
+        Give the channel back the idle timeout a pause took away.
+        """
+        saved, self._client_paused_timeout = self._client_paused_timeout, None
+        channel = getattr(self.request, "channel", None)
+        if saved is None or channel is None:
+            return
+        if channel._handlingRequest:
+            # The body is in and the channel keeps its timeout off until the
+            # response is done; hand it the value it would have saved.
+            channel._savedTimeOut = saved or None
+        else:
+            channel.setTimeout(saved or None)
 
     # The client's side of the exchange.
 
@@ -362,6 +384,7 @@ class Forwarding:
         body.body_chunk(data)
 
     def body_done(self) -> None:
+        self._restore_client_timeout()
         if self.body is not None:
             self.body.body_complete()
         if self._watchdog is not None and self._relay is None:
@@ -414,6 +437,13 @@ class Forwarding:
         if self._watchdog is None:
             self._arm_watchdog()
         response.deliverBody(self._relay)
+        channel = getattr(request, "channel", None)
+        if self._relay.transport is not None and getattr(channel, "_waitingForTransport", False):
+            # A pipelined response starting while the client has not read
+            # the previous one: the channel pauses producers only when its
+            # transport fills, so this one must start paused (and only after
+            # deliverBody, which resumes the upstream on its way out).
+            self._relay.transport.pauseProducing()
 
     def response_data(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
@@ -430,6 +460,10 @@ class Forwarding:
         # connection, complete by HTTP's own definition.
         if reason.check(ResponseDone, PotentialDataLoss):
             request.finish()
+            if not self.body_complete and self.upstream_transport is not None:
+                # An early answer: the request body never finished, and the
+                # agent's close would wait on a producer that will not end.
+                self.upstream_transport.abortConnection()
             return
         if self.failure_reason is None:
             self.failure_reason = "upstream-truncated"
@@ -492,13 +526,17 @@ class Forwarding:
 
     def _end(self) -> None:
         """
-        The exchange is over: timers stop and the upstream slot is freed.
+        The exchange is over: timers stop, the body stream stops, the client
+        gets its idle timeout back and the upstream slot is freed.
         """
         self._over = True
         for timer in (self._response_timer, self._watchdog):
             if timer is not None and timer.active():
                 timer.cancel()
         self._response_timer = self._watchdog = None
+        if self.body is not None:
+            self.body.stop()
+        self._restore_client_timeout()
         self._release_slot()
 
     def _fail(
@@ -518,10 +556,10 @@ class Forwarding:
         extra = []
         if retry_after_s is not None:
             extra.append((b"Retry-After", b"%d" % max(1, math.ceil(retry_after_s))))
-        if self._in_head:
-            self._clock.callLater(0, self._answer, status, reason, extra)
-        else:
-            self._answer(status, reason, extra)
+        # Answered on the next reactor turn: a failure found while the
+        # channel is parsing (the head, a body chunk) must not finish the
+        # request under it; Twisted's channel cannot take that.
+        self._clock.callLater(0, self._answer, status, reason, extra)
 
     def _answer(self, status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> None:
         request = self.request
@@ -603,7 +641,8 @@ def respond_with_error(
         body = f"{status} {message}: {reason}\n".encode("ascii")
         content_type = b"text/plain; charset=utf-8"
     request.setResponseCode(status)
-    request.responseHeaders = Headers()
+    closing = request.responseHeaders.getRawHeaders(b"connection", [])
+    request.responseHeaders = Headers({b"Connection": closing} if closing else {})
     request.setHeader(b"Content-Type", content_type)
     request.setHeader(b"Content-Length", b"%d" % len(body))
     request.setHeader(b"Cache-Control", b"no-store")

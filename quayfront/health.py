@@ -25,14 +25,20 @@ from quayfront.config import HealthConfig
 
 
 class _Discard(Protocol):
-    def __init__(self, done: Deferred) -> None:
-        self._done = done
+    """
+    Reads a probe's response body to its end; cancelling C{done} (the probe
+    timed out) drops the connection instead of leaving it open.
+    """
+
+    def __init__(self) -> None:
+        self.done: Deferred = Deferred(lambda d: self.transport.stopProducing())
 
     def dataReceived(self, data: bytes) -> None:
         pass
 
     def connectionLost(self, reason) -> None:
-        self._done.callback(None)
+        if not self.done.called:
+            self.done.callback(None)
 
 
 class UpstreamProbe:
@@ -76,9 +82,9 @@ class UpstreamProbe:
         d.addCallback(self._probed)
 
     def _drain(self, response) -> Deferred:
-        done: Deferred = Deferred()
-        response.deliverBody(_Discard(done))
-        return done.addCallback(lambda _: response.code < 500)
+        discard = _Discard()
+        response.deliverBody(discard)
+        return discard.done.addCallback(lambda _: response.code < 500)
 
     def _probe_failed(self, failure) -> bool:
         self._log.info(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from io import BytesIO
+from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -32,6 +33,11 @@ from quayfront.routing import Route, Router
 
 def _host(address) -> str:
     return getattr(address, "host", None) or str(address)
+
+
+def _has_dot_segment(path: bytes) -> bool:
+    segments = unquote_to_bytes(path).split(b"/")
+    return b"." in segments or b".." in segments
 
 
 def _socket_origin(transport) -> ConnectionOrigin:
@@ -100,7 +106,6 @@ class FrontRequest(server.Request):
         # so its logs and the registry's can be joined.
         self.request_id = self.tlvs.get("unique_id") or os.urandom(16).hex()
         site.request_started()
-        self.notifyFinish().addBoth(self._write_access_log)
 
         if site.local_resource(self.path) is None and self._forwardable():
             self.route = site.router.route_for(self.path)
@@ -118,11 +123,19 @@ class FrontRequest(server.Request):
             # Local answers take no body; whatever is sent is read and
             # dropped rather than spooled.
             self.content = BytesIO()
+        # After the forwarding's own handlers, so an abort's outcome is known.
+        self.notifyFinish().addBoth(self._write_access_log)
 
     def _forwardable(self) -> bool:
         # Only origin-form targets are routed; absolute-form and "*" are
-        # answered locally with an error.
-        return self.uri.startswith(b"/") and len(self.requestHeaders.getRawHeaders(b"host", ())) <= 1
+        # answered locally with an error, and so are dot segments, which
+        # would let a path pick a route with looser limits than the one the
+        # upstream resolves it to.
+        return (
+            self.uri.startswith(b"/")
+            and len(self.requestHeaders.getRawHeaders(b"host", ())) <= 1
+            and not _has_dot_segment(self.path)
+        )
 
     def send_held_continue(self) -> None:
         """

@@ -215,10 +215,11 @@ def test_client_abort_mid_upload_cancels_upstream() -> None:
 
 def test_upstream_unreachable_is_502_registry_json() -> None:
     """A refused upstream connection answers 502 in the registry's error shape on /v2/."""
-    site, agent, log, _ = make_site()
+    site, agent, log, clock = make_site()
     channel, client = connect(site)
     channel.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
     agent.requests[0]["d"].errback(ConnectionRefusedError())
+    clock.advance(0)
     head, _, body = client.value().partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 502 ")
     assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
@@ -228,10 +229,11 @@ def test_upstream_unreachable_is_502_registry_json() -> None:
 
 def test_failure_mid_upload_answers_and_closes() -> None:
     """An upstream failure while the client still sends answers 502 and closes the connection."""
-    site, agent, _, _ = make_site()
+    site, agent, _, clock = make_site()
     channel, client = connect(site)
     channel.dataReceived(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
     agent.requests[0]["d"].errback(ConnectionRefusedError())
+    clock.advance(0)
     assert client.value().startswith(b"HTTP/1.1 502 ")
     assert b"Connection: close" in client.value()
     assert client.disconnecting
@@ -322,6 +324,7 @@ def test_proxy_client_and_tlvs_reach_upstream_and_log() -> None:
     # Absent from the PROXY header, so absent upstream, and never the client's.
     assert not headers.hasHeader(b"x-amzn-vpce-id")
     agent.requests[0]["d"].errback(ConnectionRefusedError())
+    clock.advance(0)
     [entry] = log.entries
     assert (entry.socket_peer, entry.client, entry.client_port) == ("10.0.0.5", "203.0.113.7", 51000)
     assert entry.request_id == "lb-req-42"

@@ -88,3 +88,17 @@ def test_health_document_shape() -> None:
         "data": {"services": {"quayfront": True, "upstream": False}},
         "status_code": 503,
     }
+
+
+def test_stalled_probe_body_drops_the_connection() -> None:
+    """A probe whose body stalls past the timeout is down and its connection is dropped."""
+    from twisted.internet.testing import StringTransport
+
+    p, agent, clock = probe(probe_timeout_s=2.0)
+    waiting = results(p.is_up())
+    r = response(200, {}, 100)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"partial")
+    clock.advance(2.0)
+    assert waiting == [False]
+    assert r._transport.producerState == "stopped"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -43,14 +45,17 @@ def test_content_length_over_limit_is_413_without_upstream() -> None:
 
 def test_chunked_body_over_limit_stops_before_the_excess() -> None:
     """A chunked body crossing the limit is cut: the upstream gets no byte past it and is aborted."""
-    site, agent, _, _ = make_site(max_body_bytes=10)
+    site, agent, _, clock = make_site(max_body_bytes=10)
     channel, client = connect(site)
     channel.dataReceived(b"PATCH /v2/u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
     sent = agent.requests[0]
     upstream = StringTransport()
     sent["body"].startProducing(upstream)
     channel.dataReceived(b"8\r\n12345678\r\n")
-    channel.dataReceived(b"8\r\nabcdefgh\r\n")
+    # The crossing chunk and the end of the body in one read: the channel
+    # finishes parsing before the 413 goes out (no error inside it).
+    channel.dataReceived(b"8\r\nabcdefgh\r\n0\r\n\r\n")
+    clock.advance(0)
     assert upstream.value() == b"12345678"
     assert sent["cancelled"] == [True]
     assert status_of(client) == 413
@@ -334,3 +339,115 @@ def test_expect_continue_on_a_pooled_connection() -> None:
         b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
     )
     assert client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_early_answer_then_upstream_drains_is_quiet_and_aborts_upstream() -> None:
+    """After an early answer, the upstream resuming the body producer raises nothing and its socket is aborted."""
+    from twisted.web._newclient import TransportProxyProducer
+
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\nabc")
+    body = agent.requests[0]["body"]
+    body.startProducing(StringTransport())
+    body.pauseProducing()
+    upstream_socket = StringTransport()
+    r = response(401, {}, 2)
+    r._transport = TransportProxyProducer(upstream_socket)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"{}")
+    r._bodyDataFinished(Failure(ResponseDone()))
+    assert client.value().startswith(b"HTTP/1.1 401")
+    assert upstream_socket.disconnecting  # aborted: the request body never finished
+    body.resumeProducing()  # the upstream's send buffer drained: nothing to do, no error
+    body.pauseProducing()
+
+
+def test_idle_timeout_survives_a_pause_at_the_end_of_the_body() -> None:
+    """A body that completes while the upstream has the client paused leaves the keep-alive timeout in place."""
+    site, agent, _, _ = make_site()
+    channel, _ = connect(site)
+    inner = channel._channel
+    assert inner.timeOut == 60
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nabc")
+    body = agent.requests[0]["body"]
+    body.startProducing(StringTransport())
+    body.pauseProducing()
+    channel.dataReceived(b"def")
+    r = response(201, {}, 0)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    assert inner.timeOut == 60
+
+
+def test_idle_timeout_restored_after_answering_a_paused_client() -> None:
+    """An answer given while the client is paused (upstream stalled) gives the connection its timeout back."""
+    site, agent, _, clock = make_site(idle_timeout_s=20)
+    channel, _ = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    body = agent.requests[0]["body"]
+    body.startProducing(StringTransport())
+    body.pauseProducing()
+    clock.advance(20)
+    assert channel._channel.timeOut == 60
+
+
+def test_pipelined_response_starts_paused_when_client_is_not_reading() -> None:
+    """A pipelined response whose client has not read the previous one starts with its upstream paused."""
+    site, agent, _, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\nGET /v2/b HTTP/1.1\r\nHost: h\r\n\r\n")
+    first = response(200, {}, 3)
+    agent.requests[0]["d"].callback(first)
+    first._bodyDataReceived(b"abc")
+    channel._channel.pauseProducing()  # the client's socket buffer is full
+    first._bodyDataFinished(Failure(ResponseDone()))
+    second = response(200, {}, 10)
+    agent.requests[1]["d"].callback(second)
+    assert second._transport.producerState == "paused"
+
+
+def test_client_abort_mid_download_logs_its_outcome() -> None:
+    """A client leaving mid-download is logged with the outcome client-closed."""
+    site, agent, log, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/big HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, 100)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"x" * 10)
+    channel.connectionLost(Failure(ConnectionLost()))
+    [entry] = log.entries
+    assert (entry.status, entry.body_bytes_sent, entry.outcome) == (200, 10, "client-closed")
+
+
+@pytest.mark.parametrize("path", [b"/x/../v2/b", b"/v2/./b", b"/x/%2e%2e/v2/b", b"/v2/.."])
+def test_dot_segments_are_refused(path) -> None:
+    """Paths with dot segments are answered 400 and never routed, so no route's limits can be dodged."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert agent.requests == []
+    assert status_of(client) == 400
+
+
+def test_413_does_not_spend_a_rate_token() -> None:
+    """A request refused for its size does not count against the client's rate."""
+    clock = MemoryReactorClock()
+    agent = FakeAgent()
+    limiter = RateLimiter(clock, RateLimitConfig(requests_per_s=0.1, burst=1))
+    upstream = Upstream("default", agent, ConcurrencyLimiter(clock, 0, 0, 1))
+    site = FrontSite(
+        clock=clock,
+        router=Router(
+            [Route(RouteConfig(prefix="/", max_body_bytes=5), upstream=upstream, rate_limiter=limiter)]
+        ),
+        local_resources={},
+        access_log=RecordingLog(),
+        counters=Counters(),
+        idle_timeout_s=60,
+    )
+    big, _ = connect(site)
+    big.dataReceived(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\n")
+    small, _ = connect(site)
+    small.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert len(agent.requests) == 1
