@@ -64,17 +64,22 @@ def make_router(agent, clock, max_active=0, **route_settings):
     return Router([Route(RouteConfig(prefix="/", **route_settings), upstream=upstream)])
 
 
+def site_for(router, clock, **site_settings) -> FrontSite:
+    """A FrontSite on C{router} with a recording access log and test defaults."""
+    settings = dict(local_resources={}, access_log=RecordingLog(), counters=Counters(), idle_timeout_s=60.0)
+    settings.update(site_settings)
+    return FrontSite(clock=clock, router=router, **settings)
+
+
 def make_site(**route_settings):
     clock = MemoryReactorClock()
     agent = FakeAgent()
     log = RecordingLog()
-    site = FrontSite(
-        clock=clock,
-        router=make_router(agent, clock, **route_settings),
+    site = site_for(
+        make_router(agent, clock, **route_settings),
+        clock,
         local_resources={b"/health": Local()},
         access_log=log,
-        counters=Counters(),
-        idle_timeout_s=60.0,
     )
     return site, agent, log, clock
 
@@ -293,13 +298,10 @@ def test_proxy_client_and_tlvs_reach_upstream_and_log() -> None:
     clock = MemoryReactorClock()
     agent = FakeAgent()
     log = RecordingLog()
-    site = FrontSite(
-        clock=clock,
-        router=make_router(agent, clock),
-        local_resources={},
+    site = site_for(
+        make_router(agent, clock),
+        clock,
         access_log=log,
-        counters=Counters(),
-        idle_timeout_s=60.0,
         tlv_headers=(("authority", "X-Proxy-Authority"), ("aws_vpce_id", "X-Amzn-Vpce-Id")),
     )
     proxy_header = ProxyHeader(

@@ -16,10 +16,9 @@ from twisted.web.client import ResponseDone
 
 from quayfront.config import RateLimitConfig, RouteConfig
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
-from quayfront.metrics import Counters
 from quayfront.routing import Route, Router, Upstream
-from quayfront.site import FrontSite, RegistryPing, StaticDirectory
-from tests.unit.test_forward import FakeAgent, RecordingLog, connect, make_site, response
+from quayfront.site import RegistryPing, StaticDirectory
+from tests.unit.test_forward import FakeAgent, connect, make_site, response, site_for
 
 
 def status_of(transport: StringTransport) -> int:
@@ -67,13 +66,8 @@ def test_rate_limit_answers_429_with_retry_after() -> None:
     agent = FakeAgent()
     limiter = RateLimiter(clock, RateLimitConfig(requests_per_s=0.5, burst=1))
     upstream = Upstream("default", agent, ConcurrencyLimiter(clock, 0, 0, 1))
-    site = FrontSite(
-        clock=clock,
-        router=Router([Route(RouteConfig(prefix="/v2/"), upstream=upstream, rate_limiter=limiter)]),
-        local_resources={},
-        access_log=RecordingLog(),
-        counters=Counters(),
-        idle_timeout_s=60,
+    site = site_for(
+        Router([Route(RouteConfig(prefix="/v2/"), upstream=upstream, rate_limiter=limiter)]), clock
     )
     first, _ = connect(site)
     first.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -213,9 +207,8 @@ def test_longest_prefix_wins_and_local_routes(tmp_path) -> None:
     (tmp_path / "app.js").write_text("console.log(1)")
     clock = MemoryReactorClock()
     registry, web = FakeAgent(), FakeAgent()
-    site = FrontSite(
-        clock=clock,
-        router=Router(
+    site = site_for(
+        Router(
             [
                 Route(RouteConfig(prefix="/"), upstream=Upstream("web", web, ConcurrencyLimiter(clock, 0, 0, 1))),
                 Route(
@@ -225,10 +218,8 @@ def test_longest_prefix_wins_and_local_routes(tmp_path) -> None:
                 Route(RouteConfig(prefix="/static/", directory=str(tmp_path)), resource=StaticDirectory(str(tmp_path))),
             ]
         ),
+        clock,
         local_resources={b"/v1/_ping": RegistryPing()},
-        access_log=RecordingLog(),
-        counters=Counters(),
-        idle_timeout_s=60,
     )
     for path in (b"/v2/x", b"/api/v1/user", b"/v2"):
         channel, _ = connect(site)
@@ -300,15 +291,7 @@ def pooled_site(**route_settings):
 
     clock = MemoryReactorClock()
     agent = PooledAgent()
-    site = FrontSite(
-        clock=clock,
-        router=make_router(agent, clock, **route_settings),
-        local_resources={},
-        access_log=RecordingLog(),
-        counters=Counters(),
-        idle_timeout_s=60,
-    )
-    return site, agent, clock
+    return site_for(make_router(agent, clock, **route_settings), clock), agent, clock
 
 
 def test_timeout_cancels_a_request_on_a_pooled_connection() -> None:
@@ -436,15 +419,9 @@ def test_413_does_not_spend_a_rate_token() -> None:
     agent = FakeAgent()
     limiter = RateLimiter(clock, RateLimitConfig(requests_per_s=0.1, burst=1))
     upstream = Upstream("default", agent, ConcurrencyLimiter(clock, 0, 0, 1))
-    site = FrontSite(
-        clock=clock,
-        router=Router(
-            [Route(RouteConfig(prefix="/", max_body_bytes=5), upstream=upstream, rate_limiter=limiter)]
-        ),
-        local_resources={},
-        access_log=RecordingLog(),
-        counters=Counters(),
-        idle_timeout_s=60,
+    site = site_for(
+        Router([Route(RouteConfig(prefix="/", max_body_bytes=5), upstream=upstream, rate_limiter=limiter)]),
+        clock,
     )
     big, _ = connect(site)
     big.dataReceived(b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\n")
