@@ -92,7 +92,6 @@ def test_health_document_shape() -> None:
 
 def test_stalled_probe_body_drops_the_connection() -> None:
     """A probe whose body stalls past the timeout is down and its connection is dropped."""
-
     p, agent, clock = probe(probe_timeout_s=2.0)
     waiting = results(p.is_up())
     r = response(200, {}, 100)
