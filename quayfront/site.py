@@ -175,7 +175,10 @@ class FrontRequest(server.Request):
         elif self.route is not None and self.route.resource is not None:
             # A static directory: traverse below the route's prefix.
             self.prepath = []
-            self.postpath = self.path[len(self.route.prefix) :].split(b"/")
+            self.postpath = [
+                unquote_to_bytes(segment)
+                for segment in self.path[len(self.route.prefix) :].split(b"/")
+            ]
             self.render(resource.getChildForRequest(self.route.resource, self))
         elif self.route is None and self._forwardable():
             respond_with_error(self, 404, "no-route")

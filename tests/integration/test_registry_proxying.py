@@ -143,6 +143,7 @@ def test_routes_registry_unix_web_static_and_ping_with_skopeo(
     static.mkdir()
     static_bytes = os.urandom(3000) + b"\x00end"
     (static / "file.bin").write_bytes(static_bytes)
+    (static / "two words.txt").write_bytes(b"percent-decoded")
     config = write_config(tmp_path / "quayfront.toml", JSON_ACCESS_LOG + f"""
 [upstreams.web]
 url = "unix:{sock}"
@@ -203,6 +204,8 @@ directory = "{static}"
         r = curl(f"{base}/static/file.bin", workdir=tmp_path)
         assert r.status == 200, r.describe()
         assert r.body == static_bytes
+        r = curl(f"{base}/static/two%20words.txt", workdir=tmp_path)
+        assert r.status == 200 and r.body == b"percent-decoded", r.describe()
         r = curl(f"{base}/static/missing.bin", workdir=tmp_path)
         assert r.status == 404, r.describe()
 
