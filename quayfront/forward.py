@@ -194,6 +194,7 @@ class Forwarding:
         client_ip: str,
         vouched_headers: list[tuple[bytes, bytes]] = [],
         reserved_headers: frozenset[bytes] = frozenset(),
+        default_host: bytes = b"",
     ) -> None:
         self.request = request
         self.route = route
@@ -222,6 +223,7 @@ class Forwarding:
             client_ip=client_ip,
             vouched=vouched_headers,
             reserved=reserved_headers,
+            default_host=default_host,
         ):
             self._headers.addRawHeader(name, value)
 

@@ -56,6 +56,7 @@ def upstream_request_headers(
     scheme: bytes = b"https",
     vouched: Iterable[tuple[bytes, bytes]] = (),
     reserved: Iterable[bytes] = (),
+    default_host: bytes = b"",
 ) -> HeaderPairs:
     """
     The headers to send upstream for a client request with C{pairs}.
@@ -70,6 +71,8 @@ def upstream_request_headers(
         configured request-id and TLV headers, whether sent this time or
         not): client-sent headers of these names are removed, so a client
         cannot pose as the load balancer.
+    @param default_host: the C{Host} to send when the client sent none (an
+        HTTP/1.0 client): the address it connected to.
     """
     pairs = list(pairs)
     vouched = list(vouched)
@@ -82,6 +85,9 @@ def upstream_request_headers(
         | frozenset(reserved)
     )
     forwarded = [(name, value) for name, value in pairs if name.lower() not in dropped]
+    if default_host and not any(name.lower() == b"host" for name, _ in pairs):
+        forwarded.insert(0, (b"Host", default_host))
+        pairs = [(b"Host", default_host), *pairs]
     forwarded.append((b"X-Forwarded-For", client_ip.encode("ascii")))
     forwarded.append((b"X-Forwarded-Proto", scheme))
     forwarded.extend(vouched)

@@ -35,6 +35,14 @@ def _host(address) -> str:
     return getattr(address, "host", None) or str(address)
 
 
+def _authority(address) -> bytes:
+    host, port = getattr(address, "host", ""), getattr(address, "port", None)
+    if not host or port is None:
+        return b""
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{port}".encode("ascii", "replace")
+
+
 def _has_dot_segment(path: bytes) -> bool:
     segments = unquote_to_bytes(path).split(b"/")
     return b"." in segments or b".." in segments
@@ -118,6 +126,7 @@ class FrontRequest(server.Request):
                 client_ip=_host(self.origin.client),
                 vouched_headers=site.vouched_headers(self.request_id, self.tlvs, self._tls),
                 reserved_headers=site.reserved_headers,
+                default_host=_authority(self.origin.destination),
             )
         else:
             # Local answers take no body; whatever is sent is read and

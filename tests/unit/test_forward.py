@@ -345,3 +345,12 @@ def test_request_ids_are_made_up_without_unique_id() -> None:
     channel.dataReceived(b"GET /v2/b HTTP/1.1\r\nHost: h\r\n\r\n")
     ids = [req["headers"].getRawHeaders(b"x-request-id")[0] for req in agent.requests]
     assert len(ids) == 2 and ids[0] != ids[1] and len(ids[0]) == 32
+
+
+def test_http10_without_host_gets_the_connected_address() -> None:
+    """An HTTP/1.0 request without Host goes upstream with the address the client connected to."""
+    site, agent, _, _ = make_site()
+    channel, transport = connect(site)
+    channel.dataReceived(b"GET /v2/ HTTP/1.0\r\n\r\n")
+    host = transport.getHost()
+    assert agent.requests[0]["headers"].getRawHeaders(b"host") == [f"{host.host}:{host.port}".encode()]

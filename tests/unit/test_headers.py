@@ -74,3 +74,12 @@ def test_response_keeps_location_and_repeats_and_drops_hop_by_hop() -> None:
         (b"Keep-Alive", b"timeout=5"),
     ]
     assert client_response_headers(pairs) == pairs[:4]
+
+
+def test_missing_host_gets_the_address_the_client_connected_to() -> None:
+    """An HTTP/1.0 request without Host is sent with the listener address, also as X-Forwarded-Host."""
+    out = upstream_request_headers([(b"Accept", b"*/*")], client_ip="192.0.2.1", default_host=b"[2001:db8::1]:8443")
+    assert out[0] == (b"Host", b"[2001:db8::1]:8443")
+    assert (b"X-Forwarded-Host", b"[2001:db8::1]:8443") in out
+    kept = upstream_request_headers([(b"Host", b"reg.example")], client_ip="192.0.2.1", default_host=b"10.0.0.1:8443")
+    assert [v for n, v in kept if n == b"Host"] == [b"reg.example"]
