@@ -213,6 +213,8 @@ class Forwarding:
         # Set once quayfront itself stops the upstream request, so the
         # failure that cancelling produces is not answered a second time.
         self._abandoned = False
+        # The client connection is being aborted: nothing may finish it.
+        self._aborting_client = False
         self._response_timer: IDelayedCall | None = None
         self._watchdog: IDelayedCall | None = None
         self._last_activity_s = self._started_s
@@ -456,7 +458,7 @@ class Forwarding:
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
-        if request._disconnected or request.finished:
+        if request._disconnected or request.finished or self._aborting_client:
             return
         # PotentialDataLoss: a body delimited by the upstream closing the
         # connection, complete by HTTP's own definition.
@@ -521,6 +523,7 @@ class Forwarding:
             uri=_text(request.uri),
             idle=self._limits.idle_timeout_s,
         )
+        self._aborting_client = True
         self._abandon_upstream()
         self._end()
         if request.channel is not None:

@@ -12,7 +12,8 @@ import pytest
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
+from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.iweb import UNKNOWN_LENGTH
 
 from quayfront.config import RateLimitConfig, RouteConfig
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
@@ -428,3 +429,21 @@ def test_413_does_not_spend_a_rate_token() -> None:
     small, _ = connect(site)
     small.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
     assert len(agent.requests) == 1
+
+
+def test_idle_abort_is_not_logged_as_complete_when_upstream_closes_first() -> None:
+    """After an idle-timeout abort, an upstream close processed first does not finish the request."""
+    site, agent, log, clock = make_site(idle_timeout_s=20)
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/big HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, UNKNOWN_LENGTH)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"x" * 10)
+    clock.advance(20)
+    # The upstream's close (no length: "potential data loss") arrives before
+    # the client's abort has completed.
+    r._bodyDataFinished(Failure(PotentialDataLoss()))
+    assert not client.value().endswith(b"0\r\n\r\n")
+    channel.connectionLost(Failure(ConnectionLost()))
+    [entry] = log.entries
+    assert entry.outcome == "response-idle-timeout"
