@@ -192,7 +192,7 @@ class Forwarding:
         route: Route,
         clock: IReactorTime,
         client_ip: str,
-        vouched_headers: list[tuple[bytes, bytes]] = [],
+        vouched_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
         reserved_headers: frozenset[bytes] = frozenset(),
         default_host: bytes = b"",
     ) -> None:
@@ -626,7 +626,7 @@ def respond_with_error(
     status: int,
     reason: str,
     close: bool = False,
-    headers: list[tuple[bytes, bytes]] = [],
+    headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
 ) -> None:
     """
     Answer C{request} with an error quayfront makes itself: the registry's

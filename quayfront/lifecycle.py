@@ -9,6 +9,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 
 class DrainService(Service):
@@ -37,7 +38,7 @@ class DrainService(Service):
         drained.addTimeout(self._timeout_s, self._clock)
 
         def report(result):
-            if isinstance(result, Exception) or hasattr(result, "check"):
+            if isinstance(result, Failure):
                 self._log.warn(
                     "drain timeout: {count} requests still in flight are cut off",
                     count=self._site.in_flight,

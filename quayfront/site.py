@@ -333,7 +333,7 @@ class FrontSite(server.Site):
         return http._GenericHTTPChannelProtocol(FrontChannel())
 
     def vouched_headers(
-        self, request_id: str, tlvs: dict[str, str], tls: dict[str, str] = {}
+        self, request_id: str, tlvs: dict[str, str], tls: dict[str, str] | None = None
     ) -> list[tuple[bytes, bytes]]:
         """
         The headers quayfront itself asserts to the upstream for a request.
@@ -341,7 +341,7 @@ class FrontSite(server.Site):
         headers = []
         if self._request_id_header:
             headers.append((self._request_id_header, request_id.encode("ascii")))
-        for fields, configured in ((tlvs, self._tlv_headers), (tls, self._tls_headers)):
+        for fields, configured in ((tlvs, self._tlv_headers), (tls or {}, self._tls_headers)):
             for field, name in configured:
                 if field in fields:
                     headers.append((name, fields[field].encode("ascii")))

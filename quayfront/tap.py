@@ -9,21 +9,21 @@ import sys
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.web import server
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web import server
 
 from quayfront.accesslog import AccessLog
 from quayfront.config import Config, ConfigError, load_config
 from quayfront.health import HealthResource, UpstreamProbe
-from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
 from quayfront.lifecycle import DrainService
+from quayfront.limits import ConcurrencyLimiter, RateLimiter
+from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
 from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
-from quayfront.limits import ConcurrencyLimiter, RateLimiter
+from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
-from quayfront.redirect import redirect_site
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
 
