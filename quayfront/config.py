@@ -495,6 +495,28 @@ class AccessLogConfig:
     format: str = _checked("quay", _one_of("quay", "json"))
 
 
+def _worker_count(value: Any) -> int:
+    """
+    C{"auto"} (0: one worker per core this process may run on) or a count.
+    """
+    if value == "auto":
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'must be "auto" or a whole number of at least 1, not {value!r}')
+    return value
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """
+    The process model.
+    """
+
+    # Worker processes serving the listeners: a number, or "auto" for one per
+    # core (stored as 0).  1 serves everything from the one twistd process.
+    workers: int = _checked(1, _worker_count, toml_type=object)
+
+
 @dataclass(frozen=True)
 class Config:
     """
@@ -514,6 +536,7 @@ class Config:
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     access_log: AccessLogConfig = AccessLogConfig()
+    process: ProcessConfig = ProcessConfig()
 
 
 def load_config(path: str | None, overrides: Mapping[str, Any] = {}) -> Config:

@@ -1,33 +1,98 @@
 """
-In-process counters and their Prometheus text rendering, served on a
-separate plain-HTTP listener (loopback by default).
+Counters, histograms and gauges in Prometheus' text format
+(C{prometheus_client}), served on a separate plain-HTTP listener (loopback by
+default).
+
+With one process every metric lives in that process's registry.  With
+worker processes, C{prometheus_client}'s multiprocess mode keeps each
+worker's values in files under C{PROMETHEUS_MULTIPROC_DIR} and the main
+process serves their sum: the rest of the code keeps calling
+L{Counters.increment} either way.  Gauges that read live objects (requests in
+flight, open connections) are then sampled by each worker every second and
+summed over the living workers.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from typing import Callable, Iterable
 
+from prometheus_client import CollectorRegistry, Gauge as PromGauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client import values as prometheus_values
+from prometheus_client.core import GaugeMetricFamily
 from twisted.web.resource import Resource
 
-# Counter name -> (label name, help text) for rendering.
+# Counter name -> (label, help text).  Each is exported as
+# quayfront_<name>_total.
 COUNTERS = {
     "proxy_header_rejected": ("reason", "Connections closed for their PROXY header, by reason."),
     "http_responses": ("status", "Requests ended, by HTTP status (499: client left first)."),
+    "upstream_errors": ("reason", "Requests that failed at the upstream, by reason."),
+    "tls_handshake_failures": ("reason", "TLS handshakes that failed, by reason."),
 }
+
+# Request durations from the first byte of the request to the last of the
+# response; registry pulls of large blobs reach minutes.
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 2000)
+
+
+def enable_multiprocess(directory: str) -> None:
+    """
+    Switch C{prometheus_client} to multiprocess values in C{directory}, for
+    metrics created from now on (in this process and in processes forked
+    from it).
+    """
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    prometheus_values.ValueClass = prometheus_values.get_value_class()
+
+
+def multiprocess_enabled() -> bool:
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 
 class Counters:
     """
     Named counters with one optional label each, e.g.
-    C{proxy_header_rejected{reason="v1-bad-port"}}.
+    C{proxy_header_rejected{reason="v1-bad-port"}}, plus the per-request
+    metrics fed by L{observe_request}.
     """
 
     def __init__(self) -> None:
         self._values: Counter[tuple[str, str]] = Counter()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._exported = {
+            name: PromCounter(
+                f"quayfront_{name}", help_text, [label] if label else [], registry=self.registry
+            )
+            for name, (label, help_text) in COUNTERS.items()
+        }
+        self.request_duration = Histogram(
+            "quayfront_request_duration_seconds",
+            "Requests by route prefix and status class, from request to last response byte.",
+            ["route", "status_class"],
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.request_bytes = PromCounter(
+            "quayfront_request_bytes",
+            "Request bytes received (head and body), by route prefix.",
+            ["route"],
+            registry=self.registry,
+        )
+        self.response_bytes = PromCounter(
+            "quayfront_response_bytes",
+            "Response body bytes sent, by route prefix.",
+            ["route"],
+            registry=self.registry,
+        )
 
     def increment(self, name: str, label: str = "", by: int = 1) -> None:
         self._values[(name, label)] += by
+        exported = self._exported.get(name)
+        if exported is not None:
+            (exported.labels(label) if COUNTERS[name][0] else exported).inc(by)
 
     def value(self, name: str, label: str = "") -> int:
         return self._values[(name, label)]
@@ -35,41 +100,145 @@ class Counters:
     def by_label(self, name: str) -> dict[str, int]:
         return {label: n for (counter, label), n in self._values.items() if counter == name}
 
-
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def observe_request(
+        self,
+        route: str,
+        status: int,
+        duration_s: float,
+        request_bytes: int,
+        response_bytes: int,
+        outcome: str | None,
+    ) -> None:
+        self.request_duration.labels(route, f"{status // 100}xx").observe(duration_s)
+        self.request_bytes.labels(route).inc(request_bytes)
+        self.response_bytes.labels(route).inc(response_bytes)
+        if outcome and outcome.startswith("upstream-"):
+            self.increment("upstream_errors", outcome)
 
 
 # A gauge: name, help, label name, and a function giving (label, value) pairs.
 Gauge = tuple[str, str, str, Callable[[], Iterable[tuple[str, float]]]]
 
 
+class GaugeCollector:
+    """
+    Reads gauges from live objects at scrape time (one process only:
+    multiprocess mode has no custom collectors in workers).
+    """
+
+    def __init__(self, gauges: Iterable[Gauge]) -> None:
+        self._gauges = list(gauges)
+
+    def collect(self):
+        for name, help_text, label, read in self._gauges:
+            family = GaugeMetricFamily(
+                f"quayfront_{name}", help_text, labels=[label] if label else []
+            )
+            for value, amount in read():
+                family.add_metric([value] if label else [], amount)
+            yield family
+
+
+class GaugeSampler:
+    """
+    Copies gauges read from live objects into multiprocess gauges (summed
+    over living workers), on each call of L{sample}.
+    """
+
+    def __init__(self, gauges: Iterable[Gauge], registry: CollectorRegistry) -> None:
+        self._gauges = []
+        for name, help_text, label, read in gauges:
+            exported = PromGauge(
+                f"quayfront_{name}",
+                help_text,
+                [label] if label else [],
+                registry=registry,
+                multiprocess_mode="livesum",
+            )
+            self._gauges.append((exported, label, read))
+
+    def sample(self) -> None:
+        for exported, label, read in self._gauges:
+            for value, amount in read():
+                (exported.labels(value) if label else exported).set(amount)
+
+
 def render_prometheus(counters: Counters, gauges: Iterable[Gauge]) -> bytes:
-    lines = []
-    for name, (label, help_text) in COUNTERS.items():
-        metric = f"quayfront_{name}_total"
-        lines.append(f"# HELP {metric} {help_text}")
-        lines.append(f"# TYPE {metric} counter")
-        for value, count in sorted(counters.by_label(name).items()):
-            lines.append(f'{metric}{{{label}="{_escape_label(value)}"}} {count}')
-    for name, help_text, label, read in gauges:
-        metric = f"quayfront_{name}"
-        lines.append(f"# HELP {metric} {help_text}")
-        lines.append(f"# TYPE {metric} gauge")
-        for value, amount in read():
-            labels = f'{{{label}="{_escape_label(value)}"}}' if label else ""
-            lines.append(f"{metric}{labels} {amount:g}")
-    return ("\n".join(lines) + "\n").encode("utf-8")
+    """
+    One process's metrics in the text format.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Both(counters.registry, GaugeCollector(gauges)))
+    return generate_latest(registry)
+
+
+class _Both:
+    def __init__(self, *collectors) -> None:
+        self._collectors = collectors
+
+    def collect(self):
+        for collector in self._collectors:
+            yield from collector.collect()
 
 
 class MetricsResource(Resource):
     isLeaf = True
 
-    def __init__(self, counters: Counters, gauges: list[Gauge]) -> None:
+    def __init__(self, counters: Counters, gauges: list[Gauge], extra=()) -> None:
         super().__init__()
-        self._counters = counters
-        self._gauges = gauges
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_Both(counters.registry, GaugeCollector(gauges), *extra))
 
     def render_GET(self, request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
-        return render_prometheus(self._counters, self._gauges)
+        return generate_latest(self._registry)
+
+
+class MultiProcessMetricsResource(Resource):
+    """
+    The sum of every worker's metrics (read from the multiprocess
+    directory) plus the main process's own collectors.
+    """
+
+    isLeaf = True
+
+    def __init__(self, directory: str, collectors=()) -> None:
+        super().__init__()
+        from prometheus_client import multiprocess
+
+        self._registry = CollectorRegistry(auto_describe=False)
+        multiprocess.MultiProcessCollector(self._registry, path=directory)
+        for collector in collectors:
+            self._registry.register(collector)
+
+    def render_GET(self, request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return generate_latest(self._registry)
+
+
+class MeteredAccessLog:
+    """
+    The access log, observed: each entry also feeds the request metrics
+    (duration by route and status class, bytes, upstream errors).  Every
+    other attribute is the wrapped log's.
+    """
+
+    def __init__(self, access_log, counters: Counters, route_of: Callable[[bytes], str]) -> None:
+        self._access_log = access_log
+        self._counters = counters
+        self._route_of = route_of
+
+    def __getattr__(self, name: str):
+        return getattr(self._access_log, name)
+
+    def write(self, entry) -> None:
+        path = entry.uri.split(b"?", 1)[0]
+        self._counters.observe_request(
+            self._route_of(path),
+            entry.status,
+            entry.request_time_s,
+            entry.request_length,
+            entry.body_bytes_sent,
+            entry.outcome,
+        )
+        self._access_log.write(entry)
