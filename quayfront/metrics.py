@@ -242,3 +242,36 @@ class MeteredAccessLog:
             entry.outcome,
         )
         self._access_log.write(entry)
+
+
+def route_label(router, path: bytes) -> str:
+    """The route prefix a path takes, as a metric label ("-" for none)."""
+    route = router.route_for(path)
+    return "-" if route is None else route.config.prefix
+
+
+class MetricsOfTLS:
+    """
+    Certificate expiry times and failed reloads, read at scrape time.
+    """
+
+    def __init__(self, tls, reloader) -> None:
+        self._tls = tls
+        self._reloader = reloader
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = GaugeMetricFamily(
+            "quayfront_certificate_expiry_timestamp_seconds",
+            "When each served certificate expires (Unix time).",
+            labels=["certificate"],
+        )
+        for certificate in self._tls.store.certificates:
+            family.add_metric([certificate.label], certificate.not_after.timestamp())
+        yield family
+        yield CounterMetricFamily(
+            "quayfront_certificate_reload_failures",
+            "Certificate reloads refused (the old certificates kept serving).",
+            value=self._reloader.failures,
+        )

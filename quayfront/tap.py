@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,17 +20,29 @@ from quayfront.health import HealthResource, UpstreamProbe
 from quayfront.lifecycle import DrainService
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
 from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
-from quayfront.metrics import Counters, MetricsResource
+from quayfront.metrics import (
+    Counters,
+    GaugeSampler,
+    MeteredAccessLog,
+    MetricsOfTLS,
+    MetricsResource,
+    route_label,
+)
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
+from quayfront.workers import SAMPLE_INTERVAL_S, WorkersService, worker_count
 
 
 def _split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _worker_option(text: str) -> str | int:
+    return text if text == "auto" else int(text)
 
 
 class Options(usage.Options):
@@ -51,6 +64,7 @@ class Options(usage.Options):
         ["proxy-exempt", None, None, "CIDR[,CIDR]: sources served without a PROXY header."],
         ["proxy-timeout", None, None, "Seconds a connection has to send its PROXY header."],
         ["metrics-listen", None, None, "HOST:PORT of the metrics endpoint, or 'off' [127.0.0.1:9091]."],
+        ["workers", None, None, "Worker processes: a number, or 'auto' for one per core [1]."],
     ]
 
     # option -> (dotted config key, conversion from the command-line text)
@@ -64,6 +78,7 @@ class Options(usage.Options):
         "proxy-trusted": ("proxy_listener.trusted_sources", _split_list),
         "proxy-exempt": ("proxy_listener.exempt_sources", _split_list),
         "proxy-timeout": ("proxy_listener.header_timeout_s", float),
+        "workers": ("process.workers", _worker_option),
     }
 
     def postOptions(self) -> None:
@@ -91,10 +106,20 @@ class Options(usage.Options):
 _log = Logger(namespace="quayfront")
 
 
-def make_service(config: Config, tls, reactor, source: str = "command line") -> MultiService:
+def make_service(
+    config: Config, tls, reactor, source: str = "command line", worker=None
+) -> MultiService:
     """
-    The whole service tree for C{config}, on C{reactor}.
+    The whole service tree for C{config}, on C{reactor}: with several
+    workers configured, the main process's tree (L{quayfront.workers}); in a
+    worker (C{worker}, a L{quayfront.workers.WorkerContext}), that worker's.
     """
+    if worker is None:
+        workers = worker_count(config.process.workers)
+        if workers > 1:
+            return WorkersService(config, tls, reactor, source, workers)
+    # Listeners of a worker adopt the main process's sockets.
+    listen_reactor = reactor if worker is None else worker.listen_reactor
     root = MultiService()
     if not config.tls.cert:
         _log.warn(
@@ -110,7 +135,7 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     access_log = AccessLog(config.access_log.path, config.access_log.format)
     access_log.setServiceParent(root)
 
-    router = build_router(config, reactor)
+    router = build_router(config, reactor, worker)
     probe_agent = upstream_agent(reactor, config.upstream, persistent=False)
     probe = UpstreamProbe(
         reactor, probe_agent, upstream_uri(config.health.probe_path.encode("ascii")), config.health
@@ -122,7 +147,7 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         clock=reactor,
         router=router,
         local_resources=local_resources,
-        access_log=access_log,
+        access_log=MeteredAccessLog(access_log, counters, lambda path: route_label(router, path)),
         counters=counters,
         idle_timeout_s=config.http.idle_timeout_s,
         request_id_header=config.http.request_id_header,
@@ -146,38 +171,46 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     if config.tls_listener.enabled:
         listeners.append((config.tls_listener.address, ProxyHeaderPolicy("tls", required=False)))
     for address, policy in listeners:
-        endpoint = listener_endpoint(reactor, address, policy, tls, counters)
+        endpoint = listener_endpoint(listen_reactor, address, policy, tls, counters)
         listener_factories[policy.listener] = endpoint
         setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
         ListenerService(endpoint, site, setting, address).setServiceParent(root)
+    gauges = [
+        (
+            "requests_in_flight",
+            "Requests being served.",
+            "",
+            lambda: [("", site.in_flight)],
+        ),
+        (
+            "connections_open",
+            "Open client connections, by listener.",
+            "listener",
+            lambda: [(name, e.open_connections()) for name, e in listener_factories.items()],
+        ),
+        (
+            "upstream_requests_active",
+            "Requests holding an upstream slot, by upstream.",
+            "upstream",
+            lambda: [(u.name, u.limiter.active) for u in router.upstreams()],
+        ),
+        (
+            "upstream_requests_waiting",
+            "Requests queued for an upstream slot, by upstream.",
+            "upstream",
+            lambda: [(u.name, u.limiter.waiting) for u in router.upstreams()],
+        ),
+    ]
+    if worker is not None:
+        # The main process serves the metrics: it sees these gauges as each
+        # worker's latest sample, summed.
+        sampling = TimerService(SAMPLE_INTERVAL_S, GaugeSampler(gauges, counters.registry).sample)
+        sampling.clock = reactor
+        sampling.setServiceParent(root)
     if config.metrics.enabled:
-        gauges = [
-            (
-                "requests_in_flight",
-                "Requests being served.",
-                "",
-                lambda: [("", site.in_flight)],
-            ),
-            (
-                "connections_open",
-                "Open client connections, by listener.",
-                "listener",
-                lambda: [(name, e.open_connections()) for name, e in listener_factories.items()],
-            ),
-            (
-                "upstream_requests_active",
-                "Requests holding an upstream slot, by upstream.",
-                "upstream",
-                lambda: [(u.name, u.limiter.active) for u in router.upstreams()],
-            ),
-            (
-                "upstream_requests_waiting",
-                "Requests queued for an upstream slot, by upstream.",
-                "upstream",
-                lambda: [(u.name, u.limiter.waiting) for u in router.upstreams()],
-            ),
-        ]
-        metrics_site = server.Site(MetricsResource(counters, gauges), reactor=reactor)
+        metrics_site = server.Site(
+            MetricsResource(counters, gauges, [MetricsOfTLS(tls, reloader)]), reactor=reactor
+        )
         metrics_site.noisy = False
         # A scrape every few seconds is not worth a log line each.
         metrics_site.log = lambda request: None
@@ -190,7 +223,10 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     if config.redirect_listener.enabled:
         redirect = config.redirect_listener
         endpoint = plain_endpoint(
-            reactor, redirect.address, ProxyHeaderPolicy.from_config("redirect", redirect), counters
+            listen_reactor,
+            redirect.address,
+            ProxyHeaderPolicy.from_config("redirect", redirect),
+            counters,
         )
         ListenerService(
             endpoint,
@@ -201,7 +237,7 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     return root
 
 
-def build_router(config: Config, reactor) -> Router:
+def build_router(config: Config, reactor, worker=None) -> Router:
     """
     The upstreams with their pools and caps, rate-limit zones, and routes.
     """
@@ -213,10 +249,19 @@ def build_router(config: Config, reactor) -> Router:
             agent=upstream_agent(reactor, upstream),
             limiter=ConcurrencyLimiter(
                 reactor, upstream.max_connections, upstream.queue_size, upstream.queue_timeout_s
-            ),
+            )
+            if worker is None
+            # Workers share the cap: it is the upstream's, not each worker's.
+            else worker.concurrency_limiter(reactor, name, upstream),
         )
     # One limiter per zone, shared by the routes that name it.
-    zones = {name: RateLimiter(reactor, zone) for name, zone in config.rate_limits.items()}
+    zones = {
+        name: RateLimiter(reactor, zone)
+        if worker is None
+        # Workers share the buckets: a client's rate holds across them.
+        else worker.rate_limiter(reactor, name, zone)
+        for name, zone in config.rate_limits.items()
+    }
     routes = []
     for route in config.routes:
         upstream = None if route.directory else upstreams[route.upstream]
