@@ -55,6 +55,10 @@ from quayfront.supervisor import (
 )
 from quayfront.tls import CertificateReloader, ServerTLS
 
+# "reuseport" gives each worker a SO_REUSEPORT socket of its own instead of
+# the one shared socket; kept for comparing the two (tests/bench/spread.py).
+ACCEPT_MODE_VARIABLE = "QUAYFRONT_ACCEPT_MODE"
+
 # How often a worker copies its live gauges into the shared metrics, and
 # checks that the main process is still there.
 SAMPLE_INTERVAL_S = 1.0
@@ -86,7 +90,7 @@ def listened_addresses(config: Config) -> list[tuple[str, ListenAddress]]:
     return listeners
 
 
-def bind_listener(setting: str, address: ListenAddress) -> socket.socket:
+def bind_listener(setting: str, address: ListenAddress, reuse_port: bool = False) -> socket.socket:
     """
     A listening, non-blocking socket on C{address}; a failure is one line
     naming the setting and a non-zero exit, as with one process.
@@ -95,6 +99,8 @@ def bind_listener(setting: str, address: ListenAddress) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((address.host, address.port))
         sock.listen(LISTEN_BACKLOG)
     except OSError as e:
@@ -469,6 +475,10 @@ class WorkersService(MultiService):
         self.workers = workers
         self.runtime = SharedRuntime(config, workers)
         self._sockets: dict[tuple[str, int], socket.socket] = {}
+        # With SO_REUSEPORT: one socket per worker slot and address, the
+        # kernel spreading connections over them by a hash of the 4-tuple.
+        self._reuse_port = os.environ.get(ACCEPT_MODE_VARIABLE) == "reuseport"
+        self._slot_sockets: list[dict[tuple[str, int], socket.socket]] = []
         self._previous_usr1 = None
         self.exit_status = 0
         spawner = ForkSpawner(self._run_worker)
@@ -505,7 +515,16 @@ class WorkersService(MultiService):
 
     def privilegedStartService(self) -> None:
         for setting, address in listened_addresses(self._config):
-            self._sockets[(address.host, address.port)] = bind_listener(setting, address)
+            if not self._reuse_port:
+                self._sockets[(address.host, address.port)] = bind_listener(setting, address)
+        if self._reuse_port:
+            for _ in range(self.workers):
+                self._slot_sockets.append(
+                    {
+                        (address.host, address.port): bind_listener(setting, address, True)
+                        for setting, address in listened_addresses(self._config)
+                    }
+                )
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -521,9 +540,10 @@ class WorkersService(MultiService):
     def stopService(self):
         # The workers hold their own copies; with the main process's copies
         # closed, a worker closing its listeners really stops accepting.
-        for sock in self._sockets.values():
-            sock.close()
-        self._sockets.clear()
+        for sockets in (self._sockets, *self._slot_sockets):
+            for sock in sockets.values():
+                sock.close()
+            sockets.clear()
         return super().stopService()
 
     def _on_usr1(self, signum, frame) -> None:
@@ -537,7 +557,7 @@ class WorkersService(MultiService):
             index,
             self._config,
             self._tls,
-            self._sockets,
+            self._slot_sockets[index] if self._reuse_port else self._sockets,
             self.runtime,
             self._source,
             os.getppid(),

@@ -114,7 +114,8 @@ PYTHONPATH="$ROOT_DIR${PYTHONPATH:+:$PYTHONPATH}" \
     --listen "127.0.0.1:$TLS_PORT" \
     --upstream "http://127.0.0.1:$REGISTRY_PORT" \
     --cert "$RUN_DIR/cert.pem" --key "$RUN_DIR/key.pem" \
-    --access-log -
+    --access-log - \
+    --workers "${QF_WORKERS:-auto}"
 rc=$?
 set -e
 exit "$rc"

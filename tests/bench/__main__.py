@@ -4,7 +4,10 @@ to run/bench-report.txt.
 
 Environment (all optional):
 
-  BENCH_ONLY                     "parse", "fronts" or "profile": run one part only
+  BENCH_ONLY                     "parse", "fronts", "profile" or "scaling": one part only
+  BENCH_SCALING_BYTES            transfer size of the scaling part (default 256 MiB)
+  BENCH_HELD_CONNECTIONS         idle connections for memory per connection (400)
+  BENCH_FRESH_REQUESTS           new-connection requests per client (300)
   BENCH_BYTES                    download/upload size (default 1 GiB)
   BENCH_ROUNDS                   rounds of every front measurement (3)
   BENCH_SMALL_REQUESTS           sequential requests on one connection (2000)
@@ -24,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import fronts, parsecost
+from . import fronts, parsecost, scaling
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO_ROOT / "run"
@@ -87,8 +90,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     signal.signal(signal.SIGHUP, _stop_on_sigterm)
     only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "parse", "fronts", "profile"):
-        sys.exit(f"BENCH_ONLY must be 'parse', 'fronts' or 'profile', not {only!r}")
+    if only not in ("", "parse", "fronts", "profile", "scaling"):
+        sys.exit(f"BENCH_ONLY must be 'parse', 'fronts', 'profile' or 'scaling', not {only!r}")
     sections = ["\n".join(_header())]
     if only in ("", "parse"):
         print("running: PROXY parse vs TLS handshake ...", file=sys.stderr, flush=True)
@@ -101,6 +104,10 @@ def main() -> int:
         if profile:
             print("running: quayfront under cProfile ...", file=sys.stderr, flush=True)
         sections.append(fronts.run(RUN_DIR / "bench", comparison=comparison, profile=profile))
+    if only in ("", "scaling"):
+        print("running: workers, quayfront and nginx, 1 and auto (3-6 minutes) ...",
+              file=sys.stderr, flush=True)
+        sections.append(scaling.run(RUN_DIR / "bench-scaling"))
     sections.append(f"load average after: {_load()}")
     report = "\n\n".join(sections) + "\n"
     print(report)

@@ -229,7 +229,7 @@ NGINX_GLOBALS = "daemon off; master_process on; worker_processes 1;"
 
 
 def start_nginx(name: str, template: str, values: dict[str, str], workdir: Path,
-                port: int) -> Front:
+                port: int, globals_: str = NGINX_GLOBALS) -> Front:
     """Write the config, check it, start nginx in the foreground, wait for its worker."""
     nginx = require_binary("nginx")
     user = _worker_user()
@@ -238,7 +238,7 @@ def start_nginx(name: str, template: str, values: dict[str, str], workdir: Path,
     if user is not None:
         text = f"user {user[0]};\n" + text
     config.write_text(text)
-    argv = [nginx, "-p", str(workdir), "-e", "stderr", "-c", str(config), "-g", NGINX_GLOBALS]
+    argv = [nginx, "-p", str(workdir), "-e", "stderr", "-c", str(config), "-g", globals_]
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True,
                            stdin=subprocess.DEVNULL, timeout=30)
     if check.returncode != 0:
@@ -264,7 +264,9 @@ def _has_option(name: str) -> bool:
 
 
 def start_quayfront(workdir: Path, upstream_port: int, cert: Path, key: Path,
-                    name: str = "quayfront", profile: Path | None = None) -> Front:
+                    name: str = "quayfront", profile: Path | None = None,
+                    extra: tuple[str, ...] = (), env_extra: dict[str, str] | None = None,
+                    workers: int = 1) -> Front:
     """
     Start quayfront under twistd (optionally under cProfile, see
     L{tests.bench.profiled}); wait until it listens and completes a TLS
@@ -285,6 +287,7 @@ def start_quayfront(workdir: Path, upstream_port: int, cert: Path, key: Path,
         "--cert", str(cert),
         "--key", str(key),
         "--access-log", str(workdir / f"{name}-access.log"),
+        *extra,
     ]
     if _has_option("metrics-listen"):
         # Its own port, not the default one another quayfront may hold.
@@ -292,16 +295,25 @@ def start_quayfront(workdir: Path, upstream_port: int, cert: Path, key: Path,
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env.update(env_extra or {})
     proc = spawn(name, argv, workdir, env=env, cwd=REPO_ROOT)
     try:
         wait_for(lambda: port_listening(proxy_port) and port_listening(tls_port),
                  STARTUP_TIMEOUT_S, what=f"{name} to listen", abort=proc.died)
         wait_for(lambda: tls_handshake(LOOPBACK, tls_port), 10,
                  what=f"{name} TLS handshake", abort=proc.died)
+        children = []
+        if workers > 1:
+            children = wait_for(lambda: (lambda c: c if len(c) == workers else None)(
+                children_of(proc.pid)), STARTUP_TIMEOUT_S, what=f"{name}'s workers",
+                abort=proc.died)
     except BaseException:
         proc.stop()
         raise
-    return Front(name, proxy_port, proc, worker_pids=[proc.pid], all_pids=[proc.pid])
+    # With workers, the main process only supervises: like nginx's master,
+    # its CPU counts, its RSS does not.
+    return Front(name, proxy_port, proc, worker_pids=children or [proc.pid],
+                 all_pids=[proc.pid, *children])
 
 
 # --- clients ----------------------------------------------------------------
