@@ -41,6 +41,7 @@ from twisted.internet import process as twisted_process
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
+from twisted.web.resource import Resource
 
 from quayfront.config import Config, ListenAddress, RateLimitConfig, UpstreamConfig
 from quayfront.limits import ConcurrencyLimiter
@@ -119,9 +120,10 @@ class SharedRuntime:
     tables in it; created before the workers start, removed at exit.
     """
 
-    def __init__(self, config: Config, workers: int, directory: str | None = None) -> None:
+    def __init__(self, config: Config, workers: int, parent: str | None = None) -> None:
         self.workers = workers
-        self.directory = directory or tempfile.mkdtemp(prefix="quayfront-")
+        # Under systemd, RuntimeDirectory= (private, cleaned up) is the parent.
+        self.directory = tempfile.mkdtemp(prefix="quayfront-", dir=parent or None)
         self.metrics_directory = os.path.join(self.directory, "metrics")
         # Wiped at start: counts of a previous run must not add up.
         shutil.rmtree(self.metrics_directory, ignore_errors=True)
@@ -457,6 +459,25 @@ class MainCollector:
         yield from self._tls_metrics.collect()
 
 
+class _MadeOnFirstUse(Resource):
+    """
+    A resource made on first use (the metrics directory exists only once
+    the service has started).
+    """
+
+    isLeaf = True
+
+    def __init__(self, make: Callable[[], Resource]) -> None:
+        super().__init__()
+        self._make = make
+        self._made: Resource | None = None
+
+    def render(self, request):
+        if self._made is None:
+            self._made = self._make()
+        return self._made.render(request)
+
+
 class WorkersService(MultiService):
     """
     The main process: binds the listeners in C{privilegedStartService},
@@ -473,7 +494,9 @@ class WorkersService(MultiService):
         self._reactor = reactor
         self._source = source
         self.workers = workers
-        self.runtime = SharedRuntime(config, workers)
+        # Made in startService, after twistd's privilege drop: the workers
+        # run as the same user and must open the files in it.
+        self.runtime: SharedRuntime | None = None
         self._sockets: dict[tuple[str, int], socket.socket] = {}
         # With SO_REUSEPORT: one socket per worker slot and address, the
         # kernel spreading connections over them by a hash of the 4-tuple.
@@ -497,9 +520,11 @@ class WorkersService(MultiService):
             from quayfront.listeners import ListenerService, tcp_endpoint
             from quayfront.metrics import MultiProcessMetricsResource
 
-            resource = MultiProcessMetricsResource(
-                self.runtime.metrics_directory,
-                [MainCollector(self.supervisor, self.reloader, tls)],
+            resource = _MadeOnFirstUse(
+                lambda: MultiProcessMetricsResource(
+                    self.runtime.metrics_directory,
+                    [MainCollector(self.supervisor, self.reloader, tls)],
+                )
             )
             metrics_site = server.Site(resource, reactor=reactor)
             metrics_site.noisy = False
@@ -528,6 +553,7 @@ class WorkersService(MultiService):
         super().privilegedStartService()
 
     def startService(self) -> None:
+        self.runtime = SharedRuntime(self._config, self.workers, os.environ.get("RUNTIME_DIRECTORY"))
         self._log.info(
             "starting {workers} worker processes; shared state in {directory}",
             workers=self.workers,
@@ -579,7 +605,8 @@ class WorkersService(MultiService):
             self._reactor.stop()
 
     def _after_shutdown(self) -> None:
-        self.runtime.remove()
+        if self.runtime is not None:
+            self.runtime.remove()
         if self.exit_status:
             self._log.critical("exiting with status {status}", status=self.exit_status)
             for stream in (sys.__stdout__, sys.__stderr__):
