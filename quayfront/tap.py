@@ -26,6 +26,7 @@ from quayfront.metrics import (
     MeteredAccessLog,
     MetricsOfTLS,
     MetricsResource,
+    TLSFailureCounting,
     route_label,
 )
 from quayfront.proxylayer import ProxyHeaderPolicy
@@ -174,7 +175,9 @@ def make_service(
         endpoint = listener_endpoint(listen_reactor, address, policy, tls, counters)
         listener_factories[policy.listener] = endpoint
         setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
-        ListenerService(endpoint, site, setting, address).setServiceParent(root)
+        ListenerService(
+            endpoint, TLSFailureCounting(site, counters), setting, address
+        ).setServiceParent(root)
     gauges = [
         (
             "requests_in_flight",

@@ -87,7 +87,11 @@ def fresh_connections(front: Front, port: int, into: Rate) -> Rate:
     for p, (out, err) in zip(procs, outputs):
         if p.returncode != 0:
             raise RuntimeError(f"{front.name} fresh connections: curl exited {p.returncode}: {err}")
-        fronts._check_small(fronts._parse_write_out(out), FRESH_REQUESTS, front.name)
+        transfers = fronts._parse_write_out(out)
+        bad = [t for t in transfers if t.status != 200]
+        if len(transfers) != FRESH_REQUESTS or bad:
+            raise RuntimeError(f"{front.name} fresh connections: {len(transfers)} answers, "
+                               f"{len(bad)} not 200")
     total = FRESH_CLIENTS * FRESH_REQUESTS
     into.rates.append(total / elapsed)
     into.cpu_s += cpu

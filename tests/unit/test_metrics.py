@@ -1,0 +1,133 @@
+"""
+Metrics through prometheus_client: counters keep their interface, requests
+feed histograms by route and status class, TLS failures are counted by
+reason.
+"""
+
+from __future__ import annotations
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import FakeTransport, connect
+from zope.interface import implementer
+
+from quayfront.accesslog import AccessLogEntry
+from quayfront.config import TLSConfig
+from quayfront.metrics import (
+    Counters,
+    MeteredAccessLog,
+    MetricsResource,
+    TLSFailureCounting,
+    tls_failure_reason,
+)
+from quayfront.tls import load_server_tls
+
+
+def entry(uri: bytes, status: int, outcome: str | None = None) -> AccessLogEntry:
+    return AccessLogEntry(
+        timestamp=0.0, socket_peer="127.0.0.1", client="192.0.2.1", method=b"GET", uri=uri,
+        protocol=b"HTTP/1.1", status=status, body_bytes_sent=100, referer=None,
+        user_agent=None, request_time_s=0.02, request_length=80,
+        upstream_response_time_s=0.01, outcome=outcome,
+    )
+
+
+class Recording:
+    format = "quay"
+
+    def __init__(self) -> None:
+        self.entries: list[AccessLogEntry] = []
+
+    def write(self, entry: AccessLogEntry) -> None:
+        self.entries.append(entry)
+
+
+def sample(counters: Counters, name: str, labels: dict[str, str]) -> float | None:
+    return counters.registry.get_sample_value(name, labels)
+
+
+def test_each_logged_request_feeds_duration_bytes_and_upstream_errors() -> None:
+    """An access log entry is written on and observed by route, status class and outcome."""
+    counters = Counters()
+    log = Recording()
+    metered = MeteredAccessLog(log, counters, lambda path: "/v2/" if path.startswith(b"/v2/") else "/")
+    metered.write(entry(b"/v2/x?y=1", 200))
+    metered.write(entry(b"/v2/x", 502, outcome="upstream-unreachable"))
+    metered.write(entry(b"/other", 404))
+    assert len(log.entries) == 3
+    assert metered.format == "quay"
+    assert sample(counters, "quayfront_request_duration_seconds_count",
+                  {"route": "/v2/", "status_class": "2xx"}) == 1
+    assert sample(counters, "quayfront_request_duration_seconds_count",
+                  {"route": "/v2/", "status_class": "5xx"}) == 1
+    assert sample(counters, "quayfront_request_bytes_total", {"route": "/v2/"}) == 160
+    assert sample(counters, "quayfront_response_bytes_total", {"route": "/"}) == 100
+    assert counters.value("upstream_errors", "upstream-unreachable") == 1
+    assert sample(counters, "quayfront_upstream_errors_total",
+                  {"reason": "upstream-unreachable"}) == 1
+
+
+def test_increment_keeps_its_interface_and_exports() -> None:
+    """Counters.increment(name, label) still counts, and the value is exported."""
+    counters = Counters()
+    counters.increment("proxy_header_rejected", "timeout")
+    counters.increment("proxy_header_rejected", "timeout", by=2)
+    assert counters.value("proxy_header_rejected", "timeout") == 3
+    assert counters.by_label("proxy_header_rejected") == {"timeout": 3}
+    assert sample(counters, "quayfront_proxy_header_rejected_total", {"reason": "timeout"}) == 3
+
+
+def test_metrics_resource_renders_extra_collectors() -> None:
+    """The metrics page includes counters, gauges and extra collectors."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    class Extra:
+        def collect(self):
+            yield GaugeMetricFamily("quayfront_extra", "Extra.", value=7)
+
+    counters = Counters()
+    counters.increment("http_responses", "200")
+    resource = MetricsResource(counters, [("requests_in_flight", "In flight.", "", lambda: [("", 2)])],
+                               [Extra()])
+
+    class Request:
+        def setHeader(self, name, value):
+            pass
+
+    text = resource.render_GET(Request()).decode()
+    assert 'quayfront_http_responses_total{status="200"} 1.0' in text
+    assert "quayfront_requests_in_flight 2.0" in text
+    assert "quayfront_extra 7.0" in text
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class OldCiphersOnly:
+    def clientConnectionForTLS(self, protocol):
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        context.set_max_proto_version(SSL.TLS1_2_VERSION)
+        context.set_cipher_list(b"AES128-SHA")
+        connection = SSL.Connection(context, None)
+        connection.set_connect_state()
+        return connection
+
+
+def test_failed_handshakes_are_counted_by_reason() -> None:
+    """A client offering no acceptable cipher is counted under OpenSSL's reason."""
+    counters = Counters()
+    tls = load_server_tls(TLSConfig(cert="", self_signed_dev=True), "test")
+    app = Factory.forProtocol(Protocol)
+    server = TLSMemoryBIOFactory(tls, False, TLSFailureCounting(app, counters)).buildProtocol(None)
+    client = TLSMemoryBIOFactory(OldCiphersOnly(), True, Factory.forProtocol(Protocol)).buildProtocol(None)
+    pump = connect(server, FakeTransport(server, False), client, FakeTransport(client, True))
+    pump.flush()
+    assert counters.by_label("tls_handshake_failures") == {"no-shared-cipher": 1}
+
+
+def test_failure_reason_labels() -> None:
+    """OpenSSL's error tuples become short labels."""
+    assert tls_failure_reason(SSL.Error([("SSL routines", "", "wrong version number")])) == (
+        "wrong-version-number"
+    )
+    assert tls_failure_reason(SSL.Error()) == "error"
