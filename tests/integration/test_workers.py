@@ -275,6 +275,13 @@ def test_sighup_new_certificate_reaches_every_worker(tmp_path, ca, start_quayfro
     wait_for_workers(qf)
     port = qf.ports["tls"]
     assert peer_cn(s_client(port)) == "before.example"
+    session = tmp_path / "session.pem"
+    saved = subprocess.run(
+        [harness.require_binary("openssl"), "s_client", "-connect", f"{LOOPBACK}:{port}",
+         "-ign_eof", "-sess_out", str(session)],
+        input=b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        capture_output=True, timeout=30)
+    assert session.exists(), saved.stdout[-2000:]
 
     new_cert, new_key = ca.issue("next", ["after.example"])
     os.replace(new_cert, cert)
@@ -283,6 +290,9 @@ def test_sighup_new_certificate_reaches_every_worker(tmp_path, ca, start_quayfro
     wait_for(lambda: all(f"[worker {i}] certificates reloaded (SIGHUP)" in qf.output()
                          for i in (0, 1)), 10, what="both workers' reload lines")
     assert [peer_cn(s_client(port)) for _ in range(20)] == ["after.example"] * 20
+    # A session from before the reload still resumes, on either worker.
+    resumed = [s_client(port, "-sess_in", str(session)).stdout for _ in range(10)]
+    assert all(re.search(rb"^Reused, TLSv1\.[23]", out, re.M) for out in resumed), resumed[0]
 
     key.write_text("-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n")
     os.kill(qf.pid, signal.SIGHUP)
