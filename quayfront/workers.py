@@ -38,6 +38,7 @@ from typing import Callable
 
 from twisted.application.service import MultiService
 from twisted.internet import process as twisted_process
+from twisted.internet import tcp
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
@@ -179,6 +180,20 @@ class _NoClock:
         return 0.0
 
 
+class OneAcceptPort(tcp.Port):
+    """
+    Accepts one connection per wake-up, like nginx's default (multi_accept
+    off).  Every worker waits on the same socket; Twisted's default of up
+    to 100 accepts per wake-up lets the first worker to wake take a whole
+    burst of connections, and with keep-alive clients that worker then
+    serves all of them while the others idle.
+    """
+
+    def doRead(self) -> None:
+        self.numberAccepts = 1
+        super().doRead()
+
+
 class AdoptingReactor:
     """
     The reactor, except that C{listenTCP} adopts the inherited listening
@@ -196,7 +211,12 @@ class AdoptingReactor:
     def listenTCP(self, port: int, factory, backlog: int = 50, interface: str = ""):
         sock = self._sockets.pop((interface, port))
         try:
-            return self._reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+            # As reactor.adoptStreamPort does, with one accept per wake-up.
+            adopted = OneAcceptPort._fromListeningDescriptor(
+                self._reactor, sock.fileno(), sock.family, factory
+            )
+            adopted.startListening()
+            return adopted
         finally:
             # adoptStreamPort holds its own duplicate: with this one closed,
             # closing the port (drain) really stops this worker accepting.
