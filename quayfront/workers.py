@@ -244,6 +244,19 @@ class WorkerContext:
 # Forking
 
 
+def socket_activation_fds() -> dict[str, int]:
+    """
+    Listener name -> descriptor passed by systemd socket activation to this
+    process, when there are any (and quayfront can read them).
+    """
+    try:
+        from quayfront.listeners import InheritedSockets  # type: ignore[attr-defined]
+    except ImportError:
+        return {}
+    inherited = InheritedSockets.from_environment(None)
+    return {} if inherited is None else dict(inherited.descriptors)
+
+
 class _Reaper:
     """
     Twisted's SIGCHLD handling calls C{reapProcess} on what is registered
@@ -374,6 +387,9 @@ def run_worker(
     from quayfront.metrics import enable_multiprocess
 
     _point_inherited_fds_at_devnull({0, 1, 2, *(s.fileno() for s in sockets.values())})
+    for variable in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        # The main process talks to systemd and owns what it passed.
+        os.environ.pop(variable, None)
     for signum in (signal.SIGHUP, signal.SIGUSR1):
         # Until this worker's services install their own handlers.
         signal.signal(signum, signal.SIG_IGN)
@@ -559,8 +575,15 @@ class WorkersService(MultiService):
         self.supervisor.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
+        inherited = socket_activation_fds()
         for setting, address in listened_addresses(self._config):
-            if not self._reuse_port:
+            name = setting.split("_", 1)[0]
+            if name in inherited:
+                # systemd bound it: every worker adopts the passed socket.
+                sock = socket.socket(fileno=inherited[name])
+                sock.setblocking(False)
+                self._sockets[(address.host, address.port)] = sock
+            elif not self._reuse_port:
                 self._sockets[(address.host, address.port)] = bind_listener(setting, address)
         if self._reuse_port:
             for _ in range(self.workers):
