@@ -495,6 +495,24 @@ class MainCollector:
         yield from self._tls_metrics.collect()
 
 
+class WorkersDrain:
+    """
+    The main process's view of the drain, for whoever reports it (sd_notify):
+    C{"delay"} when SIGTERM reaches the workers (each runs its own drain
+    phases), C{"done"} when the last worker has exited.
+    """
+
+    def __init__(self) -> None:
+        self._observers: list[Callable[[str, int], None]] = []
+
+    def observe(self, callback: Callable[[str, int], None]) -> None:
+        self._observers.append(callback)
+
+    def enter(self, phase: str) -> None:
+        for callback in self._observers:
+            callback(phase, 0)
+
+
 class _MadeOnFirstUse(Resource):
     """
     A resource made on first use (the metrics directory exists only once
@@ -540,6 +558,7 @@ class WorkersService(MultiService):
         self._slot_sockets: list[dict[tuple[str, int], socket.socket]] = []
         self._previous_usr1 = None
         self.exit_status = 0
+        self.drain = WorkersDrain()
         spawner = ForkSpawner(self._run_worker)
         self.supervisor = SupervisorService(
             SupervisorMachine(SupervisorPolicy(workers)),
@@ -613,7 +632,10 @@ class WorkersService(MultiService):
             for sock in sockets.values():
                 sock.close()
             sockets.clear()
-        return super().stopService()
+        self.drain.enter("delay")
+        stopped = super().stopService()
+        stopped.addBoth(lambda result: (self.drain.enter("done"), result)[1])
+        return stopped
 
     def _on_usr1(self, signum, frame) -> None:
         previous = self._previous_usr1
