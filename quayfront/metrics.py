@@ -306,6 +306,8 @@ class TLSFailureCounting(WrappingFactory):
     """
 
     protocol = _HandshakeWatch
+    # The listener's own start and stop lines say enough.
+    noisy = False
 
     def __init__(self, wrapped, counters: Counters) -> None:
         super().__init__(wrapped)
