@@ -1,0 +1,45 @@
+"""
+HTTP/1.1 as quayfront speaks it, free of I/O and of Twisted: the request
+framing rules (L{RequestFramer}, raising L{PeerMisbehaved} with the status
+to answer) and the normalised request target routes are chosen on
+(L{normalise_target}).  The rules and their reason codes are documented in
+L{quayfront.http._framing} and L{quayfront.http._target}.
+"""
+
+from ._framing import (
+    MAX_BODY_LENGTH,
+    MAX_CHUNK_LINE_BYTES,
+    MAX_HEAD_BYTES,
+    MAX_HEADER_COUNT,
+    MAX_REQUEST_LINE_BYTES,
+    NEED_DATA,
+    BodyData,
+    MessageEnd,
+    PeerMisbehaved,
+    RequestFramer,
+    RequestHead,
+    parse_chunk_size,
+    parse_content_length,
+    valid_host,
+)
+from ._target import TargetRefused, normalise_path, normalise_target
+
+__all__ = [
+    "MAX_BODY_LENGTH",
+    "MAX_CHUNK_LINE_BYTES",
+    "MAX_HEAD_BYTES",
+    "MAX_HEADER_COUNT",
+    "MAX_REQUEST_LINE_BYTES",
+    "NEED_DATA",
+    "BodyData",
+    "MessageEnd",
+    "PeerMisbehaved",
+    "RequestFramer",
+    "RequestHead",
+    "TargetRefused",
+    "normalise_path",
+    "normalise_target",
+    "parse_chunk_size",
+    "parse_content_length",
+    "valid_host",
+]
