@@ -47,6 +47,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from quayfront.headers import client_response_headers, upstream_request_headers
+from quayfront.http import UpstreamMisbehaved
 from quayfront.limits import Overloaded
 from quayfront.routing import Route
 from quayfront.upstream import upstream_uri
@@ -273,9 +274,15 @@ class Forwarding:
             self._release_slot()
             return
         request = self.request
-        self._upstream = self.route.upstream.agent.request(
-            request.method, upstream_uri(request.uri), self._headers, self.body
-        )
+        try:
+            self._upstream = self.route.upstream.agent.request(
+                request.method, upstream_uri(request.upstream_target), self._headers, self.body
+            )
+        except Exception as error:
+            # The agent refuses some requests synchronously (an invalid URI);
+            # the request must still end and give its slot back.
+            self._fail(502, "upstream-request-refused", detail=str(error))
+            return
         self._upstream.addCallbacks(self._got_response, self._upstream_failed)
         if self.body_complete and not self._over:
             self._arm_response_timer()
@@ -398,6 +405,25 @@ class Forwarding:
         if self._upstream is not None and self._relay is None and not self._over:
             self._arm_response_timer()
 
+    def client_misbehaved(self, status: int, reason: str) -> None:
+        """
+        The client broke the framing of its request body: the upstream
+        request is aborted (incomplete) and the client answered C{status}
+        and closed, or only closed if its response has started.
+        """
+        if self._over:
+            return
+        self._abandon_upstream()
+        if self.request.startedWriting:
+            self.failure_reason = reason
+            self._aborting_client = True
+            self._end()
+            channel = getattr(self.request, "channel", None)
+            if channel is not None:
+                channel.transport.abortConnection()
+            return
+        self._fail(status, reason)
+
     def _client_gone(self, reason: Failure) -> None:
         if self.failure_reason is None:
             self.failure_reason = "client-closed"
@@ -485,7 +511,10 @@ class Forwarding:
             # Whoever cancelled it has answered the client already.
             self._end()
             return
-        if failure.check(net_error.ConnectError, net_error.DNSLookupError):
+        misbehaved = _upstream_misbehaved(failure)
+        if misbehaved is not None:
+            status, reason = 502, misbehaved.reason
+        elif failure.check(net_error.ConnectError, net_error.DNSLookupError):
             status, reason = 502, "upstream-unreachable"
         elif failure.check(ResponseNeverReceived, ResponseFailed, net_error.ConnectionLost):
             status, reason = 502, "upstream-reset"
@@ -581,6 +610,14 @@ class Forwarding:
 
 def _text(value: bytes) -> str:
     return value.decode("ascii", "backslashreplace")
+
+
+def _upstream_misbehaved(failure: Failure) -> UpstreamMisbehaved | None:
+    if failure.check(ResponseFailed, ResponseNeverReceived):
+        for reason in failure.value.reasons:
+            if reason.check(UpstreamMisbehaved):
+                return reason.value
+    return None
 
 
 def _describe(failure: Failure) -> str:

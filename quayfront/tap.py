@@ -125,6 +125,7 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         access_log=access_log,
         counters=counters,
         idle_timeout_s=config.http.idle_timeout_s,
+        header_timeout_s=config.http.header_timeout_s,
         request_id_header=config.http.request_id_header,
         tlv_headers=config.proxy_listener.tlv_headers,
         tls_headers=config.tls.headers,

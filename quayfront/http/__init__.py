@@ -1,9 +1,11 @@
 """
 HTTP/1.1 as quayfront speaks it, free of I/O and of Twisted: the request
 framing rules (L{RequestFramer}, raising L{PeerMisbehaved} with the status
-to answer) and the normalised request target routes are chosen on
-(L{normalise_target}).  The rules and their reason codes are documented in
-L{quayfront.http._framing} and L{quayfront.http._target}.
+to answer), the normalised request target routes are chosen on
+(L{normalise_target}), and the bounds an upstream's response head is held
+to (L{ResponseHeadChecker}).  The rules and their reason codes are documented in
+L{quayfront.http._framing}, L{quayfront.http._target} and
+L{quayfront.http._response}.
 """
 
 from ._framing import (
@@ -22,6 +24,7 @@ from ._framing import (
     parse_content_length,
     valid_host,
 )
+from ._response import ResponseHeadChecker, UpstreamMisbehaved
 from ._target import TargetRefused, normalise_path, normalise_target
 
 __all__ = [
@@ -36,7 +39,9 @@ __all__ = [
     "PeerMisbehaved",
     "RequestFramer",
     "RequestHead",
+    "ResponseHeadChecker",
     "TargetRefused",
+    "UpstreamMisbehaved",
     "normalise_path",
     "normalise_target",
     "parse_chunk_size",

@@ -344,6 +344,9 @@ class RequestFramer:
         self._remaining = 0
         self._trailers: list[tuple[bytes, bytes]] = []
         self._error: PeerMisbehaved | None = None
+        #: The request line (or what had arrived of it) of a refused head,
+        #: for the access log.
+        self.refused_request_line = b""
 
     @property
     def head_in_progress(self) -> bool:
@@ -371,10 +374,20 @@ class RequestFramer:
         try:
             return self._next_event()
         except PeerMisbehaved as error:
+            if self._state is _State.HEAD:
+                self.refused_request_line = self._first_line()
             self._state = _State.ERROR
             self._error = error
             self._buffer = bytearray()
             raise
+
+    def _first_line(self) -> bytes:
+        buffer = self._buffer
+        start = 2 if buffer[:2] == b"\r\n" else 0
+        end = buffer.find(b"\n", start, start + MAX_REQUEST_LINE_BYTES)
+        if end < 0:
+            end = min(len(buffer), start + MAX_REQUEST_LINE_BYTES)
+        return bytes(buffer[start:end]).rstrip(b"\r")
 
     def _take(self, count: int) -> bytes:
         taken = bytes(self._buffer[:count])
