@@ -82,6 +82,9 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 # Request target: printable US-ASCII but "#" (a fragment is never sent).
 _TARGET = re.compile(rb"[\x21\x22\x24-\x7e]+\Z")
 _TARGET_BAD_BYTE = re.compile(rb"[^\x21\x22\x24-\x7e]")
+# What no request line may hold (CR only as part of its CRLF, which the
+# line-end rules check).
+_REQUEST_LINE_BAD_BYTE = re.compile(rb"[^\x20-\x22\x24-\x7e\r]")
 _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 # A field value after trimming OWS: VCHAR, obs-text, SP and HTAB.
 _VALUE_BAD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -496,11 +499,11 @@ class RequestFramer:
                 limit, reason, status = MAX_HEAD_BYTES, "head-too-large", 431
             end = _line_end(buffer, start, self._scanned, limit, reason, status, in_head=True)
             if end is None:
-                if self._request_line is None:
+                if self._request_line is None and _REQUEST_LINE_BAD_BYTE.search(
+                    buffer, max(start, self._scanned)
+                ):
                     # A byte no request line may hold is refused at once.
-                    line = bytes(buffer[start:]).rstrip(b"\r")
-                    if _TARGET_BAD_BYTE.search(line.replace(b" ", b"")):
-                        raise PeerMisbehaved(400, "bad-request-target")
+                    raise PeerMisbehaved(400, "bad-request-target")
                 # The last byte may be a CR whose LF is still to come.
                 self._scanned = max(start, len(buffer) - 1)
                 if len(buffer) > MAX_HEAD_BYTES:
