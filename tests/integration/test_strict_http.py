@@ -391,3 +391,28 @@ idle_timeout_s = 300.0
                 for data, _ in results]
     assert statuses == [b"408"] * SLOW_CONNECTIONS, {s: statuses.count(s) for s in statuses}
     assert per_connection < 128 * 1024, f"{per_connection / 1024:.1f} KiB per connection"
+
+
+@pytest.mark.parametrize("kind, reason", [("header-flood", "upstream-head-too-large"),
+                                          ("bad-status", "upstream-bad-status-line")])
+def test_misbehaving_upstream_head_is_502(tmp_path: Path, start_quayfront, kind: str,
+                                          reason: str) -> None:
+    """A 100 MB header flood or an HTTX status line from the upstream: 502 at once, the upstream connection closed, quayfront's memory unchanged."""
+    upstream = upstreams.start_upstream(tmp_path / "upstream", "misbehave", kind)
+    try:
+        front = start_quayfront(f"http://{LOOPBACK}:{upstream.ports['http']}")
+        baseline = harness.rss_bytes(front.pid)
+        with harness.RssSampler(front.pid, interval=0.05) as sampler:
+            answer, seconds, _ = exchange(front.ports["tls"], b"GET /v2/ HTTP/1.1\r\nHost: h\r\n"
+                                          b"Connection: close\r\n\r\n", timeout=20)
+        status, _, body = parse(answer)
+        assert status == 502 and reason.encode() in body, answer[:400]
+        assert seconds < 5.0
+        harness.wait_for(lambda: "peer closed" in upstream.output(), 10,
+                         what="the upstream connection to be closed")
+        growth = sampler.max - baseline
+        print(f"{kind}: RSS growth {growth / 2**20:.1f} MiB; upstream: "
+              f"{upstream.output().splitlines()[-1]}")
+        assert growth < 16 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB"
+    finally:
+        upstream.stop()

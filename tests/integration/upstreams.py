@@ -19,6 +19,12 @@ what the upstream saw:
     object (request line and header pairs, body length) for every request
     it reads, and answers each with ``200`` and ``ok``: the framing tests
     read it to prove that a refused request never reached the upstream.
+``misbehave PORT KIND``
+    Answers each request head with a response head quayfront must refuse:
+    KIND ``header-flood`` sends a status line and then 100 MB of header
+    lines (or until the peer closes), ``bad-status`` sends
+    ``HTTX/1.1 200 OK``; prints how many bytes it sent and when the peer
+    closed.
 ``early-401 PORT``
     Answers ``401`` with ``WWW-Authenticate`` as soon as a request head is
     complete, without reading the body; afterwards it discards (and
@@ -316,6 +322,36 @@ def serve_record(port: int) -> None:
     tcp_server(port, handle)
 
 
+FLOOD_BYTES = 100 * 1024 * 1024
+
+
+def serve_misbehave(port: int, kind: str) -> None:
+    def handle(conn: socket.socket) -> None:
+        if read_head(conn) is None:
+            return
+        if kind == "bad-status":
+            conn.sendall(b"HTTX/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            say("sent bad status line")
+        else:
+            line = b"X-Flood: " + b"f" * 1000 + b"\r\n"
+            sent = 0
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while sent < FLOOD_BYTES:
+                    conn.sendall(line * 64)
+                    sent += len(line) * 64
+            except OSError:
+                say(f"peer closed after {sent} flood bytes")
+                return
+            say(f"sent {sent} flood bytes")
+        conn.settimeout(HANDLER_TIMEOUT_S)
+        while conn.recv(65536):
+            pass
+        say("peer closed")
+
+    tcp_server(port, handle)
+
+
 def main(argv: list[str]) -> None:
     modes = {
         "unix-web": (1, lambda a: serve_unix_web(a[0])),
@@ -323,10 +359,12 @@ def main(argv: list[str]) -> None:
         "stall": (1, lambda a: serve_stall(int(a[0]))),
         "early-401": (1, lambda a: serve_early_401(int(a[0]))),
         "record": (1, lambda a: serve_record(int(a[0]))),
+        "misbehave": (2, lambda a: serve_misbehave(int(a[0]), a[1])),
     }
     if not argv or argv[0] not in modes or len(argv) - 1 != modes[argv[0]][0]:
         sys.exit("usage: upstreams.py unix-web PATH | truncate PORT TOTAL SENT"
-                 " | stall PORT | early-401 PORT | record PORT")
+                 " | stall PORT | early-401 PORT | record PORT"
+                 " | misbehave PORT header-flood|bad-status")
     modes[argv[0]][1](argv[1:])
 
 
