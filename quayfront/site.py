@@ -197,7 +197,14 @@ class FrontChannel(ChannelBadRequestHook, http.HTTPChannel):
         Twisted's own parser refused a request the framer passed (a
         backstop: it should never happen).
         """
-        self._refuse(PeerMisbehaved(400, "bad-request", "refused by Twisted's parser"))
+        refusal = PeerMisbehaved(400, "bad-request", "refused by Twisted's parser")
+        request = self.requests[-1] if self.requests else None
+        if request is not None and getattr(request, "origin", None) is not None:
+            # Its head was complete (the request has started): a body error.
+            self._refused = True
+            request.client_misbehaved(refusal)
+        else:
+            self._refuse(refusal)
 
     def _refuse(self, refusal: PeerMisbehaved) -> None:
         """

@@ -324,3 +324,17 @@ def test_upstream_head_refused_is_502_with_its_reason() -> None:
     status, _, body = parse(client.value())
     assert status == 502 and b"upstream-bad-status-line" in body
     assert log.entries[-1].outcome == "upstream-bad-status-line"
+
+
+def test_twisted_refusal_mid_body_goes_through_the_request() -> None:
+    """A backstop refusal during a forwarded body aborts the upstream request and answers 400."""
+    site, agent, _, clock = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    [sent] = agent.requests
+    channel._channel._respondToBadRequestAndDisconnect()
+    clock.advance(0)
+    assert sent["cancelled"] == [True]
+    status, headers, _ = parse(client.value())
+    assert status == 400 and headers[b"connection"] == b"close"
+    assert client.disconnecting
