@@ -121,7 +121,7 @@ class FrontChannel(ChannelBadRequestHook, http.HTTPChannel):
         except PeerMisbehaved as error:
             refusal = error
         if released:
-            super().dataReceived(b"".join(released))
+            super().dataReceived(released[0] if len(released) == 1 else b"".join(released))
         else:
             self.resetTimeout()
         if refusal is not None:

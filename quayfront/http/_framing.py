@@ -179,6 +179,9 @@ class _State(enum.Enum):
     ERROR = "error"
 
 
+_BODY_BYTES = (_State.BODY_LENGTH, _State.CHUNK_DATA)
+
+
 def _line_end(buffer: bytearray, start: int, scan_from: int, limit: int, reason: str,
               status: int, in_head: bool) -> int | None:
     """
@@ -346,6 +349,8 @@ class RequestFramer:
         # Body states: bytes left in the body or the chunk.
         self._remaining = 0
         self._trailers: list[tuple[bytes, bytes]] = []
+        # Body bytes fed while nothing was buffered, not yet framed.
+        self._direct: bytes | None = None
         self._error: PeerMisbehaved | None = None
         #: The request line (or what had arrived of it) of a refused head,
         #: for the access log.
@@ -367,7 +372,15 @@ class RequestFramer:
         return self._state is _State.CLOSED
 
     def feed(self, data: bytes) -> None:
-        if self._state is _State.CLOSED:
+        if self._state is _State.CLOSED or self._state is _State.ERROR:
+            return
+        if self._direct is not None:
+            self._buffer += self._direct
+            self._direct = None
+        if not self._buffer and self._state in _BODY_BYTES:
+            # Body bytes with nothing buffered before them are handed on
+            # without being copied through the buffer.
+            self._direct = data
             return
         self._buffer += data
 
@@ -393,19 +406,37 @@ class RequestFramer:
         return bytes(buffer[start:end]).rstrip(b"\r")
 
     def _take(self, count: int) -> bytes:
-        taken = bytes(self._buffer[:count])
+        with memoryview(self._buffer) as view:
+            taken = bytes(view[:count])
         del self._buffer[:count]
         return taken
+
+    def _take_body(self) -> bytes:
+        """
+        Up to C{self._remaining} body bytes, from the bytes fed directly if
+        there are some, else from the buffer.
+        """
+        direct = self._direct
+        if direct is None:
+            data = self._take(min(self._remaining, len(self._buffer)))
+        else:
+            self._direct = None
+            if len(direct) <= self._remaining:
+                data = direct
+            else:
+                data = direct[: self._remaining]
+                self._buffer += direct[self._remaining :]
+        self._remaining -= len(data)
+        return data
 
     def _next_event(self) -> RequestHead | BodyData | MessageEnd | _NeedData:
         state = self._state
         if state is _State.HEAD:
             return self._next_head()
         if state is _State.BODY_LENGTH:
-            if not self._buffer:
+            if not self._buffer and self._direct is None:
                 return NEED_DATA
-            data = self._take(min(self._remaining, len(self._buffer)))
-            self._remaining -= len(data)
+            data = self._take_body()
             if self._remaining == 0:
                 self._state = _State.END
             return BodyData(data, data)
@@ -421,19 +452,14 @@ class RequestFramer:
                 self._scanned = end + 2
                 self._trailers = []
                 return self._next_event()
-            raw = self._take(end + 2)
             self._remaining = size
             self._state = _State.CHUNK_DATA
-            data = self._take(min(size, len(self._buffer)))
-            self._remaining -= len(data)
-            if self._remaining == 0:
-                self._state = _State.CHUNK_CRLF
-            return BodyData(data, raw + data)
+            # The chunk's bytes follow as events of their own: no copy.
+            return BodyData(b"", self._take(end + 2))
         if state is _State.CHUNK_DATA:
-            if not self._buffer:
+            if not self._buffer and self._direct is None:
                 return NEED_DATA
-            data = self._take(min(self._remaining, len(self._buffer)))
-            self._remaining -= len(data)
+            data = self._take_body()
             if self._remaining == 0:
                 self._state = _State.CHUNK_CRLF
             return BodyData(data, data)
@@ -447,12 +473,7 @@ class RequestFramer:
                 raise PeerMisbehaved(400, "bad-chunk-size", "no CRLF after chunk data",
                                      in_head=False)
             self._state = _State.CHUNK_SIZE
-            raw = self._take(2)
-            event = self._next_event()
-            if event is NEED_DATA:
-                return BodyData(b"", raw)
-            return BodyData(event.data, raw + event.raw) if isinstance(event, BodyData) else \
-                MessageEnd(event.trailers, raw + event.raw)
+            return BodyData(b"", self._take(2))
         if state is _State.TRAILER:
             return self._next_trailer()
         if state is _State.END:

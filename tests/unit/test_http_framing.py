@@ -328,3 +328,23 @@ def test_refused_targets(target: bytes, reason: str) -> None:
     with pytest.raises(TargetRefused) as raised:
         normalise_target(target)
     assert raised.value.reason == reason
+
+
+def test_several_feeds_before_reading_events() -> None:
+    """Pieces fed one after another before any event is read frame the same."""
+    data = (b"PUT /a HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\n"
+            b"abc")
+    framer = RequestFramer()
+    framer.feed(data)
+    assert isinstance(framer.next_event(), RequestHead)
+    framer.feed(b"de")
+    framer.feed(b"f" + GET)
+    events = []
+    while (event := framer.next_event()) is not NEED_DATA:
+        events.append(event)
+    assert summary(events) == [
+        ("body", b"abcdef"), ("end", ()),
+        ("head", b"GET", b"/v2/", b"HTTP/1.1", ((b"Host", b"registry.example"),), 0, True),
+        ("end", ()),
+    ]
+    assert b"".join(e.raw for e in events) == b"abcdef" + GET
