@@ -287,7 +287,8 @@ upstream = "default"
     try:
         port = lb.ports["v2"]
         answer, _, _ = exchange(port, b"PATCH /%76%32/enc/blobs/uploads/x HTTP/1.1\r\nHost: h\r\n"
-                                b"Content-Length: 2000\r\n\r\n" + b"a" * 2000)
+                                b"Content-Length: 2000\r\nConnection: close\r\n\r\n"
+                                + b"a" * 2000)
         status, _, body = parse(answer)
         assert status == 413 and b"body-too-large" in body, answer[:400]
         marker = f"enc{os.getpid()}x"
@@ -302,7 +303,8 @@ upstream = "default"
                          what="the registry's log of the routed path")
         assert f"n={marker}2" not in registry.output()
         assert "/%76%32/" not in registry.output()
-        answer, _, _ = exchange(port, b"GET /v2%2Fx HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer, _, _ = exchange(port, b"GET /v2%2Fx HTTP/1.1\r\nHost: h\r\n"
+                                b"Connection: close\r\n\r\n")
         assert parse(answer)[0] == 400
     finally:
         lb.stop()
