@@ -214,7 +214,8 @@ class FrontChannel(ChannelBadRequestHook, http.HTTPChannel):
         self._refused = True
         self._cancel_head_deadline()
         site = self.site
-        peer = _host(self.transport.getPeer())
+        origin = origin_of(self.transport) or _socket_origin(self.transport)
+        peer = _host(origin.client)
         self._log.info(
             "refused a request from {peer}: {status} {reason}{detail}",
             peer=peer,
@@ -236,7 +237,7 @@ class FrontChannel(ChannelBadRequestHook, http.HTTPChannel):
         if site.hsts:
             headers.append(b"Strict-Transport-Security: " + site.hsts)
         self.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
-        site.log_refusal(self, refusal, len(body))
+        site.log_refusal(origin, refusal, len(body), self._framer.refused_request_line)
         self.loseConnection()
 
     def _send100Continue(self) -> None:
@@ -571,13 +572,13 @@ class FrontSite(server.Site):
                     headers.append((name, fields[field].encode("ascii")))
         return headers
 
-    def log_refusal(self, channel: FrontChannel, refusal: PeerMisbehaved, body_bytes: int) -> None:
+    def log_refusal(
+        self, origin: ConnectionOrigin, refusal: PeerMisbehaved, body_bytes: int, line: bytes
+    ) -> None:
         """
-        The access-log line of a request the framer refused in its head.
+        The access-log line of a request refused in its head; C{line} is
+        its request line, or what had arrived of it.
         """
-        transport = channel.transport
-        origin = origin_of(transport) or _socket_origin(transport)
-        line = channel._framer.refused_request_line
         method, uri, protocol = (line.split(b" ", 2) + [b"", b""])[:3] if line else (b"-", b"", b"")
         now = self.clock.seconds()
         self.access_log.write(

@@ -338,3 +338,14 @@ def test_twisted_refusal_mid_body_goes_through_the_request() -> None:
     status, headers, _ = parse(client.value())
     assert status == 400 and headers[b"connection"] == b"close"
     assert client.disconnecting
+
+
+def test_refusal_is_access_logged_with_its_request_line() -> None:
+    """A refused head gets an access-log line with what arrived of its request line."""
+    site, agent, log, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /a\x7fb HTTP/1.1\r\nHost: h\r\n\r\n")
+    [entry] = log.entries
+    assert (entry.method, entry.uri, entry.status) == (b"GET", b"/a\x7fb", 400)
+    assert entry.client == "198.51.100.4"
+    assert entry.outcome == "bad-request-target"
