@@ -73,8 +73,9 @@ MAX_REQUEST_LINE_BYTES = 8192
 MAX_HEAD_BYTES = 16384
 #: Most field lines in one head (Twisted's channel takes 500).
 MAX_HEADER_COUNT = 100
-#: Longest chunk-size line, extensions included.
-MAX_CHUNK_LINE_BYTES = 4096
+#: Longest chunk-size line, extensions included, without its CRLF: below
+#: the 1024 bytes at which Twisted's decoder refuses it.
+MAX_CHUNK_LINE_BYTES = 1023
 #: Largest Content-Length or chunk size: what a signed 64-bit integer holds.
 MAX_BODY_LENGTH = 2**63 - 1
 

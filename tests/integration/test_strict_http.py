@@ -143,7 +143,11 @@ FRAMING_CLASSES = [
     ("chunk-20-hex-digits", CHUNKED_HEAD + b"10000000000000000005\r\n" + SMUGGLED, 400),
     ("bare-lf", b"GET /v2/x HTTP/1.1\nHost: h\n\n", 400),
     ("header-line-over-16k", b"GET /v2/x HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 17000, 431),
+    ("too-many-headers", b"GET /v2/x HTTP/1.1\r\nHost: h\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n",
+     431),
     ("missing-host", b"GET /v2/x HTTP/1.1\r\n\r\n", 400),
+    ("duplicate-host", b"GET /v2/x HTTP/1.1\r\nHost: h\r\n"
+     b"Host: h\r\n\r\n", 400),
 ]
 
 

@@ -245,6 +245,7 @@ CHUNKED = b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
         (b"0\r\n X: y\r\n\r\n", "obs-fold"),
         (b"0\r\nbad trailer\r\n\r\n", "bad-trailer"),
         (b"5;" + b"e" * 5000 + b"\r\nhello\r\n0\r\n\r\n", "bad-chunk-size"),
+        (b"5;" + b"e" * 1022 + b"\r\nhello\r\n0\r\n\r\n", "bad-chunk-size"),
     ],
 )
 def test_refused_chunked_bodies(body: bytes, reason: str) -> None:
@@ -254,6 +255,12 @@ def test_refused_chunked_bodies(body: bytes, reason: str) -> None:
         assert error is not None, name
         assert (error.status, error.reason, error.in_head) == (400, reason, False), name
         assert isinstance(events[0], RequestHead)
+
+
+def test_longest_chunk_line_is_accepted() -> None:
+    """A chunk-size line of 1023 bytes (Twisted refuses 1024) is accepted."""
+    events, error = frame([CHUNKED, b"5;" + b"e" * 1021 + b"\r\nhello\r\n0\r\n\r\n"])
+    assert error is None and summary(events)[1] == ("body", b"hello")
 
 
 def test_oversized_trailer() -> None:
