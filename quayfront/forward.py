@@ -50,6 +50,12 @@ from quayfront.headers import client_response_headers, upstream_request_headers
 from quayfront.http import UpstreamMisbehaved
 from quayfront.limits import Overloaded
 from quayfront.routing import Route
+from quayfront.twistedadapter import (
+    client_gone,
+    hand_back_idle_timeout,
+    proxied_transport,
+    waiting_for_client,
+)
 from quayfront.upstream import upstream_uri
 
 # Paths whose clients (docker, podman, skopeo, containerd) expect registry
@@ -166,8 +172,8 @@ class ResponseRelay(Protocol):
         request = forwarding.request
         # The upstream socket itself, for aborting an exchange that ended
         # early (the proxy producer lets go of it when the body ends).
-        forwarding.upstream_transport = getattr(self.transport, "_producer", None)
-        if request._disconnected:
+        forwarding.upstream_transport = proxied_transport(self.transport)
+        if client_gone(request):
             self.transport.stopProducing()
             return
         request.registerProducer(self.transport, True)
@@ -371,12 +377,7 @@ class Forwarding:
         channel = getattr(self.request, "channel", None)
         if saved is None or channel is None:
             return
-        if channel._handlingRequest:
-            # The body is in and the channel keeps its timeout off until the
-            # response is done; hand it the value it would have saved.
-            channel._savedTimeOut = saved or None
-        else:
-            channel.setTimeout(saved or None)
+        hand_back_idle_timeout(channel, saved or None)
 
     # The client's side of the exchange.
 
@@ -439,7 +440,7 @@ class Forwarding:
         self.upstream_response_time_s = self._clock.seconds() - self._started_s
         request = self.request
         self._relay = ResponseRelay(self)
-        if request._disconnected or self._over:
+        if client_gone(request) or self._over:
             response.deliverBody(self._relay)
             return
         request.setResponseCode(response.code, response.phrase)
@@ -468,7 +469,7 @@ class Forwarding:
             self._arm_watchdog()
         response.deliverBody(self._relay)
         channel = getattr(request, "channel", None)
-        if self._relay.transport is not None and getattr(channel, "_waitingForTransport", False):
+        if self._relay.transport is not None and waiting_for_client(channel):
             # A pipelined response starting while the client has not read
             # the previous one: the channel pauses producers only when its
             # transport fills, so this one must start paused (and only after
@@ -484,7 +485,7 @@ class Forwarding:
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
-        if request._disconnected or request.finished or self._aborting_client:
+        if client_gone(request) or request.finished or self._aborting_client:
             return
         # PotentialDataLoss: a body delimited by the upstream closing the
         # connection, complete by HTTP's own definition.
@@ -597,7 +598,7 @@ class Forwarding:
 
     def _answer(self, status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> None:
         request = self.request
-        if request._disconnected or request.startedWriting:
+        if client_gone(request) or request.startedWriting:
             return
         respond_with_error(
             request,

@@ -44,7 +44,14 @@ from quayfront.http import (
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ConnectionOrigin, origin_of
 from quayfront.routing import Route, Router
-from quayfront.twistedadapter import ChannelBadRequestHook
+from quayfront.twistedadapter import (
+    ChannelBadRequestHook,
+    ChannelContinueHook,
+    client_gone,
+    request_line,
+    send_continue,
+    wrap_channel,
+)
 
 
 def _host(address) -> str:
@@ -74,7 +81,7 @@ def _socket_origin(transport) -> ConnectionOrigin:
     )
 
 
-class FrontChannel(ChannelBadRequestHook, http.HTTPChannel):
+class FrontChannel(ChannelBadRequestHook, ChannelContinueHook, http.HTTPChannel):
     """
     An HTTP/1.1 channel that only ever parses what quayfront's strict
     framer (L{RequestFramer}) has accepted, bounds each request head with a
@@ -240,12 +247,16 @@ class FrontChannel(ChannelBadRequestHook, http.HTTPChannel):
         site.log_refusal(origin, refusal, len(body), self._framer.refused_request_line)
         self.loseConnection()
 
-    def _send100Continue(self) -> None:
+    def hold_continue(self) -> bool:
+        """
+        Whether to hold back the automatic C{100 Continue}: a forwarded
+        request's until its upstream is ready for the body.
+        """
         request = self.requests[-1]
         if getattr(request, "forwarding", None) is not None and not request.upstream_ready:
             request.continue_held = True
-        else:
-            super()._send100Continue()
+            return True
+        return False
 
 
 class FrontRequest(server.Request):
@@ -268,9 +279,7 @@ class FrontRequest(server.Request):
         channel = self.channel
         # The request line is only on the channel until the body has been
         # read; the access log and the forwarding need it now.
-        self.method = channel._command
-        self.uri = channel._path
-        self.clientproto = channel._version
+        self.method, self.uri, self.clientproto = request_line(channel)
         self.path = self.uri.split(b"?", 1)[0]
         # Routed on the normalised path and sent upstream as routed; the
         # access log keeps the target as the client sent it.
@@ -366,7 +375,7 @@ class FrontRequest(server.Request):
             site.clock.callLater(0, self._answer_refusal, refusal)
 
     def _answer_refusal(self, refusal: PeerMisbehaved) -> None:
-        if not self._disconnected and not self.startedWriting and not self.finished:
+        if not client_gone(self) and not self.startedWriting and not self.finished:
             respond_with_error(self, refusal.status, refusal.reason, close=True)
 
     def send_held_continue(self) -> None:
@@ -377,9 +386,9 @@ class FrontRequest(server.Request):
         # With a pooled connection this can run inside gotLength, before the
         # channel asks for the 100: it then goes out at once.
         self.upstream_ready = True
-        if self.continue_held and not self.startedWriting and not self._disconnected:
+        if self.continue_held and not self.startedWriting and not client_gone(self):
             self.continue_held = False
-            http.HTTPChannel._send100Continue(self.channel)
+            send_continue(self.channel)
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
@@ -555,7 +564,7 @@ class FrontSite(server.Site):
         return waiter
 
     def protocol(self):
-        return http._GenericHTTPChannelProtocol(FrontChannel())
+        return wrap_channel(FrontChannel())
 
     def vouched_headers(
         self, request_id: str, tlvs: dict[str, str], tls: dict[str, str] | None = None

@@ -8,6 +8,25 @@ loudly when a Twisted release removes or changes it.
     quayfront's framer refuses everything the channel would first, so this
     is a backstop: L{ChannelBadRequestHook} routes it to the channel's
     C{twisted_refused_request()}, which answers with a real response.
+  - C{HTTPChannel._send100Continue}: what the channel calls to send the
+    automatic C{100 Continue}; L{ChannelContinueHook} lets the channel
+    hold it back (C{hold_continue()}) and L{send_continue} sends it later.
+  - C{HTTPChannel._command}, C{_path}, C{_version}: the request line,
+    which the channel keeps to itself until the body has been read
+    (L{request_line}).
+  - C{HTTPChannel._handlingRequest} and C{_savedTimeOut}: whether the
+    channel has the whole request and has switched its idle timeout off
+    until the response ends, and the timeout it will then restore
+    (L{hand_back_idle_timeout}).
+  - C{HTTPChannel._waitingForTransport}: whether the channel is waiting for
+    its client to read (L{waiting_for_client}).
+  - C{_GenericHTTPChannelProtocol}: the wrapper C{Site.buildProtocol}
+    expects around a channel (L{wrap_channel}).
+  - C{Request._disconnected}: whether the client connection is gone
+    (L{client_gone}).
+  - C{TransportProxyProducer._producer}: the upstream socket behind the
+    agent's proxy producer, to abort an exchange that ended early
+    (L{proxied_transport}).
   - C{HTTPConnectionPool._factory} (called with the quiescent callback and a
     description) and C{_HTTP11ClientFactory._quiescentCallback}: how the
     pool builds upstream protocols; L{bounded_connection_pool} makes it
@@ -25,7 +44,7 @@ from __future__ import annotations
 
 import functools
 
-from twisted.web import _newclient
+from twisted.web import _newclient, http
 from twisted.web.client import HTTPConnectionPool
 
 from quayfront.http import ResponseHeadChecker
@@ -41,6 +60,76 @@ class ChannelBadRequestHook:
 
     def _respondToBadRequestAndDisconnect(self) -> None:
         self.twisted_refused_request()
+
+
+class ChannelContinueHook:
+    """
+    Mixed into an C{HTTPChannel}: the automatic C{100 Continue} is sent only
+    if C{self.hold_continue()} is false (the channel then sends it later
+    with L{send_continue}).
+    """
+
+    def _send100Continue(self) -> None:
+        if not self.hold_continue():
+            super()._send100Continue()
+
+
+def send_continue(channel) -> None:
+    """
+    Send the C{100 Continue} a channel held back.
+    """
+    http.HTTPChannel._send100Continue(channel)
+
+
+def request_line(channel) -> tuple[bytes, bytes, bytes]:
+    """
+    The method, target and version of the request whose head C{channel}
+    has just parsed (in C{gotLength}, before the body is read).
+    """
+    return channel._command, channel._path, channel._version
+
+
+def hand_back_idle_timeout(channel, timeout_s: float | None) -> None:
+    """
+    Give C{channel} back an idle timeout: at once, or if the channel has
+    the whole request and keeps its timeout off until the response ends,
+    as the value it will restore then.
+    """
+    if channel._handlingRequest:
+        channel._savedTimeOut = timeout_s
+    else:
+        channel.setTimeout(timeout_s)
+
+
+def waiting_for_client(channel) -> bool:
+    """
+    Whether C{channel} has stopped producing because its client does not
+    read (the transport's buffer is full).
+    """
+    return bool(getattr(channel, "_waitingForTransport", False))
+
+
+def wrap_channel(channel):
+    """
+    C{channel} in the wrapper C{Site.buildProtocol} returns (it chooses
+    HTTP/1.1 or HTTP/2 by ALPN; quayfront offers HTTP/1.1 only).
+    """
+    return http._GenericHTTPChannelProtocol(channel)
+
+
+def client_gone(request) -> bool:
+    """
+    Whether the connection of C{request} (a C{twisted.web} request) is lost.
+    """
+    return request._disconnected
+
+
+def proxied_transport(transport):
+    """
+    The upstream connection's own transport behind the agent's
+    C{TransportProxyProducer} C{transport}, or None once it let go of it.
+    """
+    return getattr(transport, "_producer", None)
 
 
 def bound_response_parser(parser, checker: ResponseHeadChecker) -> None:

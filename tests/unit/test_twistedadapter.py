@@ -10,13 +10,25 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web import _newclient, http
+from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
 from quayfront.config import UpstreamConfig
 from quayfront.http import UpstreamMisbehaved
-from quayfront.twistedadapter import ChannelBadRequestHook
+from quayfront.twistedadapter import (
+    ChannelBadRequestHook,
+    ChannelContinueHook,
+    client_gone,
+    hand_back_idle_timeout,
+    proxied_transport,
+    request_line,
+    send_continue,
+    waiting_for_client,
+    wrap_channel,
+)
 from quayfront.upstream import upstream_agent, upstream_uri
 
 # Canaries, one per private name.
@@ -65,6 +77,101 @@ def test_canary_client_parser() -> None:
     assert "self._giveUp(Failure())" in inspect.getsource(
         _newclient.HTTP11ClientProtocol.dataReceived
     )
+
+
+class _HeldRequest(http.Request):
+    """A request that records the request line in gotLength and is answered by the test."""
+
+    seen: tuple[bytes, bytes, bytes] | None = None
+
+    def gotLength(self, length):
+        self.seen = request_line(self.channel)
+        super().gotLength(length)
+
+    def process(self):
+        pass
+
+
+def held_channel(timeout: float | None = None):
+    channel = http.HTTPChannel()
+    channel.requestFactory = _HeldRequest
+    channel.timeOut = timeout
+    channel.callLater = MemoryReactorClock().callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_canary_request_line() -> None:
+    """The channel holds the request line in _command, _path, _version when gotLength runs."""
+    channel, _ = held_channel()
+    channel.dataReceived(b"PUT /a?b HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n")
+    assert channel.requests[0].seen == (b"PUT", b"/a?b", b"HTTP/1.1")
+
+
+def test_canary_idle_timeout_hand_back() -> None:
+    """While handling a request the channel restores _savedTimeOut when the response ends."""
+    channel, _ = held_channel(timeout=60)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert channel._handlingRequest is True and channel.timeOut is None
+    hand_back_idle_timeout(channel, 7)
+    request = channel.requests[0]
+    request.finish()
+    assert channel._handlingRequest is False and channel.timeOut == 7
+    hand_back_idle_timeout(channel, 9)
+    assert channel.timeOut == 9
+
+
+def test_canary_waiting_for_client() -> None:
+    """_waitingForTransport follows the transport's pause and resume."""
+    channel, _ = held_channel()
+    assert waiting_for_client(channel) is False
+    channel.pauseProducing()
+    assert waiting_for_client(channel) is True
+    channel.resumeProducing()
+    assert waiting_for_client(channel) is False
+
+
+def test_canary_continue_hook() -> None:
+    """Expect: 100-continue goes through _send100Continue, which the hook can hold back."""
+
+    class Channel(ChannelContinueHook, http.HTTPChannel):
+        held = True
+
+        def hold_continue(self) -> bool:
+            return self.held
+
+    channel = Channel()
+    channel.requestFactory = _HeldRequest
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+    assert transport.value() == b""
+    send_continue(channel)
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_canary_wrap_channel_and_client_gone() -> None:
+    """Site's channel wrapper exists; Request._disconnected turns true when the connection is lost."""
+    channel = http.HTTPChannel()
+    wrapped = wrap_channel(channel)
+    assert wrapped._channel is channel
+    channel, _ = held_channel()
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    request = channel.requests[0]
+    assert client_gone(request) is False
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert client_gone(request) is True
+
+
+def test_canary_proxied_transport() -> None:
+    """TransportProxyProducer keeps the transport in _producer until stopProxying."""
+    inner = StringTransport()
+    proxy = _newclient.TransportProxyProducer(inner)
+    assert proxied_transport(proxy) is inner
+    proxy.stopProxying()
+    assert proxied_transport(proxy) is None
 
 
 # The bounded upstream client through a real Agent.
