@@ -359,3 +359,98 @@ def test_refusal_is_access_logged_with_its_request_line() -> None:
     assert (entry.method, entry.uri, entry.status) == (b"GET", b"/a\x7fb", 400)
     assert entry.client == "198.51.100.4"
     assert entry.outcome == "bad-request-target"
+
+
+# The framer and Twisted's parser agree on every valid request.
+
+from dataclasses import dataclass as _dataclass  # noqa: E402
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
+
+from quayfront.metrics import Counters  # noqa: E402
+from quayfront.site import FrontChannel  # noqa: E402
+
+
+class _Recorded(http.Request):
+    """Records what Twisted's parser made of a request, and answers it at once."""
+
+    def __init__(self, channel, queued=None):
+        super().__init__(channel, queued)
+        self.body = b""
+
+    def handleContentChunk(self, data):
+        self.body += data
+
+    def requestReceived(self, command, path, version):
+        self.channel.seen.append((command, path, version, self.body))
+        super().requestReceived(command, path, version)
+
+    def process(self):
+        self.setHeader(b"Content-Length", b"0")
+        self.finish()
+
+
+@_dataclass
+class _StubSite:
+    clock: MemoryReactorClock
+    header_timeout_s: float = 60.0
+    counters: Counters = None
+    hsts: bytes = b""
+
+
+_token = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=8)
+_value = st.binary(min_size=0, max_size=20).map(
+    lambda b: bytes(c for c in b if 0x20 < c < 0x7F or c >= 0x80))
+_path = st.text("abcdefghijklmnopqrstuvwxyz0123456789/-._~%:@!$&'()*+,;=?", max_size=30).map(
+    lambda p: "/" + p)
+
+
+@st.composite
+def _request(draw) -> tuple[bytes, tuple]:
+    method = draw(st.sampled_from([b"GET", b"PUT", b"PATCH", b"POST", b"DELETE"]))
+    path = draw(_path).encode()
+    headers = [(b"Host", b"registry.example:8443")]
+    headers += [(b"x-" + draw(_token).encode(), draw(_value))
+                for _ in range(draw(st.integers(0, 5)))]
+    framing = draw(st.sampled_from(["none", "length", "chunked"]))
+    body = b""
+    raw_body = b""
+    if framing == "length":
+        body = draw(st.binary(max_size=60))
+        headers.append((b"Content-Length", b"%d" % len(body)))
+        raw_body = body
+    elif framing == "chunked":
+        headers.append((b"Transfer-Encoding", draw(st.sampled_from([b"chunked", b"Chunked"]))))
+        for chunk in draw(st.lists(st.binary(min_size=1, max_size=20), max_size=4)):
+            ext = draw(st.sampled_from([b"", b";a=b", b";x"]))
+            raw_body += b"%x%s\r\n%s\r\n" % (len(chunk), ext, chunk)
+            body += chunk
+        raw_body += b"0\r\n"
+        if draw(st.booleans()):
+            raw_body += b"X-Trailer: t\r\n"
+        raw_body += b"\r\n"
+    head = b"%s %s HTTP/1.1\r\n" % (method, path)
+    head += b"".join(b"%s: %s\r\n" % pair for pair in headers) + b"\r\n"
+    return head + raw_body, (method, path, b"HTTP/1.1", body)
+
+
+@given(requests=st.lists(_request(), min_size=1, max_size=3), cuts=st.lists(st.integers(0, 400)))
+def test_framer_and_twisted_agree_on_valid_requests(requests, cuts) -> None:
+    """Every valid request reaches Twisted's parser whole and unchanged, however it is split."""
+    data = b"".join(raw for raw, _ in requests)
+    channel = FrontChannel()
+    channel.requestFactory = _Recorded
+    channel.seen = []
+    clock = MemoryReactorClock()
+    channel.site = _StubSite(clock, counters=Counters())
+    channel.callLater = clock.callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    points = sorted({cut % (len(data) + 1) for cut in cuts})
+    for start, end in zip([0, *points], [*points, len(data)]):
+        channel.dataReceived(data[start:end])
+    assert channel.seen == [expected for _, expected in requests]
+    assert not transport.disconnecting
+    assert b" 400 " not in transport.value()
