@@ -111,8 +111,15 @@ class FrontChannel(ChannelBadRequestHook, ChannelContinueHook, http.HTTPChannel)
         # A refusal found behind requests still being answered.
         self._pending_refusal: PeerMisbehaved | None = None
         self._refused = False
+        # Inside Twisted's own requestDone (nested ones included).
+        self._replaying = 0
 
     def dataReceived(self, data: bytes) -> None:
+        if self._replaying:
+            # Twisted handing itself pipelined bytes it had buffered: the
+            # framer passed them already.
+            http.HTTPChannel.dataReceived(self, data)
+            return
         if self._refused or self._pending_refusal is not None:
             return
         framer = self._framer
@@ -148,7 +155,13 @@ class FrontChannel(ChannelBadRequestHook, ChannelContinueHook, http.HTTPChannel)
         return persistent
 
     def requestDone(self, request) -> None:
-        super().requestDone(request)
+        # The channel replays the pipelined bytes it buffered through
+        # self.dataReceived (see twistedadapter).
+        self._replaying += 1
+        try:
+            super().requestDone(request)
+        finally:
+            self._replaying -= 1
         if self.requests or not self.persistent or self.transport is None:
             return
         if self._pending_refusal is not None:

@@ -8,6 +8,11 @@ loudly when a Twisted release removes or changes it.
     quayfront's framer refuses everything the channel would first, so this
     is a backstop: L{ChannelBadRequestHook} routes it to the channel's
     C{twisted_refused_request()}, which answers with a real response.
+  - Not a name but a behaviour: C{HTTPChannel.requestDone} hands the
+    pipelined bytes it buffered while a request was handled back to
+    C{self.dataReceived} (through C{LineReceiver.setLineMode}); a channel
+    that frames client bytes in C{dataReceived} must let those through
+    untouched (see C{FrontChannel.requestDone}).
   - C{HTTPChannel._send100Continue}: what the channel calls to send the
     automatic C{100 Continue}; L{ChannelContinueHook} lets the channel
     hold it back (C{hold_continue()}) and L{send_continue} sends it later.

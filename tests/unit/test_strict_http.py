@@ -365,7 +365,7 @@ def test_refusal_is_access_logged_with_its_request_line() -> None:
 
 from dataclasses import dataclass as _dataclass  # noqa: E402
 
-from hypothesis import given  # noqa: E402
+from hypothesis import example, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from twisted.internet.testing import MemoryReactorClock, StringTransport  # noqa: E402
 
@@ -436,7 +436,19 @@ def _request(draw) -> tuple[bytes, tuple]:
     return head + raw_body, (method, path, b"HTTP/1.1", body)
 
 
+_GET = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
 @given(requests=st.lists(_request(), min_size=1, max_size=3), cuts=st.lists(st.integers(0, 400)))
+@example(  # Twisted replays pipelined bytes through dataReceived: once found double-framed.
+    requests=[
+        (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\n\x00",
+         (b"GET", b"/", b"HTTP/1.1", b"\x00")),
+        (_GET, (b"GET", b"/", b"HTTP/1.1", b"")),
+        (_GET, (b"GET", b"/", b"HTTP/1.1", b"")),
+    ],
+    cuts=[52 + len(_GET) + 3],
+)
 def test_framer_and_twisted_agree_on_valid_requests(requests, cuts) -> None:
     """Every valid request reaches Twisted's parser whole and unchanged, however it is split."""
     data = b"".join(raw for raw, _ in requests)

@@ -165,6 +165,35 @@ def test_canary_wrap_channel_and_client_gone() -> None:
     assert client_gone(request) is True
 
 
+def test_canary_request_done_replays_through_data_received() -> None:
+    """requestDone replays the bytes buffered behind a handled request through self.dataReceived."""
+    replayed: list[bytes] = []
+
+    class Channel(http.HTTPChannel):
+        in_request_done = False
+
+        def dataReceived(self, data):
+            if self.in_request_done:
+                replayed.append(data)
+            super().dataReceived(data)
+
+        def requestDone(self, request):
+            self.in_request_done = True
+            try:
+                super().requestDone(request)
+            finally:
+                self.in_request_done = False
+
+    channel = Channel()
+    channel.requestFactory = _HeldRequest
+    channel.callLater = MemoryReactorClock().callLater
+    channel.makeConnection(StringTransport())
+    second = b"GET /b HTTP/1.1\r\nHost: h\r\n\r\n"
+    channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n" + second)
+    channel.requests[0].finish()
+    assert replayed == [second]
+
+
 def test_canary_proxied_transport() -> None:
     """TransportProxyProducer keeps the transport in _producer until stopProxying."""
     inner = StringTransport()
