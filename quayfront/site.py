@@ -8,6 +8,12 @@ file) before C{render()} runs.  L{FrontRequest} instead starts forwarding in
 C{gotLength}, which the channel calls once the request head is parsed, and
 hands each body chunk on in C{handleContentChunk}; it never calls the
 spooling parts.
+
+L{FrontChannel} feeds every client byte to quayfront's own strict framer
+(L{quayfront.http.RequestFramer}) before Twisted's parser sees it, answers
+what the framer refuses itself, and bounds each request head with
+C{http.header_timeout_s}.  Requests are routed on their normalised path
+(L{quayfront.http.normalise_target}) and sent upstream as routed.
 """
 
 from __future__ import annotations
