@@ -466,3 +466,20 @@ def test_framer_and_twisted_agree_on_valid_requests(requests, cuts) -> None:
     assert channel.seen == [expected for _, expected in requests]
     assert not transport.disconnecting
     assert b" 400 " not in transport.value()
+
+
+def test_config_keys(tmp_path) -> None:
+    """header_timeout_s and the upstream head limits load from the file; a bad value names its key."""
+    from quayfront.config import ConfigError, load_config
+
+    path = tmp_path / "quayfront.toml"
+    path.write_text("[http]\nheader_timeout_s = 2.5\n[upstream]\nmax_response_head_bytes = 4096\n"
+                    "max_response_headers = 10\n")
+    config = load_config(str(path))
+    assert config.http.header_timeout_s == 2.5
+    assert (config.upstream.max_response_head_bytes, config.upstream.max_response_headers) == (
+        4096, 10)
+    assert load_config(None).http.header_timeout_s == 60.0
+    path.write_text("[http]\nheader_timeout_s = 0\n")
+    with pytest.raises(ConfigError, match="header_timeout_s"):
+        load_config(str(path))
