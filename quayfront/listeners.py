@@ -114,6 +114,30 @@ class SocketActivationError(Exception):
     """
 
 
+def initial_environment() -> Mapping[str, str]:
+    """
+    The environment this process was started with.
+
+    Importing C{twisted.internet.endpoints} deletes C{LISTEN_PID} and
+    C{LISTEN_FDS} from C{os.environ} (its C{systemd:} endpoint parser reads
+    them once, at import, before twistd loads any plugin).  The kernel keeps
+    the environment the process was executed with in C{/proc/self/environ}
+    (proc(5)), which unsetenv does not touch; socket activation is Linux-only
+    anyway.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return os.environ
+    environ = {}
+    for entry in raw.split(b"\0"):
+        key, sep, value = entry.partition(b"=")
+        if sep:
+            environ[os.fsdecode(key)] = os.fsdecode(value)
+    return environ
+
+
 class InheritedSockets:
     """
     Listening sockets passed by systemd socket activation (C{sd_listen_fds(3)}):
@@ -133,15 +157,19 @@ class InheritedSockets:
 
     @classmethod
     def from_environment(
-        cls, reactor, environ: Mapping[str, str] = os.environ, pid: int | None = None
+        cls, reactor, environ: Mapping[str, str] | None = None, pid: int | None = None
     ) -> InheritedSockets | None:
         """
         The sockets passed to this process, or C{None} when there are none
         (C{LISTEN_PID} unset or another process's: quayfront binds).
 
+        @param environ: by default, the environment this process started
+            with (L{initial_environment}).
+
         @raise SocketActivationError: when the variables are inconsistent or
             a name is unknown or repeated.
         """
+        environ = initial_environment() if environ is None else environ
         pid = os.getpid() if pid is None else pid
         if environ.get("LISTEN_PID", "") != str(pid):
             return None

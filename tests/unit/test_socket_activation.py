@@ -167,3 +167,26 @@ def test_adopted_plain_socket_has_no_tls(listening_socket: socket.socket) -> Non
     [(_, _, factory)] = reactor.adoptedPorts
     assert isinstance(factory, ProxyHeaderFactory)
     assert factory.wrappedFactory is site
+
+
+def test_initial_environment_survives_twisted_consuming_it() -> None:
+    """LISTEN_* deleted from os.environ (as Twisted's endpoints module does on import) are still found."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, twisted.internet.endpoints\n"
+        "from quayfront.listeners import initial_environment\n"
+        "print('LISTEN_PID' in os.environ, initial_environment().get('LISTEN_PID'))\n"
+    )
+    env = {**os.environ, "LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "0"}
+    # Only the child's own pid makes Twisted consume them: pass it through exec.
+    done = subprocess.run(
+        [sys.executable, "-c", f"import os; os.environ['LISTEN_PID'] = str(os.getpid()); "
+         f"os.execv({sys.executable!r}, [{sys.executable!r}, '-c', {code!r}])"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    pid_line = done.stdout.split()
+    assert done.returncode == 0, done.stderr
+    assert pid_line[0] == "False", "Twisted no longer consumes LISTEN_PID; simplify initial_environment"
+    assert pid_line[1].isdigit()
