@@ -16,8 +16,10 @@
 # them at /etc/quayfront/tls/ (cert.pem, key.pem) or name them with
 # QUAYFRONT_CERT and QUAYFRONT_KEY.  The access log goes to standard output.
 #
-# Runs as UID 1001 (group 0, as Quay's images) and writes nothing outside
-# /tmp, so `--read-only` works.  Stopping drains: give it a stop timeout
+# Runs as UID 1001 (group 0, as Quay's images) and writes no file at all
+# (no pid file, logs to standard output, the twisted plugin cache is built
+# into the image), so `--read-only` works; HOME is /tmp, which podman
+# mounts as a tmpfs with --read-only (docker: add --tmpfs /tmp).  Stopping drains: give it a stop timeout
 # above http.drain_timeout_s (`docker stop -t 70`, `podman stop -t 70`).
 FROM debian:bookworm-slim
 
@@ -39,7 +41,6 @@ ENV HOME=/tmp \
 USER 1001:0
 WORKDIR /tmp
 EXPOSE 8443 8444
-VOLUME ["/tmp"]
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=6s --start-period=10s --retries=3 \
     CMD ["quayfront-entrypoint", "--healthcheck"]

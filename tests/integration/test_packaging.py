@@ -18,6 +18,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -49,6 +50,10 @@ IMAGE = f"localhost/quayfront:{VERSION}"
 PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": str(REPO_ROOT / "etc/docker/containers.conf")}
 #: The package's drain timeout (http.drain_timeout_s); stops must end well within it.
 DRAIN_TIMEOUT_S = 60.0
+#: Exit statuses of a clean stop: twistd re-raises the SIGTERM it handled
+#: once it has shut down, and systemd counts that as success; as a
+#: container's PID 1 the re-raised signal is ignored and it exits 0.
+CLEAN_STOP = (0, -signal.SIGTERM)
 #: Bounds for the slow steps, on a loaded 2-core machine.
 BUILD_TIMEOUT_S = 900
 
@@ -326,15 +331,15 @@ def test_daemon_notifies_ready_reloading_stopping(
         harness.wait_for_access_line(log, lambda line: "/health/instance" in line)
         assert log.stat().st_uid == pwd.getpwnam("quayfront").pw_uid
 
-        os.kill(proc.pid, 1)  # SIGHUP
+        os.kill(proc.pid, signal.SIGHUP)
         reloading = notify.wait_for("RELOADING", 10, proc)
         assert int(reloading["MONOTONIC_USEC"]) > 0
         assert "READY" in notify.wait_for("READY", 10, proc)
 
-        os.kill(proc.pid, 15)  # SIGTERM
+        os.kill(proc.pid, signal.SIGTERM)
         stopping = notify.wait_for("STOPPING", 10, proc)
         assert "draining" in stopping["STATUS"]
-        assert proc.popen.wait(timeout=DRAIN_TIMEOUT_S) == 0, proc.output()
+        assert proc.popen.wait(timeout=DRAIN_TIMEOUT_S) in CLEAN_STOP, proc.output()
     finally:
         proc.stop()
         notify.close()
@@ -388,7 +393,7 @@ def test_socket_activation_serves_skopeo_through_haproxy(
                                      lambda line: "/v2/packaging/activated/" in line)
     finally:
         haproxy.stop()
-        assert proc.stop(timeout=DRAIN_TIMEOUT_S) == 0, proc.output()
+        assert proc.stop(timeout=DRAIN_TIMEOUT_S) in CLEAN_STOP, proc.output()
 
 
 def test_socket_activation_unknown_name_is_a_startup_error(configured: dict[str, int], tmp_path: Path) -> None:
@@ -430,7 +435,7 @@ def containers() -> Iterator[list[str]]:
     names: list[str] = []
     yield names
     for name in names:
-        podman("rm", "--force", "--time", "0", name, check=False)
+        podman("rm", "--force", "--volumes", "--time", "0", name, check=False)
 
 
 def test_image_metadata(image: str) -> None:
