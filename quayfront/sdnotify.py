@@ -27,7 +27,7 @@ import socket
 import time
 from typing import Callable, Iterable, Mapping
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -226,3 +226,32 @@ class NotifyService(Service):
             self.on_drain("", self._in_flight())
         # The watchdog and status loops keep running while the drain lasts;
         # they end with the reactor.
+
+
+def add_systemd_notify(root: MultiService, reactor, environ: Mapping[str, str] = os.environ) -> None:
+    """
+    Under systemd (C{NOTIFY_SOCKET} set), report readiness, reloads, the
+    drain and the watchdog for the service tree C{root}; otherwise change
+    nothing.  Call it once the tree is complete: the service is added last
+    (see L{NotifyService}).
+    """
+    notifier = Notifier.from_environment(environ)
+    if notifier is None:
+        return
+    from quayfront.listeners import ListenerService
+
+    listeners = [s for s in root if isinstance(s, ListenerService)]
+    notify = NotifyService(
+        notifier,
+        reactor,
+        listening=lambda: [s.listening() for s in listeners],
+        in_flight=lambda: root.site.in_flight,
+        watchdog_s=watchdog_interval_s(environ, os.getpid()),
+    )
+    root.reloader.observe(notify.on_reload)
+    # The drain controller tells of each drain phase; without one,
+    # NotifyService reports the stop itself.
+    drain = getattr(root, "drain", None)
+    if drain is not None and hasattr(drain, "observe"):
+        drain.observe(notify.on_drain)
+    notify.setServiceParent(root)

@@ -5,7 +5,6 @@ C{twistd quayfront}: command-line options and the service tree.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from typing import Any
 
@@ -31,7 +30,7 @@ from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream
-from quayfront.sdnotify import Notifier, NotifyService, watchdog_interval_s
+from quayfront.sdnotify import add_systemd_notify
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
@@ -229,32 +228,6 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         inherited.check_all_taken()
     add_systemd_notify(root, reactor)
     return root
-
-
-def add_systemd_notify(root: MultiService, reactor, environ=os.environ) -> None:
-    """
-    Under systemd (C{NOTIFY_SOCKET} set), report readiness, reloads, the
-    drain and the watchdog; otherwise change nothing.  Added last: see
-    L{NotifyService}.
-    """
-    notifier = Notifier.from_environment(environ)
-    if notifier is None:
-        return
-    listeners = [s for s in root if isinstance(s, ListenerService)]
-    notify = NotifyService(
-        notifier,
-        reactor,
-        listening=lambda: [s.listening() for s in listeners],
-        in_flight=lambda: root.site.in_flight,
-        watchdog_s=watchdog_interval_s(environ, os.getpid()),
-    )
-    root.reloader.observe(notify.on_reload)
-    # The drain controller (root.drain) tells of each drain phase; without
-    # it, NotifyService reports the stop itself.
-    drain = getattr(root, "drain", None)
-    if drain is not None and hasattr(drain, "observe"):
-        drain.observe(notify.on_drain)
-    notify.setServiceParent(root)
 
 
 def build_router(config: Config, reactor) -> Router:

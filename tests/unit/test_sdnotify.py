@@ -16,8 +16,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import MemoryReactorClock
 
 from quayfront.config import TLSConfig
-from quayfront.sdnotify import STATUS_INTERVAL_S, Notifier, NotifyService, watchdog_interval_s
-from quayfront.tap import add_systemd_notify
+from quayfront.sdnotify import (
+    STATUS_INTERVAL_S,
+    Notifier,
+    NotifyService,
+    add_systemd_notify,
+    watchdog_interval_s,
+)
 from quayfront.tls import CertificateReloader, ServerTLS, load_store
 from tests.unit.certs import make_certificate, write_pair
 
@@ -77,6 +82,32 @@ def test_no_notify_socket_adds_no_service() -> None:
     root = MultiService()
     add_systemd_notify(root, MemoryReactorClock(), environ={})
     assert list(root) == []
+
+
+def test_wired_to_reloader_and_drain_controller(systemd: Systemd) -> None:
+    """With NOTIFY_SOCKET, the service observes the reloader and the drain controller and comes last."""
+    observed = {}
+
+    class Observable:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def observe(self, callback) -> None:
+            observed[self.name] = callback
+
+    class Site:
+        in_flight = 4
+
+    root = MultiService()
+    root.site, root.reloader, root.drain = Site(), Observable("reloader"), Observable("drain")
+    add_systemd_notify(root, MemoryReactorClock(), environ={"NOTIFY_SOCKET": systemd.address})
+    [notify] = list(root)
+    assert isinstance(notify, NotifyService)
+    assert observed == {"reloader": notify.on_reload, "drain": notify.on_drain}
+    root.startService()
+    assert systemd.messages() == [{"READY": "1", "STATUS": "serving: 4 requests in flight"}]
+    observed["drain"]("delay", 4)
+    assert systemd.messages() == [{"STOPPING": "1", "STATUS": "draining (delay): 4 requests in flight"}]
 
 
 def test_abstract_namespace_socket() -> None:
