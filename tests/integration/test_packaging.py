@@ -449,7 +449,7 @@ def test_image_metadata(image: str) -> None:
     assert config["User"] == "1001:0"
     assert config["Entrypoint"] == ["quayfront-entrypoint"]
     assert set(config["ExposedPorts"]) == {"8443/tcp", "8444/tcp"}
-    assert info.get("HealthCheck", config.get("Healthcheck", {}))["Test"] == [
+    assert info["Healthcheck"]["Test"] == [
         "CMD", "quayfront-entrypoint", "--healthcheck"]
 
 
