@@ -75,11 +75,15 @@ def deb_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def timings() -> Iterator[dict[str, float]]:
-    """Seconds each slow step took; printed at the end of the module."""
+def timings(pytestconfig: pytest.Config) -> Iterator[dict[str, float]]:
+    """Seconds each slow step took; reported at the end of the module."""
     spent: dict[str, float] = {}
     yield spent
-    print("\npackaging timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in spent.items()))
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            "packaging timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in spent.items())
+        )
 
 
 @pytest.fixture(scope="module")
