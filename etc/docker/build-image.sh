@@ -21,9 +21,15 @@ stale=$(ls dist/quayfront_*.deb | grep -vxF "$deb" || true)
 command -v podman >/dev/null 2>&1 || { echo "build-image: podman is not installed; run make deps" >&2; exit 1; }
 sh etc/docker/base-image.sh debian:bookworm-slim
 
+previous=$(podman image inspect --format '{{.Id}}' "localhost/quayfront:$version" 2>/dev/null || true)
 start=$(date +%s)
 # --format docker keeps HEALTHCHECK (the OCI image format has no field for
 # it); --pull=never uses the local base image.
 podman build --format docker --network=host --pull=never \
     -t "localhost/quayfront:$version" -t localhost/quayfront:latest -f Dockerfile .
 echo "build-image: localhost/quayfront:$version and :latest ($(( $(date +%s) - start )) s)"
+# The image these tags named before, unless a container still uses it.
+current=$(podman image inspect --format '{{.Id}}' "localhost/quayfront:$version")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    podman rmi "$previous" >/dev/null 2>&1 || true
+fi

@@ -75,15 +75,9 @@ def deb_path() -> Path:
 
 
 @pytest.fixture(scope="module")
-def timings(pytestconfig: pytest.Config) -> Iterator[dict[str, float]]:
-    """Seconds each slow step took; reported at the end of the module."""
-    spent: dict[str, float] = {}
-    yield spent
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(
-            "packaging timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in spent.items())
-        )
+def timings() -> dict[str, float]:
+    """Seconds each slow step took; the last test prints them."""
+    return {}
 
 
 @pytest.fixture(scope="module")
@@ -529,8 +523,11 @@ def test_container_bad_variable_exits_with_reason(image: str, containers: list[s
 # Purge
 
 
-def test_purge_leaves_nothing(installed: Path) -> None:
+def test_purge_leaves_nothing(installed: Path, timings: dict[str, float],
+                              capsys: pytest.CaptureFixture[str]) -> None:
     """Purging removes the venv, units, commands, configuration and logs; the user stays."""
+    with capsys.disabled():
+        print("\npackaging timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     run(["apt-get", "purge", "-y", "-q", "quayfront"], timeout=300,
         env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     status = run(["dpkg-query", "-W", "-f=${db:Status-Status}", "quayfront"], check=False)
