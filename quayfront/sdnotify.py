@@ -147,7 +147,7 @@ class NotifyService(Service):
         super().startService()
         if self._watchdog_s is not None:
             self._loop(lambda: self._notifier.notify(WATCHDOG=1), self._watchdog_s)
-        gatherResults(list(self._listening())).addCallbacks(
+        gatherResults(list(self._listening()), consumeErrors=True).addCallbacks(
             lambda _: self._on_listening(), self._on_listen_failed
         )
 
