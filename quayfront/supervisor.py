@@ -346,7 +346,7 @@ class SupervisorService(Service):
                     except ProcessLookupError:
                         pass
             elif isinstance(action, GiveUp):
-                self._log.critical(
+                self._log.error(
                     "worker {index} died at start {failures} times in a row; giving up",
                     index=action.index,
                     failures=action.failures,

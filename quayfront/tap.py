@@ -19,7 +19,14 @@ from quayfront.config import Config, ConfigError, load_config
 from quayfront.health import HealthResource, UpstreamProbe
 from quayfront.lifecycle import DrainService
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
-from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
+from quayfront.listeners import (
+    InheritedSockets,
+    ListenerService,
+    SocketActivationError,
+    listener_endpoint,
+    plain_endpoint,
+    tcp_endpoint,
+)
 from quayfront.metrics import (
     Counters,
     GaugeSampler,
@@ -32,6 +39,7 @@ from quayfront.metrics import (
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream
+from quayfront.sdnotify import add_systemd_notify
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
@@ -66,6 +74,9 @@ class Options(usage.Options):
         ["proxy-timeout", None, None, "Seconds a connection has to send its PROXY header."],
         ["metrics-listen", None, None, "HOST:PORT of the metrics endpoint, or 'off' [127.0.0.1:9091]."],
         ["workers", None, None, "Worker processes: a number, or 'auto' for one per core [1]."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the configuration and certificates, bind nothing, exit."],
     ]
 
     # option -> (dotted config key, conversion from the command-line text)
@@ -102,6 +113,9 @@ class Options(usage.Options):
             # A clear line and a non-zero exit; a traceback would bury it.
             sys.stderr.write(f"quayfront: configuration error: {e}\n")
             raise SystemExit(2)
+        if self["check"]:
+            sys.stdout.write(f"{self.source}: OK\n")
+            raise SystemExit(0)
 
 
 _log = Logger(namespace="quayfront")
@@ -118,7 +132,9 @@ def make_service(
     if worker is None:
         workers = worker_count(config.process.workers)
         if workers > 1:
-            return WorkersService(config, tls, reactor, source, workers)
+            main = WorkersService(config, tls, reactor, source, workers)
+            add_systemd_notify(main, reactor)
+            return main
     # Listeners of a worker adopt the main process's sockets.
     listen_reactor = reactor if worker is None else worker.listen_reactor
     root = MultiService()
@@ -151,6 +167,7 @@ def make_service(
         access_log=MeteredAccessLog(access_log, counters, lambda path: route_label(router, path)),
         counters=counters,
         idle_timeout_s=config.http.idle_timeout_s,
+        header_timeout_s=config.http.header_timeout_s,
         request_id_header=config.http.request_id_header,
         tlv_headers=config.proxy_listener.tlv_headers,
         tls_headers=config.tls.headers,
@@ -159,6 +176,12 @@ def make_service(
     root.site = site
     root.counters = counters
     DrainService(site, reactor, config.http.drain_timeout_s).setServiceParent(root)
+
+    # Sockets passed by systemd socket activation are adopted instead of bound.
+    inherited = InheritedSockets.from_environment(reactor)
+
+    def adopted(name: str, setting: str):
+        return inherited.endpoint(name, setting) if inherited is not None else None
 
     listener_factories = {}
     listeners = []
@@ -172,9 +195,11 @@ def make_service(
     if config.tls_listener.enabled:
         listeners.append((config.tls_listener.address, ProxyHeaderPolicy("tls", required=False)))
     for address, policy in listeners:
-        endpoint = listener_endpoint(listen_reactor, address, policy, tls, counters)
-        listener_factories[policy.listener] = endpoint
         setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
+        endpoint = listener_endpoint(
+            listen_reactor, address, policy, tls, counters, adopted(policy.listener, setting)
+        )
+        listener_factories[policy.listener] = endpoint
         ListenerService(
             endpoint, TLSFailureCounting(site, counters), setting, address
         ).setServiceParent(root)
@@ -218,7 +243,7 @@ def make_service(
         # A scrape every few seconds is not worth a log line each.
         metrics_site.log = lambda request: None
         ListenerService(
-            tcp_endpoint(reactor, config.metrics.address),
+            adopted("metrics", "metrics.address") or tcp_endpoint(reactor, config.metrics.address),
             metrics_site,
             "metrics.address",
             config.metrics.address,
@@ -230,6 +255,7 @@ def make_service(
             redirect.address,
             ProxyHeaderPolicy.from_config("redirect", redirect),
             counters,
+            adopted("redirect", "redirect_listener.address"),
         )
         ListenerService(
             endpoint,
@@ -237,6 +263,9 @@ def make_service(
             "redirect_listener.address",
             redirect.address,
         ).setServiceParent(root)
+    if inherited is not None:
+        inherited.check_all_taken()
+    add_systemd_notify(root, reactor)
     return root
 
 
@@ -292,4 +321,8 @@ def build_router(config: Config, reactor, worker=None) -> Router:
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return make_service(options.config, options.tls, reactor, options.source)
+    try:
+        return make_service(options.config, options.tls, reactor, options.source)
+    except SocketActivationError as e:
+        sys.__stderr__.write(f"quayfront: socket activation: {e}\n")
+        raise SystemExit(2)

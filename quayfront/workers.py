@@ -532,6 +532,10 @@ class _MadeOnFirstUse(Resource):
         return self._made.render(request)
 
 
+class _NoRequestsHere:
+    in_flight = 0
+
+
 class WorkersService(MultiService):
     """
     The main process: binds the listeners in C{privilegedStartService},
@@ -559,6 +563,8 @@ class WorkersService(MultiService):
         self._previous_usr1 = None
         self.exit_status = 0
         self.drain = WorkersDrain()
+        # For sd_notify's STATUS= line: requests are counted in the workers.
+        self.site = _NoRequestsHere()
         spawner = ForkSpawner(self._run_worker)
         self.supervisor = SupervisorService(
             SupervisorMachine(SupervisorPolicy(workers)),
@@ -673,7 +679,7 @@ class WorkersService(MultiService):
         if self.runtime is not None:
             self.runtime.remove()
         if self.exit_status:
-            self._log.critical("exiting with status {status}", status=self.exit_status)
+            self._log.error("exiting with status {status}", status=self.exit_status)
             for stream in (sys.__stdout__, sys.__stderr__):
                 try:
                     stream.flush()
