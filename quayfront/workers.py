@@ -357,12 +357,21 @@ def _fresh_reactor():
 
 
 def _worker_logging(index: int) -> None:
-    from twisted.logger import globalLogPublisher, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogPublisher,
+        textFileLogObserver,
+    )
 
     for observer in list(getattr(globalLogPublisher, "_observers", ())):
         _inherited.append(observer)
         globalLogPublisher.removeObserver(observer)
-    text = textFileLogObserver(sys.__stderr__)
+    # The level twistd's own log keeps.
+    text = FilteringLogObserver(
+        textFileLogObserver(sys.__stderr__), [LogLevelFilterPredicate(LogLevel.info)]
+    )
 
     def tagged(event: dict) -> None:
         event.setdefault("log_system", f"worker {index}")

@@ -24,7 +24,10 @@ import pytest
 
 from tests.integration import harness
 from tests.integration.harness import LOOPBACK, Process, curl, wait_for
-from tests.integration.test_end_to_end import test_skopeo_push_and_pull_through_haproxy_v2
+# Imported under another name, so pytest does not collect it here a second time.
+from tests.integration.test_end_to_end import (
+    test_skopeo_push_and_pull_through_haproxy_v2 as skopeo_push_and_pull,
+)
 from tests.integration.test_registry_proxying import run_uploads, summarize
 from tests.integration.test_tls import ScratchCA, peer_cn, s_client
 
@@ -162,7 +165,7 @@ def registry_front(tmp_path: Path, registry: Process, start_quayfront):
 def test_two_workers_push_pull_and_64_concurrent_uploads(tmp_path: Path, registry_front) -> None:
     """Through HAProxy and two workers: a skopeo push and pull, then 64 concurrent 8 MiB uploads, every digest verified; every access log line whole."""
     qf, lb = registry_front
-    test_skopeo_push_and_pull_through_haproxy_v2(tmp_path / "skopeo", lb, qf)
+    skopeo_push_and_pull(tmp_path / "skopeo", lb, qf)
     outcomes = run_uploads(lb.ports["v2"], "workers/many", count=64, size=8 * MiB,
                            workers=64, deadline_s=180, request_timeout_s=120)
     kinds = summarize(outcomes)
