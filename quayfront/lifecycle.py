@@ -91,7 +91,7 @@ class DrainController(MultiService):
     def stopService(self) -> Deferred:
         # Not MultiService.stopService: that would stop every child at once.
         Service.stopService(self)
-        self._stopped = Deferred()
+        self._stopped = stopped = Deferred()
         self._site.drain()
         self._enter(
             "delay",
@@ -104,7 +104,7 @@ class DrainController(MultiService):
             self._delay_call = self._clock.callLater(self._delay_s, self._close_listeners)
         else:
             self._close_listeners()
-        return self._stopped
+        return stopped
 
     def skip_delay(self) -> None:
         """
