@@ -23,7 +23,9 @@ that order itself.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
+import sys
 from typing import Any, Callable
 
 from twisted.application.service import IService, MultiService, Service
@@ -304,6 +306,7 @@ class Root(MultiService):
         super().__init__()
         self.listening: list[tuple[str, object, str]] = []
         self.on_startup_error: Callable[[Exception], None] | None = None
+        self.on_started: Callable[[], None] | None = None
 
     def _failed(self, error: Exception) -> None:
         if self.on_startup_error is None:
@@ -329,10 +332,14 @@ class Root(MultiService):
             super().startService()
         except ConfigError as e:
             self._failed(e)
+            return
         except OSError as e:  # the access log, opened as the unprivileged user
             self._failed(
                 ConfigError("-", "access_log.path", f"cannot open: {e.strerror}")
             )
+            return
+        if self.on_started is not None:
+            self.on_started()
 
 
 class StartupFailure:
@@ -356,9 +363,16 @@ class StartupFailure:
         self._terminal_fd = terminal_fd
         self._exit_status = exit_status
 
+    def started(self) -> None:
+        """
+        Startup is over: let go of the terminal (a caller reading it through
+        a pipe sees its end).
+        """
+        if self._terminal_fd is not None:
+            os.close(self._terminal_fd)
+            self._terminal_fd = None
+
     def __call__(self, error: Exception) -> None:
-        import os
-        import sys
 
         line = f"quayfront: {self._describe(error)}\n"
         self._log.error("{line}", line=line.rstrip("\n"))

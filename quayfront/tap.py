@@ -401,12 +401,14 @@ def makeService(options: Options) -> Root:
     root = make_service(
         options.config, options.tls, reactor, options.source, to_twistd_log=options.daemonising
     )
-    root.on_startup_error = StartupFailure(
+    failure = StartupFailure(
         lambda e: str(options.attribute(e)) if isinstance(e, ConfigError) else str(e),
         options.twistd_options(),
         options.terminal_fd,
         STARTUP_ERROR_EXIT,
     )
+    root.on_startup_error = failure
+    root.on_started = failure.started
     Reopener(root.access_log, options.config, options.load).setServiceParent(root)
     reactor.callWhenRunning(StopSignals(reactor, root.drain).install)
     return root
