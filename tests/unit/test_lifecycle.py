@@ -440,3 +440,62 @@ def test_access_log_checked_for_the_twistd_user(pair, capsys, tmp_path: Path) ->
     err = capsys.readouterr().err
     assert err.startswith("quayfront: --access-log: access_log.path: cannot create")
     assert "uid 65534" in err
+
+
+# --------------------------------------------------------------------------
+# Startup errors
+
+
+class FailingListener(Service):
+    def privilegedStartService(self) -> None:
+        from quayfront.config import ConfigError
+
+        raise ConfigError("-", "proxy_listener.address", "cannot listen on 0.0.0.0:8443: in use")
+
+
+def test_root_hands_startup_errors_to_its_reporter() -> None:
+    """A ConfigError while listening goes to on_startup_error; without one it is raised."""
+    from quayfront.config import ConfigError
+    from quayfront.lifecycle import Root
+
+    root = Root()
+    FailingListener().setServiceParent(root)
+    with pytest.raises(ConfigError):
+        root.privilegedStartService()
+    reported: list[Exception] = []
+    root.on_startup_error = reported.append
+    root.privilegedStartService()
+    [error] = reported
+    assert error.key == "proxy_listener.address"
+
+
+def test_startup_failure_in_the_foreground_is_one_line_and_exit_1(tmp_path: Path, capsys) -> None:
+    """In the foreground the line goes to standard error, the pid file is removed, exit status 1."""
+    from quayfront.config import ConfigError
+    from quayfront.lifecycle import StartupFailure
+
+    pidfile = tmp_path / "twistd.pid"
+    pidfile.write_text("1")
+    failure = StartupFailure(
+        lambda e: f"--proxy-listen: {e.key}: {e.reason}", {"pidfile": str(pidfile)}, None, 1
+    )
+    import sys
+
+    written: list[str] = []
+
+    class Err:
+        def write(self, text: str) -> None:
+            written.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    real, sys.__stderr__ = sys.__stderr__, Err()
+    try:
+        with pytest.raises(SystemExit) as exit:
+            failure(ConfigError("-", "proxy_listener.address", "cannot listen on x: in use"))
+    finally:
+        sys.__stderr__ = real
+    assert exit.value.code == 1
+    assert written == ["quayfront: --proxy-listen: proxy_listener.address: cannot listen on x: in use\n"]
+    assert not pidfile.exists()
