@@ -417,6 +417,27 @@ def listener_addresses(config) -> list[tuple[str, object]]:
     return addresses
 
 
+_WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def listener_conflict(config) -> tuple[str, str] | None:
+    """
+    C{(key, reason)} when two enabled listeners would take the same port
+    (the same host, or a wildcard address and any host), else C{None}.
+    """
+    seen: list[tuple[str, object]] = []
+    for key, address in listener_addresses(config):
+        for other_key, other in seen:
+            if address.port == other.port and (
+                address.host == other.host
+                or address.host in _WILDCARDS
+                or other.host in _WILDCARDS
+            ):
+                return key, f"{address} is also taken by {other_key} ({other})"
+        seen.append((key, address))
+    return None
+
+
 def bind_problem(address) -> str | None:
     """
     Why C{address} cannot be listened on right now (in use, no permission),

@@ -28,6 +28,7 @@ from quayfront.lifecycle import (
     StopSignals,
     bind_problem,
     listener_addresses,
+    listener_conflict,
 )
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
 from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
@@ -157,9 +158,11 @@ class Options(usage.Options):
             self.tls = load_server_tls(self.config.tls, self.source)
         except ConfigError as e:
             self.fail(self.attribute(e))
-        problem = access_log_problem(
-            self.config.access_log.path, *self.run_as(twistd)
-        )
+        conflict = listener_conflict(self.config)
+        if conflict is not None:
+            key, reason = conflict
+            self.fail(ConfigError(self.source_of(key), key, reason))
+        problem = access_log_problem(self.config.access_log.path, *self.run_as(twistd))
         if problem is not None:
             self.fail(ConfigError(self.source_of("access_log.path"), "access_log.path", problem))
         if self["check"]:
@@ -335,10 +338,12 @@ def make_service(
         endpoint = plain_endpoint(
             reactor, redirect.address, ProxyHeaderPolicy.from_config("redirect", redirect), counters
         )
+        redirecting = redirect_site(redirect.https_port, reactor)
+        redirecting.noisy = False
         drain.add_listener(
             ListenerService(
                 endpoint,
-                redirect_site(redirect.https_port, reactor),
+                redirecting,
                 "redirect_listener.address",
                 redirect.address,
             )

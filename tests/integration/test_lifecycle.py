@@ -226,11 +226,10 @@ def test_daemon_with_port_in_use_fails_loudly(tmp_path: Path, dev_cert, how: str
             expected = (f"quayfront: --proxy-listen: proxy_listener.address: cannot listen on"
                         f" {LOOPBACK}:{busy}: Address already in use")
         else:
-            # Only found by the daemon itself, after the fork.
             port = harness.free_port()
             args = ("--proxy-listen", f"{LOOPBACK}:{port}", "--listen", f"{LOOPBACK}:{port}")
-            expected = (f"quayfront: --listen: tls_listener.address: cannot listen on"
-                        f" {LOOPBACK}:{port}: Address already in use")
+            expected = (f"quayfront: --listen: tls_listener.address: {LOOPBACK}:{port} is also"
+                        f" taken by proxy_listener.address ({LOOPBACK}:{port})")
         done, elapsed = run_daemon(daemon_argv(tmp_path, cert, key, *args))
     finally:
         taken.close()

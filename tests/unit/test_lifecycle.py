@@ -499,3 +499,59 @@ def test_startup_failure_in_the_foreground_is_one_line_and_exit_1(tmp_path: Path
     assert exit.value.code == 1
     assert written == ["quayfront: --proxy-listen: proxy_listener.address: cannot listen on x: in use\n"]
     assert not pidfile.exists()
+
+
+def test_listeners_on_one_port_conflict() -> None:
+    """Two listeners on one port (same host, or a wildcard) are a configuration error."""
+    from quayfront.config import MetricsConfig, ProxyListenerConfig, TLSListenerConfig
+    from quayfront.lifecycle import listener_conflict
+
+    assert listener_conflict(Config()) is None
+    same = Config(
+        proxy_listener=ProxyListenerConfig(address=ListenAddress("127.0.0.1", 9000)),
+        tls_listener=TLSListenerConfig(address=ListenAddress("0.0.0.0", 9000)),
+    )
+    assert listener_conflict(same) == (
+        "tls_listener.address",
+        "0.0.0.0:9000 is also taken by proxy_listener.address (127.0.0.1:9000)",
+    )
+    other_hosts = Config(
+        proxy_listener=ProxyListenerConfig(address=ListenAddress("127.0.0.1", 9000)),
+        metrics=MetricsConfig(address=ListenAddress("127.0.0.2", 9000)),
+    )
+    assert listener_conflict(other_hosts) is None
+
+
+def test_daemonised_startup_failure_reaches_the_terminal_and_twistds_parent(tmp_path: Path) -> None:
+    """Daemonised, the line goes to the saved terminal, twistd's parent hears of it, status 1."""
+    from quayfront.config import ConfigError
+    from quayfront.lifecycle import StartupFailure
+
+    terminal_r, terminal_w = os.pipe()
+    status_r, status_w = os.pipe()
+    pidfile = tmp_path / "twistd.pid"
+    pidfile.write_text("1")
+    child = os.fork()
+    if child == 0:  # the daemon
+        try:
+            os.close(terminal_r)
+            os.close(status_r)
+            failure = StartupFailure(
+                lambda e: f"--listen: {e.key}: {e.reason}",
+                {"pidfile": str(pidfile), "statusPipe": status_w},
+                terminal_w,
+                1,
+            )
+            failure(ConfigError("-", "tls_listener.address", "cannot listen on x: in use"))
+        finally:
+            os._exit(99)
+    os.close(terminal_w)
+    os.close(status_w)
+    _, status = os.waitpid(child, 0)
+    with os.fdopen(terminal_r, "rb") as terminal, os.fdopen(status_r, "rb") as pipe:
+        line = terminal.read()
+        told = pipe.read()
+    assert os.waitstatus_to_exitcode(status) == 1
+    assert line == b"quayfront: --listen: tls_listener.address: cannot listen on x: in use\n"
+    assert told.startswith(b"1 ")
+    assert not pidfile.exists()
