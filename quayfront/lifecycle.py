@@ -200,14 +200,12 @@ class StopSignals:
             self._drain.skip_delay()
 
 
-def chain_signal(signum: int, handler: Callable[[], None]) -> None:
+def chain_signal(reactor, signum: int, handler: Callable[[], None]) -> None:
     """
     Make C{signum} call C{handler} in the reactor loop after whatever
     handler was installed before (twistd's log rotation on SIGUSR1, the
     certificate reload on SIGHUP), which keeps working.
     """
-    from twisted.internet import reactor
-
     previous = signal.getsignal(signum)
 
     def on_signal(number: int, frame: object) -> None:
@@ -257,15 +255,18 @@ class Reopener(Service):
 
     _log = Logger()
 
-    def __init__(self, access_log, running_config, load: Callable[[], object] | None) -> None:
+    def __init__(
+        self, reactor, access_log, running_config, load: Callable[[], object] | None
+    ) -> None:
+        self._reactor = reactor
         self._access_log = access_log
         self._running_config = running_config
         self._load = load
 
     def startService(self) -> None:
         super().startService()
-        chain_signal(signal.SIGUSR1, lambda: self._access_log.reopen("SIGUSR1"))
-        chain_signal(signal.SIGHUP, self.on_sighup)
+        chain_signal(self._reactor, signal.SIGUSR1, lambda: self._access_log.reopen("SIGUSR1"))
+        chain_signal(self._reactor, signal.SIGHUP, self.on_sighup)
 
     def on_sighup(self) -> None:
         self._access_log.reopen("SIGHUP")

@@ -414,6 +414,6 @@ def makeService(options: Options) -> Root:
     )
     root.on_startup_error = failure
     root.on_started = failure.started
-    Reopener(root.access_log, options.config, options.load).setServiceParent(root)
+    Reopener(reactor, root.access_log, options.config, options.load).setServiceParent(root)
     reactor.callWhenRunning(StopSignals(reactor, root.drain).install)
     return root

@@ -262,7 +262,7 @@ def test_sighup_reopens_and_names_keys_needing_restart(tmp_path: Path) -> None:
             reopened.append(why)
             return True
 
-    reopener = Reopener(Log(), Config(), lambda: Config(http=HTTPConfig(idle_timeout_s=5.0)))
+    reopener = Reopener(None, Log(), Config(), lambda: Config(http=HTTPConfig(idle_timeout_s=5.0)))
     messages: list[str] = []
     from twisted.logger import formatEvent, globalLogPublisher
 
