@@ -62,6 +62,12 @@ class DrainController(MultiService):
         self._stopped: Deferred | None = None
         self.phase: str | None = None
 
+    def set_delay(self, delay_s: float) -> None:
+        self._delay_s = delay_s
+
+    def set_timeout(self, timeout_s: float) -> None:
+        self._timeout_s = timeout_s
+
     def add_listener(self, listener: IService) -> None:
         """
         A service that accepts connections: closed in phase C{closing}.
@@ -248,20 +254,27 @@ def changed_keys(running: object, edited: object) -> list[str]:
 class Reopener(Service):
     """
     SIGUSR1 and SIGHUP reopen the access log (as nginx does on SIGUSR1);
-    SIGHUP also reads the configuration again and says plainly which
-    edited keys take effect only after a restart (certificates are reloaded
-    by the certificate reloader on the same signal).
+    SIGHUP also reads the configuration again, applies the edited keys it
+    can (those in C{live}: key -> function taking the new value) and says
+    plainly which take effect only after a restart (certificate files are
+    reloaded by the certificate reloader on the same signal).
     """
 
     _log = Logger()
 
     def __init__(
-        self, reactor, access_log, running_config, load: Callable[[], object] | None
+        self,
+        reactor,
+        access_log,
+        running_config,
+        load: Callable[[], object] | None,
+        live: dict[str, Callable[[Any], None]] | None = None,
     ) -> None:
         self._reactor = reactor
         self._access_log = access_log
         self._running_config = running_config
         self._load = load
+        self._live = live or {}
 
     def startService(self) -> None:
         super().startService()
@@ -283,11 +296,37 @@ class Reopener(Service):
         if not changed:
             self._log.info("SIGHUP: configuration unchanged")
             return
-        self._log.warn(
-            "SIGHUP: these edited keys take effect only after a restart: {keys}"
-            " (certificate files and the access log are reopened now)",
-            keys=", ".join(changed),
+        values = flatten(edited)
+        applied = [key for key in changed if key in self._live]
+        for key in applied:
+            self._live[key](values[key])
+        if applied:
+            self._log.info("SIGHUP: applied {keys}", keys=", ".join(applied))
+        restart = [key for key in changed if key not in self._live]
+        if restart:
+            self._log.warn(
+                "SIGHUP: these edited keys take effect only after a restart: {keys}"
+                " (certificate files and the access log are reopened now)",
+                keys=", ".join(restart),
+            )
+        # What now runs: applied keys take their new values, the others
+        # stay as they were (and are named again on the next SIGHUP).
+        self._running_config = _with_values(
+            self._running_config, {key: values[key] for key in applied}
         )
+
+
+def _with_values(config: Any, values: dict[str, object]) -> Any:
+    """
+    C{config} with the dotted keys of C{values} replaced (sections only).
+    """
+    for key, value in values.items():
+        section_name, _, name = key.partition(".")
+        section = getattr(config, section_name)
+        config = dataclasses.replace(
+            config, **{section_name: dataclasses.replace(section, **{name: value})}
+        )
+    return config
 
 
 class Root(MultiService):

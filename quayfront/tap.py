@@ -414,6 +414,16 @@ def makeService(options: Options) -> Root:
     )
     root.on_startup_error = failure
     root.on_started = failure.started
-    Reopener(reactor, root.access_log, options.config, options.load).setServiceParent(root)
+    Reopener(
+        reactor,
+        root.access_log,
+        options.config,
+        options.load,
+        # Read only when a drain starts: safe to change at any time.
+        live={
+            "http.drain_delay_s": root.drain.set_delay,
+            "http.drain_timeout_s": root.drain.set_timeout,
+        },
+    ).setServiceParent(root)
     reactor.callWhenRunning(StopSignals(reactor, root.drain).install)
     return root

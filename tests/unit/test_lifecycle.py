@@ -555,3 +555,30 @@ def test_daemonised_startup_failure_reaches_the_terminal_and_twistds_parent(tmp_
     assert line == b"quayfront: --listen: tls_listener.address: cannot listen on x: in use\n"
     assert told.startswith(b"1 ")
     assert not pidfile.exists()
+
+
+def test_sighup_applies_live_keys_and_names_the_rest() -> None:
+    """Keys with a live setter are applied at once; only the others are named for a restart."""
+    applied: list[float] = []
+
+    class Log:
+        def reopen(self, why: str) -> bool:
+            return True
+
+    edited = Config(http=HTTPConfig(drain_delay_s=2.0, idle_timeout_s=5.0))
+    reopener = Reopener(None, Log(), Config(), lambda: edited,
+                        live={"http.drain_delay_s": applied.append})
+    messages: list[str] = []
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    observer = lambda event: messages.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        reopener.on_sighup()
+        reopener.on_sighup()
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert applied == [2.0]
+    restart = [m for m in messages if "after a restart" in m]
+    assert len(restart) == 2 and all("http.idle_timeout_s" in m for m in restart)
+    assert not any("drain_delay_s" in m for m in restart)
