@@ -10,11 +10,12 @@
 #   testssl.sh       TLS scan in the integration tests (`testssl`)
 #   nginx            baseline for the benchmarks
 #   procps           ps/pgrep for debugging the test processes
+#   logrotate        runs the shipped etc/logrotate.d/quayfront in the tests
 #
 # Needs root, or sudo rights for apt-get. Set SUDO= explicitly to override.
 set -eu
 
-PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps"
+PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps logrotate"
 
 missing=""
 for pkg in $PACKAGES; do

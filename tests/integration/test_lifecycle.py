@@ -291,6 +291,34 @@ def test_mv_and_signal_moves_new_lines_to_a_new_file(tmp_path: Path, start_quayf
     assert qf.alive()
 
 
+def test_shipped_logrotate_snippet_rotates_without_losing_lines(tmp_path: Path, start_quayfront,
+                                                               echo_upstream: Process) -> None:
+    """logrotate with etc/logrotate.d/quayfront (paths pointed at the test) rotates; quayfront reopens."""
+    logrotate = harness.require_binary("logrotate")
+    qf = start_quayfront(f"http://{LOOPBACK}:{echo_upstream.ports['http']}")
+    log: Path = qf.extra["access_log"]
+    pidfile = tmp_path / "quayfront.pid"
+    pidfile.write_text(str(qf.pid))
+    snippet = (harness.REPO_ROOT / "etc" / "logrotate.d" / "quayfront").read_text()
+    assert "/var/log/quayfront/access.log" in snippet and "/run/quayfront/quayfront.pid" in snippet
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(snippet.replace("/var/log/quayfront/access.log", str(log))
+                    .replace("/run/quayfront/quayfront.pid", str(pidfile))
+                    .replace("quayfront.service", "quayfront-test-absent.service"))
+    conf.chmod(0o644)
+    assert curl(f"https://{LOOPBACK}:{qf.ports['tls']}/before", workdir=tmp_path).status == 200
+    harness.wait_for_access_line(log, lambda l: "/before" in l)
+    done = subprocess.run([logrotate, "--force", "--state", str(tmp_path / "state"), str(conf)],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done
+    wait_for_output(qf, "access log reopened (SIGUSR1)")
+    assert curl(f"https://{LOOPBACK}:{qf.ports['tls']}/after", workdir=tmp_path).status == 200
+    harness.wait_for_access_line(log, lambda l: "/after" in l)
+    rotated = harness.read_access_log(log.with_name(log.name + ".1"))
+    assert [l for l in rotated if "/before" in l] and not [l for l in rotated if "/after" in l]
+    assert qf.alive()
+
+
 def test_sighup_names_edited_keys_needing_restart(tmp_path: Path, start_quayfront,
                                                   echo_upstream: Process) -> None:
     """SIGHUP re-reads the file and logs which edited keys need a restart."""
