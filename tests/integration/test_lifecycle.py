@@ -340,8 +340,9 @@ def test_sighup_names_edited_keys_needing_restart(tmp_path: Path, start_quayfron
 # --check
 
 
-def check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*harness.twistd_command(), "--pidfile=", "quayfront", "--check", *args],
+def check(*args: str, twistd: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run([*harness.twistd_command(), "--pidfile=", *twistd, "quayfront", "--check",
+                           *args],
                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
                           cwd=harness.REPO_ROOT, env=harness.quayfront_env())
 
@@ -389,3 +390,13 @@ def test_check_reports_each_kind_of_error(tmp_path: Path, dev_cert) -> None:
         assert done.stdout == "", (kind, done)
         [line] = done.stderr.splitlines()
         assert line.startswith(f"quayfront: {config}: ") and expected in line, (kind, line)
+    # The access log as the user twistd -u/-g will switch to: the test's
+    # private directory is not writable by nobody.
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    config = write_config(tmp_path / "dropped.toml",
+                          good_tls + f'[access_log]\npath = "{private / "access.log"}"\n')
+    done = check("--config", str(config), twistd=("-u", "65534", "-g", "65534"))
+    assert done.returncode == 2, done
+    assert done.stderr.startswith(f"quayfront: {config}: access_log.path: directory {private}"
+                                  " is not searchable by uid 65534"), done
