@@ -23,8 +23,10 @@ that order itself.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import signal
+import socket
 import sys
 from typing import Any, Callable
 
@@ -34,7 +36,29 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-PHASES = ("delay", "closing", "finishing", "done")
+from quayfront.config import ConfigError
+
+
+class Phase(str, enum.Enum):
+    """
+    The drain's phases, in order; observers get their string values.
+    """
+
+    DELAY = "delay"
+    CLOSING = "closing"
+    FINISHING = "finishing"
+    DONE = "done"
+
+
+PHASES = tuple(phase.value for phase in Phase)
+
+# Each phase follows exactly one other; anything else is a bug.
+_NEXT_PHASE: dict[Phase | None, Phase] = {
+    None: Phase.DELAY,
+    Phase.DELAY: Phase.CLOSING,
+    Phase.CLOSING: Phase.FINISHING,
+    Phase.FINISHING: Phase.DONE,
+}
 
 DrainObserver = Callable[[str, int], None]
 
@@ -60,7 +84,7 @@ class DrainController(MultiService):
         self._observers: list[DrainObserver] = []
         self._delay_call = None
         self._stopped: Deferred | None = None
-        self.phase: str | None = None
+        self.phase: Phase | None = None
 
     def set_delay(self, delay_s: float) -> None:
         self._delay_s = delay_s
@@ -81,7 +105,9 @@ class DrainController(MultiService):
         """
         self._observers.append(callback)
 
-    def _enter(self, phase: str, message: str, **fields: Any) -> None:
+    def _enter(self, phase: Phase, message: str, **fields: Any) -> None:
+        if _NEXT_PHASE.get(self.phase) is not phase:
+            raise RuntimeError(f"drain: phase {phase.value} cannot follow {self.phase}")
         self.phase = phase
         in_flight = self._site.in_flight
         self._log.info(
@@ -92,9 +118,9 @@ class DrainController(MultiService):
         )
         for callback in list(self._observers):
             try:
-                callback(phase, in_flight)
+                callback(phase.value, in_flight)
             except Exception:
-                self._log.failure("drain observer failed in phase {phase}", phase=phase)
+                self._log.failure("drain observer failed in phase {phase}", phase=phase.value)
 
     def stopService(self) -> Deferred:
         # Not MultiService.stopService: that would stop every child at once.
@@ -102,7 +128,7 @@ class DrainController(MultiService):
         self._stopped = stopped = Deferred()
         self._site.drain()
         self._enter(
-            "delay",
+            Phase.DELAY,
             "health checks answer 503; still accepting for {delay_s}s"
             " ({in_flight} requests in flight, {connections} connections open;"
             " a second SIGTERM or SIGINT skips the delay)",
@@ -118,7 +144,7 @@ class DrainController(MultiService):
         """
         End the delay phase now (a second SIGTERM or SIGINT).
         """
-        if self.phase == "delay" and self._delay_call is not None and self._delay_call.active():
+        if self.phase is Phase.DELAY and self._delay_call is not None and self._delay_call.active():
             self._delay_call.cancel()
             self._log.info("draining: delay skipped by a second signal")
             self._close_listeners()
@@ -127,7 +153,7 @@ class DrainController(MultiService):
         self._delay_call = None
         listeners = [listener for listener in self._listeners if listener.running]
         self._enter(
-            "closing",
+            Phase.CLOSING,
             "closing {count} listeners ({in_flight} requests in flight,"
             " {connections} connections open)",
             count=len(listeners),
@@ -138,7 +164,7 @@ class DrainController(MultiService):
     def _finish(self) -> None:
         idle = self._site.close_idle_connections()
         self._enter(
-            "finishing",
+            Phase.FINISHING,
             "waiting up to {timeout_s}s for {in_flight} requests in flight and"
             " {connections} connections ({idle} idle ones closing)",
             timeout_s=self._timeout_s,
@@ -164,7 +190,7 @@ class DrainController(MultiService):
 
     def _done(self) -> None:
         self._enter(
-            "done",
+            Phase.DONE,
             "done ({in_flight} requests in flight, {connections} connections open)",
         )
         stopped, self._stopped = self._stopped, None
@@ -354,8 +380,6 @@ class Root(MultiService):
         self.on_startup_error(error)
 
     def privilegedStartService(self) -> None:
-        from quayfront.config import ConfigError
-
         try:
             super().privilegedStartService()
         except ConfigError as e:
@@ -366,8 +390,6 @@ class Root(MultiService):
                            role=role, key=key)
 
     def startService(self) -> None:
-        from quayfront.config import ConfigError
-
         try:
             super().startService()
         except ConfigError as e:
@@ -483,8 +505,6 @@ def bind_problem(address) -> str | None:
     Why C{address} cannot be listened on right now (in use, no permission),
     or C{None}.  Binds as Twisted does (C{SO_REUSEADDR}) and closes again.
     """
-    import socket
-
     family = socket.AF_INET6 if address.is_ipv6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:

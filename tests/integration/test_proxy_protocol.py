@@ -310,7 +310,8 @@ def test_startup_failures_exit_nonzero_with_reason(tmp_path, dev_cert):
         argv = [*harness.twistd_command(), "-n", "--pidfile=", "quayfront",
                 "--proxy-listen", f"127.0.0.1:{proxy_port}", "--listen", f"127.0.0.1:{tls_port}", *args]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL, cwd=harness.REPO_ROOT)
+                              stdin=subprocess.DEVNULL, cwd=harness.REPO_ROOT,
+                              env=harness.quayfront_env())
         output = done.stdout + done.stderr
         assert done.returncode != 0, output
         assert expected in output, output

@@ -366,13 +366,21 @@ def test_check_reports_the_source_and_exits_2(pair, capsys, tmp_path, toml, args
     assert len(err.splitlines()) == 1, err
 
 
-def test_default_certificate_error_blames_the_default(capsys) -> None:
-    """Without a file, a missing certificate is the built-in default's, not the command line's."""
+def test_default_certificate_error_blames_the_default(capsys, monkeypatch) -> None:
+    """Without a file, a bad certificate is the built-in default's, not the command line's."""
+    import quayfront.tap
+    from quayfront.config import ConfigError
+
+    def unreadable(config, source):
+        raise ConfigError(source, "tls.cert", f"cannot read {config.cert}: No such file")
+
+    # Whatever this machine has under /etc/quayfront/tls.
+    monkeypatch.setattr(quayfront.tap, "load_server_tls", unreadable)
     with pytest.raises(SystemExit) as exit:
         parse()
     assert exit.value.code == STARTUP_ERROR_EXIT
-    assert capsys.readouterr().err.startswith(
-        f"quayfront: built-in default: tls.cert: cannot read {Config().tls.cert}"
+    assert capsys.readouterr().err == (
+        f"quayfront: built-in default: tls.cert: cannot read {Config().tls.cert}: No such file\n"
     )
 
 
