@@ -14,6 +14,11 @@ from twisted.web.resource import Resource
 COUNTERS = {
     "proxy_header_rejected": ("reason", "Connections closed for their PROXY header, by reason."),
     "http_responses": ("status", "Requests ended, by HTTP status (499: client left first)."),
+    "http_requests_refused": (
+        "reason",
+        "Requests refused for their framing, target or head deadline, by reason.",
+    ),
+    "http_headers_dropped": ("reason", "Client request headers dropped, by reason."),
 }
 
 

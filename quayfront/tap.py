@@ -31,11 +31,19 @@ from quayfront.lifecycle import (
     listener_conflict,
 )
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
-from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
+from quayfront.listeners import (
+    InheritedSockets,
+    ListenerService,
+    SocketActivationError,
+    listener_endpoint,
+    plain_endpoint,
+    tcp_endpoint,
+)
 from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream
+from quayfront.sdnotify import add_systemd_notify
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
@@ -96,7 +104,6 @@ class Options(usage.Options):
         ["drain-delay", None, None, "Seconds health checks answer 503 before the listeners"
          " close on SIGTERM [15]."],
     ]
-
     # option -> (dotted config key, conversion from the command-line text)
     _OVERRIDES: dict[str, tuple[str, Any]] = {
         "proxy-listen": ("proxy_listener.address", str),
@@ -261,6 +268,7 @@ def make_service(
         access_log=access_log,
         counters=counters,
         idle_timeout_s=config.http.idle_timeout_s,
+        header_timeout_s=config.http.header_timeout_s,
         request_id_header=config.http.request_id_header,
         tlv_headers=config.proxy_listener.tlv_headers,
         tls_headers=config.tls.headers,
@@ -278,6 +286,12 @@ def make_service(
     root.drain = drain
     access_log.setServiceParent(drain)
 
+    # Sockets passed by systemd socket activation are adopted instead of bound.
+    inherited = InheritedSockets.from_environment(reactor)
+
+    def adopted(name: str, setting: str):
+        return inherited.endpoint(name, setting) if inherited is not None else None
+
     listener_factories = {}
     listeners = []
     if config.proxy_listener.enabled:
@@ -290,9 +304,11 @@ def make_service(
     if config.tls_listener.enabled:
         listeners.append((config.tls_listener.address, ProxyHeaderPolicy("tls", required=False)))
     for address, policy in listeners:
-        endpoint = listener_endpoint(reactor, address, policy, tls, counters)
-        listener_factories[policy.listener] = endpoint
         setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
+        endpoint = listener_endpoint(
+            reactor, address, policy, tls, counters, adopted(policy.listener, setting)
+        )
+        listener_factories[policy.listener] = endpoint
         drain.add_listener(ListenerService(endpoint, site, setting, address))
         root.listening.append((setting, address, _ROLES[policy.listener]))
     if config.metrics.enabled:
@@ -327,7 +343,7 @@ def make_service(
         # A scrape every few seconds is not worth a log line each.
         metrics_site.log = lambda request: None
         ListenerService(
-            tcp_endpoint(reactor, config.metrics.address),
+            adopted("metrics", "metrics.address") or tcp_endpoint(reactor, config.metrics.address),
             metrics_site,
             "metrics.address",
             config.metrics.address,
@@ -336,7 +352,11 @@ def make_service(
     if config.redirect_listener.enabled:
         redirect = config.redirect_listener
         endpoint = plain_endpoint(
-            reactor, redirect.address, ProxyHeaderPolicy.from_config("redirect", redirect), counters
+            reactor,
+            redirect.address,
+            ProxyHeaderPolicy.from_config("redirect", redirect),
+            counters,
+            adopted("redirect", "redirect_listener.address"),
         )
         redirecting = redirect_site(redirect.https_port, reactor)
         redirecting.noisy = False
@@ -351,6 +371,9 @@ def make_service(
         root.listening.append(
             ("redirect_listener.address", redirect.address, "plain HTTP, redirects to https")
         )
+    if inherited is not None:
+        inherited.check_all_taken()
+    add_systemd_notify(root, reactor)
     return root
 
 
@@ -403,9 +426,13 @@ _ROLES = {
 def makeService(options: Options) -> Root:
     from twisted.internet import reactor
 
-    root = make_service(
-        options.config, options.tls, reactor, options.source, to_twistd_log=options.daemonising
-    )
+    try:
+        root = make_service(
+            options.config, options.tls, reactor, options.source, to_twistd_log=options.daemonising
+        )
+    except SocketActivationError as e:
+        sys.__stderr__.write(f"quayfront: socket activation: {e}\n")
+        raise SystemExit(STARTUP_ERROR_EXIT)
     failure = StartupFailure(
         lambda e: str(options.attribute(e)) if isinstance(e, ConfigError) else str(e),
         options.twistd_options(),

@@ -321,11 +321,14 @@ def test_shipped_logrotate_snippet_rotates_without_losing_lines(tmp_path: Path, 
     pidfile = tmp_path / "quayfront.pid"
     pidfile.write_text(str(qf.pid))
     snippet = (harness.REPO_ROOT / "etc" / "logrotate.d" / "quayfront").read_text()
-    assert "/var/log/quayfront/access.log" in snippet and "/run/quayfront/quayfront.pid" in snippet
+    assert "/var/log/quayfront/*.log" in snippet and "/run/quayfront/quayfront.pid" in snippet
     conf = tmp_path / "logrotate.conf"
-    conf.write_text(snippet.replace("/var/log/quayfront/access.log", str(log))
+    # The test's own log, pid file and (absent) unit; the files belong to
+    # the user running the test, not to the package's quayfront user.
+    conf.write_text(snippet.replace("/var/log/quayfront/*.log", str(log))
                     .replace("/run/quayfront/quayfront.pid", str(pidfile))
-                    .replace("quayfront.service", "quayfront-test-absent.service"))
+                    .replace("quayfront.service", "quayfront-test-absent.service")
+                    .replace("su quayfront adm", ""))
     conf.chmod(0o644)
     assert curl(f"https://{LOOPBACK}:{qf.ports['tls']}/before", workdir=tmp_path).status == 200
     harness.wait_for_access_line(log, lambda l: "/before" in l)
