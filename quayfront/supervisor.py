@@ -299,6 +299,11 @@ class SupervisorService(Service):
     def signal(self, signum: int) -> None:
         self._carry_out(self.machine.signal_received(signum, self._clock.seconds()))
 
+    def forward(self, signum: int) -> None:
+        """Send C{signum} to every living worker, whatever the state."""
+        pids = tuple(pid for pid in self.machine.alive().values() if pid > 0)
+        self._carry_out([SignalWorkers(signum, pids)] if pids else [])
+
     def _exited(self, pid: int, status: ExitStatus) -> None:
         index = self.machine.index_of(pid)
         if index is not None and not self.machine.stopping:

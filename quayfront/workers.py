@@ -36,7 +36,6 @@ import tempfile
 import traceback
 from typing import Callable
 
-from twisted.application.service import MultiService
 from twisted.internet import process as twisted_process
 from twisted.internet import tcp
 from twisted.internet.task import LoopingCall
@@ -45,6 +44,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from quayfront.config import Config, ListenAddress, RateLimitConfig, UpstreamConfig
+from quayfront.lifecycle import Reopener, Root, StopSignals
 from quayfront.limits import ConcurrencyLimiter
 from quayfront.metrics import MetricsOfTLS
 from quayfront.listeners import LISTEN_BACKLOG
@@ -416,6 +416,16 @@ def run_worker(
     )
     context = WorkerContext(index, AdoptingReactor(reactor, dict(sockets)), runtime)
     root = make_service(worker_config, tls, reactor, source, worker=context)
+    # As makeService does for one process: SIGUSR1 and SIGHUP (forwarded by
+    # the main process) reopen the access log; SIGTERM drains.
+    Reopener(
+        reactor,
+        root.access_log,
+        worker_config,
+        None,
+        live={"http.drain_delay_s": root.drain.set_delay, "http.drain_timeout_s": root.drain.set_timeout},
+    ).setServiceParent(root)
+    reactor.callWhenRunning(StopSignals(reactor, root.drain).install)
 
     def orphaned() -> None:
         if os.getppid() != main_pid and reactor.running:
@@ -511,8 +521,19 @@ class WorkersDrain:
     phases), C{"done"} when the last worker has exited.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, skip_delay: Callable[[], None]) -> None:
         self._observers: list[Callable[[str, int], None]] = []
+        self._skip_delay = skip_delay
+
+    def set_delay(self, delay_s: float) -> None:
+        """Each worker reads its own configuration; nothing to do here."""
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """Each worker reads its own configuration; nothing to do here."""
+
+    def skip_delay(self) -> None:
+        """A second SIGTERM: every worker skips the rest of its delay."""
+        self._skip_delay()
 
     def observe(self, callback: Callable[[str, int], None]) -> None:
         self._observers.append(callback)
@@ -545,7 +566,14 @@ class _NoRequestsHere:
     in_flight = 0
 
 
-class WorkersService(MultiService):
+class _NoAccessLog:
+    """The main process writes no access log: the workers do."""
+
+    def reopen(self, why: str) -> bool:
+        return True
+
+
+class WorkersService(Root):
     """
     The main process: binds the listeners in C{privilegedStartService},
     forks and supervises the workers, serves the summed metrics.
@@ -571,7 +599,8 @@ class WorkersService(MultiService):
         self._slot_sockets: list[dict[tuple[str, int], socket.socket]] = []
         self._previous_usr1 = None
         self.exit_status = 0
-        self.drain = WorkersDrain()
+        self.drain = WorkersDrain(lambda: self.supervisor.forward(signal.SIGTERM))
+        self.access_log = _NoAccessLog()
         # For sd_notify's STATUS= line: requests are counted in the workers.
         self.site = _NoRequestsHere()
         spawner = ForkSpawner(self._run_worker)
