@@ -309,20 +309,6 @@ def test_sighup_new_certificate_reaches_every_worker(tmp_path, ca, start_quayfro
     assert [peer_cn(s_client(port)) for _ in range(10)] == ["after.example"] * 10
 
 
-def _drain_waits_for_the_last_byte() -> bool:
-    """Whether the drain (issue 8's phases) waits for connections to flush and close."""
-    import quayfront.lifecycle
-
-    return hasattr(quayfront.lifecycle, "DrainController")
-
-
-@pytest.mark.xfail(
-    condition=not _drain_waits_for_the_last_byte(),
-    reason="the single-process drain exits once responses finish, before their last bytes are"
-    " flushed; the drain phases of issue 8 wait for the connections to close",
-    # Racy before that fix (a response may flush in time), so not strict.
-    strict=False,
-)
 def test_sigterm_under_load_loses_nothing(tmp_path: Path, start_quayfront, echo_upstream) -> None:
     """SIGTERM while uploads run on both workers: every upload completes, then every process exits and the port closes."""
     qf = start_quayfront(f"http://{LOOPBACK}:{echo_upstream.ports['http']}", extra=WORKERS)
