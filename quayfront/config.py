@@ -347,6 +347,13 @@ class TLSConfig:
     # TLS session details sent upstream as headers: field (version, cipher,
     # sni) -> header name.  Client-sent headers of these names are removed.
     headers: tuple[tuple[str, str], ...] = _checked((), _tls_headers, toml_type=dict)
+    # Session ticket key files shared by every replica, as nginx's
+    # ssl_session_ticket_key: 80 (or 48) random bytes each, e.g. from
+    # `openssl rand 80`.  The first encrypts new tickets, all decrypt: to
+    # rotate, put a new file first and keep the previous one second.  Empty:
+    # each process makes its own keys, and a session resumes only on the
+    # replica that started it.  Reloaded with the certificates.
+    session_ticket_key_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
