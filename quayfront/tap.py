@@ -17,10 +17,12 @@ from quayfront.accesslog import AccessLog
 from quayfront.config import Config, ConfigError, load_config
 from quayfront.health import HealthResource, UpstreamProbe
 from quayfront.lifecycle import DrainService
-from quayfront.limits import ConcurrencyLimiter, RateLimiter
+from quayfront.limits import ConcurrencyLimiter, RateLimiter, SharedRateLimiter
 from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
 from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
+from quayfront.redisstore import RedisStore
+from quayfront.redisstore import check_config as check_redis_config
 from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
@@ -82,6 +84,7 @@ class Options(usage.Options):
         try:
             self.config = load_config(self["config"], overrides)
             self.tls = load_server_tls(self.config.tls, self.source)
+            check_redis_config(self.config.redis, self.source)
         except ConfigError as e:
             # A clear line and a non-zero exit; a traceback would bury it.
             sys.stderr.write(f"quayfront: configuration error: {e}\n")
@@ -110,7 +113,12 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     access_log = AccessLog(config.access_log.path, config.access_log.format)
     access_log.setServiceParent(root)
 
-    router = build_router(config, reactor)
+    store = None
+    if any(zone.store == "redis" for zone in config.rate_limits.values()):
+        store = RedisStore(reactor, config.redis, source)
+        store.setServiceParent(root)
+    root.store = store
+    router = build_router(config, reactor, store, counters)
     probe_agent = upstream_agent(reactor, config.upstream, persistent=False)
     probe = UpstreamProbe(
         reactor, probe_agent, upstream_uri(config.health.probe_path.encode("ascii")), config.health
@@ -201,9 +209,11 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     return root
 
 
-def build_router(config: Config, reactor) -> Router:
+def build_router(config: Config, reactor, store=None, counters=None) -> Router:
     """
     The upstreams with their pools and caps, rate-limit zones, and routes.
+    Zones with C{store = "redis"} use C{store} and count its failures in
+    C{counters}.
     """
     upstream_configs = {"default": config.upstream, **config.upstreams}
     upstreams = {}
@@ -216,7 +226,14 @@ def build_router(config: Config, reactor) -> Router:
             ),
         )
     # One limiter per zone, shared by the routes that name it.
-    zones = {name: RateLimiter(reactor, zone) for name, zone in config.rate_limits.items()}
+    zones = {
+        name: (
+            SharedRateLimiter(name, zone, store, counters)
+            if zone.store == "redis"
+            else RateLimiter(reactor, zone)
+        )
+        for name, zone in config.rate_limits.items()
+    }
     routes = []
     for route in config.routes:
         upstream = None if route.directory else upstreams[route.upstream]
