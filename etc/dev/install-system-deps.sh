@@ -10,11 +10,12 @@
 #   testssl.sh       TLS scan in the integration tests (`testssl`)
 #   nginx            baseline for the benchmarks
 #   procps           ps/pgrep for debugging the test processes
+#   redis-server     the shared rate-limit store in the scale-out integration tests
 #
 # Needs root, or sudo rights for apt-get. Set SUDO= explicitly to override.
 set -eu
 
-PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps"
+PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps redis-server"
 
 missing=""
 for pkg in $PACKAGES; do
