@@ -150,7 +150,7 @@ class RedisStore(Service):
         reactor,
         config: RedisConfig,
         source: str = "command line",
-        pool_size: int = 2,
+        pool_size: int = 1,
         max_pending: int = MAX_PENDING_OPERATIONS,
     ) -> None:
         self._reactor = reactor

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from quayfront.redisstore import TOKEN_BUCKET_SCRIPT
 from tests.integration import harness
 from tests.integration.harness import LOOPBACK, Process
 
@@ -292,6 +293,34 @@ def test_rate_limit_shared_through_redis_across_replicas(
         # Only the zone that has seen a request since knows Redis is back.
         assert replica.output().count("zone registry: the shared store answers again") == 1
         assert metric(port, "rate_limit_store_transitions", "up") == 1
+
+
+def test_token_bucket_script_arithmetic_in_a_real_redis(tmp_path: Path, redis_servers) -> None:
+    """The Lua bucket: a burst, then refusals with the right wait, refill at the rate, an expiring key."""
+    redis = redis_servers(harness.free_port())
+    cli = harness.require_binary("redis-cli")
+
+    def take(key: str, rate: float, burst: int) -> tuple[int, float]:
+        done = subprocess.run(
+            [cli, "-h", LOOPBACK, "-p", str(redis.ports["redis"]), "--no-raw",
+             "EVAL", TOKEN_BUCKET_SCRIPT, "1", key, repr(rate), str(burst)],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        taken, wait = re.findall(r'^\s*\d\) (?:\(integer\) )?"?([0-9.e-]+)"?$', done.stdout, re.M)
+        return int(taken), float(wait)
+
+    assert [take("b", 2.0, 3)[0] for _ in range(3)] == [1, 1, 1]
+    taken, wait_s = take("b", 2.0, 3)
+    assert taken == 0 and 0.3 < wait_s <= 0.5
+    ttl = subprocess.run([cli, "-h", LOOPBACK, "-p", str(redis.ports["redis"]), "PTTL", "b"],
+                         capture_output=True, text=True, timeout=10, check=True).stdout
+    # Empty bucket: full again after burst / rate = 1.5 s, plus a second.
+    assert 2000 < int(ttl) <= 2500
+    started = time.monotonic()
+    harness.wait_for(lambda: take("b", 2.0, 3)[0] == 1, 3, interval=0.05, what="a refilled token")
+    assert time.monotonic() - started >= 0.2
+    # Another key (client) has its own full bucket.
+    assert take("other", 2.0, 3)[0] == 1
 
 
 # Shared session ticket keys.
