@@ -323,6 +323,27 @@ def install_ticket_keys(context: SSL.Context, keys: Sequence[bytes]) -> None:
     context._quayfront_ticket_keys = callback
 
 
+_process_keys: list[bytes] | None = None
+
+
+def process_ticket_keys() -> list[bytes]:
+    """
+    One random key made once per process, for when no key files are
+    configured: OpenSSL would otherwise make new keys with every context,
+    so a certificate reload would end every session's resumption.  Empty
+    when keys cannot be installed (OpenSSL's own keys are used then).
+    """
+    global _process_keys
+    if _process_keys is None:
+        try:
+            check_supported()
+        except TicketKeysUnsupported:
+            _process_keys = []
+        else:
+            _process_keys = [TicketKey.generate()]
+    return list(_process_keys)
+
+
 def load_ticket_key_files(
     paths: Sequence[str], source: str, key: str = "tls.session_ticket_key_files"
 ) -> list[bytes]:

@@ -34,7 +34,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from quayfront.config import CertificateFiles, ConfigError, TLSConfig
-from quayfront.ticketkeys import install_ticket_keys, load_ticket_key_files
+from quayfront.ticketkeys import install_ticket_keys, load_ticket_key_files, process_ticket_keys
 
 # ALPN: HTTP/2 stays off until its request bodies stream as HTTP/1.1's do.
 ALPN_PROTOCOLS = (b"http/1.1",)
@@ -272,10 +272,12 @@ class CertificateStore:
         others: list[LoadedCertificate],
         config: TLSConfig,
         ticket_keys: Sequence[bytes] = (),
+        shared_ticket_keys: bool = False,
     ) -> None:
         self.default = default
         self.certificates = (default, *others)
         self.ticket_keys = tuple(ticket_keys)
+        self.shared_ticket_keys = shared_ticket_keys
         self.default_context = server_context(default, config, ticket_keys)
         self._exact: dict[str, SSL.Context] = {}
         self._wildcard: dict[str, SSL.Context] = {}
@@ -309,7 +311,7 @@ class CertificateStore:
             f"{c.label} [{', '.join(c.names) or 'no DNS names'}] until {c.not_after:%Y-%m-%d}"
             for c in self.certificates
         )
-        if self.ticket_keys:
+        if self.shared_ticket_keys:
             described += f"; {len(self.ticket_keys)} shared session ticket key(s)"
         return described
 
@@ -368,8 +370,12 @@ def load_store(
     if config.certificate_dir:
         others += certificates_in_directory(config.certificate_dir, **common)
     ticket_keys = load_ticket_key_files(config.session_ticket_key_files, source)
+    shared = bool(ticket_keys)
+    if not shared:
+        # Still the same key across reloads, so sessions keep resuming.
+        ticket_keys = process_ticket_keys()
     try:
-        return CertificateStore(default, others, config, ticket_keys)
+        return CertificateStore(default, others, config, ticket_keys, shared)
     except SSL.Error as e:
         raise ConfigError(source, "tls", f"OpenSSL refused the configuration: {e}") from None
 

@@ -187,3 +187,18 @@ def test_reload_picks_up_a_rotated_key(tmp_path: Path) -> None:
     # A ticket made now uses the new key.
     _, fresh = handshake(client, tls.store.default_context)
     assert handshake(client, server([new]), fresh)[0]
+
+
+def test_without_key_files_sessions_survive_a_reload(tmp_path: Path) -> None:
+    """No key files: one random key per process, kept across reloads, so a reload ends no session."""
+    cert, key = write_pair(tmp_path, *make_certificate())
+    config = TLSConfig(cert=cert, key=key)
+    tls = load_server_tls(config, "q.toml")
+    assert not tls.store.shared_ticket_keys and len(tls.store.ticket_keys) == 1
+    client = client_context(ssl.TLSVersion.TLSv1_3)
+    _, session = handshake(client, tls.store.default_context)
+    reloader = CertificateReloader(tls, config, "q.toml", reactor=None)
+    old_context = tls.store.default_context
+    assert reloader.reload("test")
+    assert tls.store.default_context is not old_context
+    assert handshake(client, tls.store.default_context, session)[0]
