@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -179,6 +180,12 @@ class _OpenSSLFunctions:
 
     @staticmethod
     def _read_symbols(path: str, wanted: set[str]) -> dict[str, int]:
+        """
+        The addresses of the C{wanted} functions in the symbol tables of
+        the ELF file at C{path}.  pyelftools finds the tables; the entries
+        are scanned with C{struct}, since there are tens of thousands of
+        them and only a dozen are wanted.
+        """
         from elftools.common.exceptions import ELFError
         from elftools.elf.elffile import ELFFile
 
@@ -186,17 +193,39 @@ class _OpenSSLFunctions:
         try:
             with open(path, "rb") as f:
                 elf = ELFFile(f)
+                endian = "<" if elf.little_endian else ">"
+                if elf.elfclass == 64:
+                    entry = struct.Struct(endian + "IBBHQQ")
+
+                    def fields(symbol):
+                        return symbol[0], symbol[1], symbol[4]
+
+                else:
+                    entry = struct.Struct(endian + "IIIBBH")
+
+                    def fields(symbol):
+                        return symbol[0], symbol[3], symbol[1]
+
                 for section_name in (".symtab", ".dynsym"):
                     section = elf.get_section_by_name(section_name)
                     if section is None:
                         continue
-                    for symbol in section.iter_symbols():
-                        if (
-                            symbol.name in wanted
-                            and symbol["st_info"]["type"] == "STT_FUNC"
-                            and symbol["st_value"]
-                        ):
-                            found.setdefault(symbol.name, symbol["st_value"])
+                    names = elf.get_section(section["sh_link"]).data()
+                    offsets = {}
+                    for name in wanted - set(found):
+                        needle = b"\0" + name.encode("ascii") + b"\0"
+                        at = names.find(needle)
+                        while at != -1:
+                            offsets[at + 1] = name
+                            at = names.find(needle, at + 1)
+                    table = section.data()
+                    usable = len(table) - len(table) % entry.size
+                    for symbol in entry.iter_unpack(table[:usable]):
+                        name_offset, info, value = fields(symbol)
+                        name = offsets.get(name_offset)
+                        # STT_FUNC is 2, in the low four bits of st_info.
+                        if name is not None and info & 0xF == 2 and value:
+                            found.setdefault(name, value)
         except (OSError, ELFError) as e:
             raise TicketKeysUnsupported(f"cannot read the symbols of {path}: {e}") from None
         return found
