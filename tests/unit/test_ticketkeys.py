@@ -202,3 +202,32 @@ def test_without_key_files_sessions_survive_a_reload(tmp_path: Path) -> None:
     assert reloader.reload("test")
     assert tls.store.default_context is not old_context
     assert handshake(client, tls.store.default_context, session)[0]
+
+
+def test_an_image_without_the_symbols_is_reported_not_guessed(tmp_path: Path) -> None:
+    """A file that is not ELF, or an ELF without OpenSSL's symbols (a stripped build), is 'unsupported'."""
+    from quayfront.ticketkeys import TicketKeysUnsupported, _OpenSSLFunctions
+
+    not_elf = tmp_path / "not.so"
+    not_elf.write_bytes(b"hello")
+    with pytest.raises(TicketKeysUnsupported, match="cannot read the symbols"):
+        _OpenSSLFunctions._read_symbols(str(not_elf), {"SSL_CTX_ctrl"})
+    import sys
+
+    assert _OpenSSLFunctions._read_symbols(sys.executable, {"SSL_CTX_set_tlsext_ticket_key_evp_cb"}) == {}
+
+
+def test_unsupported_build_makes_key_files_a_config_error(tmp_path: Path, monkeypatch) -> None:
+    """Asking for shared keys where they cannot be installed stops startup with the reason."""
+    from quayfront import ticketkeys
+
+    monkeypatch.setattr(ticketkeys, "_functions", None)
+    monkeypatch.setattr(
+        ticketkeys, "_unsupported", ticketkeys.TicketKeysUnsupported("no symbol table entries for X")
+    )
+    path = tmp_path / "ticket.key"
+    path.write_bytes(TicketKey.generate())
+    with pytest.raises(ConfigError) as caught:
+        load_ticket_key_files([str(path)], "q.toml")
+    assert caught.value.key == "tls.session_ticket_key_files"
+    assert "cannot take shared ticket keys: no symbol table entries for X" in caught.value.reason
