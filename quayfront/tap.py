@@ -21,8 +21,7 @@ from quayfront.limits import ConcurrencyLimiter, RateLimiter, SharedRateLimiter
 from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
 from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
-from quayfront.redisstore import RedisStore
-from quayfront.redisstore import check_config as check_redis_config
+from quayfront.redisstore import RedisStore, check_config as check_redis_config
 from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
