@@ -22,6 +22,11 @@ COUNTERS = {
         "to",
         "Rate-limit zones finding the shared store failing (down) or answering again (up).",
     ),
+    "http_requests_refused": (
+        "reason",
+        "Requests refused for their framing, target or head deadline, by reason.",
+    ),
+    "http_headers_dropped": ("reason", "Client request headers dropped, by reason."),
 }
 
 
