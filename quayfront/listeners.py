@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from typing import Mapping
 
 from twisted.application.internet import StreamServerEndpointService
@@ -27,7 +26,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStream
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from quayfront.config import ListenAddress
+from quayfront.config import ConfigError, ListenAddress
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ProxyHeaderFactory, ProxyHeaderPolicy
 
@@ -294,8 +293,8 @@ class ListenerService(StreamServerEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             reason = e.socketError.strerror if e.socketError is not None else str(e)
-            # twistd has redirected sys.stderr into its log by now.
-            sys.__stderr__.write(
-                f"quayfront: cannot listen on {self._address} ({self._setting}): {reason}\n"
-            )
-            raise SystemExit(1)
+            # The root service reports it like any other startup error, with
+            # the source that set the address.
+            raise ConfigError(
+                "-", self._setting, f"cannot listen on {self._address}: {reason}"
+            ) from None

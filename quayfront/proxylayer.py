@@ -250,6 +250,9 @@ class ProxyHeaderFactory(WrappingFactory):
     """
 
     protocol = ProxyHeaderProtocol
+    # quayfront logs each listener's address and role itself; no "Starting
+    # factory <...object at 0x...>" lines.
+    noisy = False
 
     def __init__(
         self,

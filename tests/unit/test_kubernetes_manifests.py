@@ -54,13 +54,6 @@ def config(tmp_path_factory):
     return load_config(str(path))
 
 
-def drain_delay_s(config) -> float:
-    # http.drain_delay_s comes with the drain phases; before the loader
-    # knows the key the ConfigMap cannot set it, and its default (15 s)
-    # is what the pods will get.
-    return getattr(config.http, "drain_delay_s", 15.0)
-
-
 @pytest.fixture(scope="module")
 def pod() -> dict:
     return find("Deployment", "quayfront")["spec"]["template"]["spec"]
@@ -137,7 +130,7 @@ def test_probes_ask_the_health_resource_over_https_on_the_plain_tls_port(config,
 def test_grace_period_covers_prestop_and_the_drain(config, pod, container) -> None:
     """SIGTERM drains for drain_delay_s + drain_timeout_s after the preStop pause; the kubelet waits longer."""
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    drain_s = drain_delay_s(config) + config.http.drain_timeout_s
+    drain_s = config.http.drain_delay_s + config.http.drain_timeout_s
     assert pod["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
     # SIGTERM is what starts the drain: nothing may replace it.
     assert "stopSignal" not in container["lifecycle"]
