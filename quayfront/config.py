@@ -123,6 +123,66 @@ def parse_upstream_url(text: str) -> UpstreamAddress:
     raise ValueError(f"{text!r} is neither http://HOST:PORT nor unix:/PATH")
 
 
+@dataclass(frozen=True)
+class RedisAddress:
+    """
+    Where the shared store (Redis) listens: TCP (C{redis}), TCP with TLS
+    (C{rediss}) or a UNIX socket (C{unix}), and the database number.
+    """
+
+    scheme: Literal["redis", "rediss", "unix"]
+    host: str = ""
+    port: int = 6379
+    path: str = ""
+    db: int = 0
+
+    def __str__(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.path}?db={self.db}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(text: str) -> RedisAddress | None:
+    """
+    Parse C{redis://HOST[:PORT][/DB]}, C{rediss://...} (TLS) or
+    C{unix:///PATH[?db=DB]}; the empty string is "no store".
+
+    @raise ValueError: with the reason.
+    """
+    if not text:
+        return None
+    scheme, sep, rest = text.partition("://")
+    if not sep or scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"{text!r} is not redis://HOST:PORT/DB, rediss://... or unix:///PATH")
+    if scheme == "unix":
+        path, _, query = rest.partition("?")
+        if not path.startswith("/"):
+            raise ValueError(f"{text!r}: the socket path must be absolute (unix:///PATH)")
+        db = 0
+        if query:
+            name, _, value = query.partition("=")
+            if name != "db" or not value.isdigit():
+                raise ValueError(f"{text!r}: the only option is ?db=NUMBER")
+            db = int(value)
+        return RedisAddress("unix", path=path, db=db)
+    authority, _, db_text = rest.partition("/")
+    if "@" in authority:
+        raise ValueError(f"{text!r}: put the password in redis.password_file, not in the URL")
+    if db_text and not db_text.isdigit():
+        raise ValueError(f"{text!r}: the database must be a number")
+    if authority.startswith("[") or authority.count(":") == 1:
+        address = parse_listen_address(authority)
+        host, port = address.host, address.port
+    elif ":" in authority:
+        raise ValueError(f"{text!r}: write IPv6 addresses as [ADDRESS]:PORT")
+    else:
+        host, port = authority, 6379
+    if not host:
+        raise ValueError(f"{text!r}: no host")
+    return RedisAddress(scheme, host=host, port=port, db=int(db_text or 0))
+
+
 def _parse_port(text: str, whole: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise ValueError(f"{whole!r}: port must be 1-65535")
@@ -347,6 +407,13 @@ class TLSConfig:
     # TLS session details sent upstream as headers: field (version, cipher,
     # sni) -> header name.  Client-sent headers of these names are removed.
     headers: tuple[tuple[str, str], ...] = _checked((), _tls_headers, toml_type=dict)
+    # Session ticket key files shared by every replica, as nginx's
+    # ssl_session_ticket_key: 80 (or 48) random bytes each, e.g. from
+    # `openssl rand 80`.  The first encrypts new tickets, all decrypt: to
+    # rotate, put a new file first and keep the previous one second.  Empty:
+    # each process makes its own keys, and a session resumes only on the
+    # replica that started it.  Reloaded with the certificates.
+    session_ticket_key_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -445,6 +512,30 @@ class RateLimitConfig:
     # Clients tracked at most; the longest idle are forgotten first (a
     # forgotten client starts again with a full bucket).
     max_clients: int = _checked(100_000, _positive)
+    # "memory": buckets in this process.  "redis": in the [redis] store, so
+    # the limit holds across every replica and worker.
+    store: str = _checked("memory", _one_of("memory", "redis"))
+    # When the redis store is down or slower than redis.op_timeout_s:
+    # "allow" the request or "deny" it (429).
+    on_store_error: str = _checked("allow", _one_of("allow", "deny"))
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """
+    The shared store for rate limits with C{store = "redis"}.
+    """
+
+    # redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or unix:///PATH?db=N;
+    # "" for none.
+    url: RedisAddress | None = _checked(None, parse_redis_url)
+    # PEM CA certificates for rediss://; "" uses the system's trust store.
+    ca_file: str = ""
+    # A file holding the password (AUTH); "" for none.
+    password_file: str = ""
+    connect_timeout_s: float = _checked(2.0, _positive)
+    # Longest a request waits for the store before on_store_error decides.
+    op_timeout_s: float = _checked(0.1, _positive)
 
 
 @dataclass(frozen=True)
@@ -547,6 +638,7 @@ class Config:
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = DEFAULT_ROUTES
     rate_limits: dict[str, RateLimitConfig] = field(default_factory=dict)
+    redis: RedisConfig = RedisConfig()
     http: HTTPConfig = HTTPConfig()
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -615,6 +707,11 @@ def _check_references(config: Config, source: str) -> None:
         if route.rate_limit and route.rate_limit not in config.rate_limits:
             raise ConfigError(
                 source, f"{key}.rate_limit", f"no [rate_limits.{route.rate_limit}] section"
+            )
+    for name, zone in config.rate_limits.items():
+        if zone.store == "redis" and config.redis.url is None:
+            raise ConfigError(
+                source, f"rate_limits.{name}.store", "\"redis\" needs [redis] url to be set"
             )
     if "default" in config.upstreams:
         raise ConfigError(

@@ -256,12 +256,27 @@ class Forwarding:
             wait_s = route.rate_limiter.check(client_ip)
         if too_large:
             self._fail(413, "body-too-large")
+        elif isinstance(wait_s, Deferred):
+            # A zone in the shared store decides later (within its
+            # op_timeout_s); the Deferred never fails.
+            wait_s.addCallback(self._rate_limit_decided)
         elif wait_s is not None:
             self._fail(429, "rate-limited", retry_after_s=wait_s)
         else:
-            self._arm_watchdog()
-            self._admission = route.upstream.limiter.acquire()
-            self._admission.addCallbacks(self._admitted, self._not_admitted)
+            self._request_admission()
+
+    def _request_admission(self) -> None:
+        self._arm_watchdog()
+        self._admission = self.route.upstream.limiter.acquire()
+        self._admission.addCallbacks(self._admitted, self._not_admitted)
+
+    def _rate_limit_decided(self, wait_s: float | None) -> None:
+        if self._over:
+            return
+        if wait_s is not None:
+            self._fail(429, "rate-limited", retry_after_s=wait_s)
+        else:
+            self._request_admission()
 
     @property
     def body_complete(self) -> bool:

@@ -4,7 +4,9 @@ and token-bucket rate limits per client address.
 
 Both take the clock as a parameter and hold memory bounded by their
 configuration, whatever the traffic: the queue by C{queue_size}, the buckets
-by C{max_clients}.
+by C{max_clients}.  A zone with C{store = "redis"} keeps its buckets in the
+shared store instead (L{SharedRateLimiter}), so its limit holds across
+replicas; its decision arrives as a Deferred.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from collections import OrderedDict, deque
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from quayfront.config import IPNetwork, RateLimitConfig, host_ip
 
@@ -147,3 +151,74 @@ class RateLimiter:
             if now - updated < self._refill_s:
                 break
             del buckets[client]
+
+
+class SharedRateLimiter:
+    """
+    A zone's token buckets in the shared store (L{quayfront.redisstore}),
+    keyed on the zone and the client address, so that every replica and
+    worker draws from the same bucket.
+
+    When the store fails to answer within its C{op_timeout_s} the zone's
+    C{on_store_error} decides: allow the request, or deny it as if the
+    bucket were empty.  The change between answering and failing is logged
+    once each way and counted.
+    """
+
+    _log = Logger()
+
+    # How long a denied client is told to wait while the store is down.
+    STORE_ERROR_RETRY_AFTER_S = 1.0
+
+    def __init__(self, name: str, config: RateLimitConfig, store, counters) -> None:
+        self.name = name
+        self._rate = config.requests_per_s
+        self._burst = config.burst
+        self._exempt: tuple[IPNetwork, ...] = config.exempt_sources
+        self._deny_on_error = config.on_store_error == "deny"
+        self._store = store
+        self._counters = counters
+        self.store_failing = False
+
+    def key(self, client: str) -> str:
+        ip = host_ip(client)
+        return f"quayfront:rate:{self.name}:{ip if ip is not None else client}"
+
+    def check(self, client: str) -> Deferred | None:
+        """
+        Take a token for C{client}: C{None} at once for an exempt client,
+        else a Deferred firing (never failing) with C{None} when allowed or
+        the seconds to wait (for C{Retry-After}).
+        """
+        if self._exempt:
+            ip = host_ip(client)
+            if ip is not None and any(ip in network for network in self._exempt):
+                return None
+        decision = self._store.take_token(self.key(client), self._rate, self._burst)
+        decision.addCallbacks(self._store_answered, self._store_failed)
+        return decision
+
+    def _store_answered(self, wait_s: float | None) -> float | None:
+        if self.store_failing:
+            self.store_failing = False
+            self._counters.increment("rate_limit_store_transitions", "up")
+            self._log.info(
+                "rate limit zone {zone}: the shared store answers again; limits apply",
+                zone=self.name,
+            )
+        return wait_s
+
+    def _store_failed(self, failure: Failure) -> float | None:
+        reason = getattr(failure.value, "reason", None) or failure.getErrorMessage()
+        self._counters.increment("rate_limit_store_errors", self.name)
+        if not self.store_failing:
+            self.store_failing = True
+            self._counters.increment("rate_limit_store_transitions", "down")
+            self._log.error(
+                "rate limit zone {zone}: the shared store failed ({reason}); requests are"
+                " {decision} until it answers again",
+                zone=self.name,
+                reason=reason,
+                decision="denied" if self._deny_on_error else "allowed",
+            )
+        return self.STORE_ERROR_RETRY_AFTER_S if self._deny_on_error else None

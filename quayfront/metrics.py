@@ -31,6 +31,14 @@ from twisted.web.resource import Resource
 COUNTERS = {
     "proxy_header_rejected": ("reason", "Connections closed for their PROXY header, by reason."),
     "http_responses": ("status", "Requests ended, by HTTP status (499: client left first)."),
+    "rate_limit_store_errors": (
+        "zone",
+        "Rate-limit decisions made without the shared store (down or slow), by zone.",
+    ),
+    "rate_limit_store_transitions": (
+        "to",
+        "Rate-limit zones finding the shared store failing (down) or answering again (up).",
+    ),
     "http_requests_refused": (
         "reason",
         "Requests refused for their framing, target or head deadline, by reason.",

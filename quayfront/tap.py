@@ -31,7 +31,7 @@ from quayfront.lifecycle import (
     listener_addresses,
     listener_conflict,
 )
-from quayfront.limits import ConcurrencyLimiter, RateLimiter
+from quayfront.limits import ConcurrencyLimiter, RateLimiter, SharedRateLimiter
 from quayfront.listeners import (
     InheritedSockets,
     ListenerService,
@@ -50,6 +50,7 @@ from quayfront.metrics import (
     route_label,
 )
 from quayfront.proxylayer import ProxyHeaderPolicy
+from quayfront.redisstore import RedisStore, check_config as check_redis_config
 from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream
 from quayfront.sdnotify import add_systemd_notify
@@ -179,6 +180,7 @@ class Options(usage.Options):
             self.fail(e)
         try:
             self.tls = load_server_tls(self.config.tls, self.source)
+            check_redis_config(self.config.redis, self.source)
         except ConfigError as e:
             self.fail(self.attribute(e))
         conflict = listener_conflict(self.config)
@@ -284,7 +286,12 @@ def make_service(
     access_log = AccessLog(config.access_log.path, config.access_log.format, to_twistd_log)
     root.access_log = access_log
 
-    router = build_router(config, reactor, worker)
+    store = None
+    if any(zone.store == "redis" for zone in config.rate_limits.values()):
+        store = RedisStore(reactor, config.redis, source)
+        store.setServiceParent(root)
+    root.store = store
+    router = build_router(config, reactor, store, counters, worker)
     probe_agent = upstream_agent(reactor, config.upstream, persistent=False)
     probe = UpstreamProbe(
         reactor, probe_agent, upstream_uri(config.health.probe_path.encode("ascii")), config.health
@@ -418,9 +425,11 @@ def make_service(
     return root
 
 
-def build_router(config: Config, reactor, worker=None) -> Router:
+def build_router(config: Config, reactor, store=None, counters=None, worker=None) -> Router:
     """
     The upstreams with their pools and caps, rate-limit zones, and routes.
+    Zones with C{store = "redis"} use C{store} and count its failures in
+    C{counters}.
     """
     upstream_configs = {"default": config.upstream, **config.upstreams}
     upstreams = {}
@@ -437,10 +446,14 @@ def build_router(config: Config, reactor, worker=None) -> Router:
         )
     # One limiter per zone, shared by the routes that name it.
     zones = {
-        name: RateLimiter(reactor, zone)
-        if worker is None
-        # Workers share the buckets: a client's rate holds across them.
-        else worker.rate_limiter(reactor, name, zone)
+        name: (
+            SharedRateLimiter(name, zone, store, counters)
+            if zone.store == "redis"
+            else RateLimiter(reactor, zone)
+            if worker is None
+            # Workers share the buckets: a client's rate holds across them.
+            else worker.rate_limiter(reactor, name, zone)
+        )
         for name, zone in config.rate_limits.items()
     }
     routes = []

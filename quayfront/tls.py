@@ -20,7 +20,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from quayfront.config import CertificateFiles, ConfigError, TLSConfig
+from quayfront.ticketkeys import install_ticket_keys, load_ticket_key_files, process_ticket_keys
 
 # ALPN: HTTP/2 stays off until its request bodies stream as HTTP/1.1's do.
 ALPN_PROTOCOLS = (b"http/1.1",)
@@ -231,11 +232,14 @@ def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes:
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-def server_context(certificate: LoadedCertificate, config: TLSConfig) -> SSL.Context:
+def server_context(
+    certificate: LoadedCertificate, config: TLSConfig, ticket_keys: Sequence[bytes] = ()
+) -> SSL.Context:
     """
     One certificate's OpenSSL context: TLS 1.2 (or the configured minimum)
     and 1.3, AEAD suites in the server's order, no compression or
-    renegotiation, session resumption, ALPN.
+    renegotiation, session resumption (with C{ticket_keys} when given, so
+    that other replicas holding them resume it too), ALPN.
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     context.set_min_proto_version(_MIN_VERSIONS[config.min_version])
@@ -251,6 +255,8 @@ def server_context(certificate: LoadedCertificate, config: TLSConfig) -> SSL.Con
     context.set_session_id(SESSION_ID_CONTEXT)
     context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     context.set_alpn_select_callback(_select_alpn)
+    if ticket_keys:
+        install_ticket_keys(context, ticket_keys)
     return context
 
 
@@ -261,15 +267,22 @@ class CertificateStore:
     """
 
     def __init__(
-        self, default: LoadedCertificate, others: list[LoadedCertificate], config: TLSConfig
+        self,
+        default: LoadedCertificate,
+        others: list[LoadedCertificate],
+        config: TLSConfig,
+        ticket_keys: Sequence[bytes] = (),
+        shared_ticket_keys: bool = False,
     ) -> None:
         self.default = default
         self.certificates = (default, *others)
-        self.default_context = server_context(default, config)
+        self.ticket_keys = tuple(ticket_keys)
+        self.shared_ticket_keys = shared_ticket_keys
+        self.default_context = server_context(default, config, ticket_keys)
         self._exact: dict[str, SSL.Context] = {}
         self._wildcard: dict[str, SSL.Context] = {}
         for certificate in others:
-            context = server_context(certificate, config)
+            context = server_context(certificate, config, ticket_keys)
             for name in certificate.names:
                 if name.startswith("*."):
                     self._wildcard.setdefault(name[2:], context)
@@ -294,10 +307,13 @@ class CertificateStore:
             connection.set_context(context)
 
     def describe(self) -> str:
-        return "; ".join(
+        described = "; ".join(
             f"{c.label} [{', '.join(c.names) or 'no DNS names'}] until {c.not_after:%Y-%m-%d}"
             for c in self.certificates
         )
+        if self.shared_ticket_keys:
+            described += f"; {len(self.ticket_keys)} shared session ticket key(s)"
+        return described
 
 
 def certificate_files(config: TLSConfig) -> list[str]:
@@ -314,6 +330,8 @@ def certificate_files(config: TLSConfig) -> list[str]:
             paths += sorted(str(p) for p in Path(config.certificate_dir).glob("*.pem"))
         except OSError:
             pass
+    # A rotated ticket key is picked up like a renewed certificate.
+    paths += config.session_ticket_key_files
     return paths
 
 
@@ -351,8 +369,13 @@ def load_store(
     ]
     if config.certificate_dir:
         others += certificates_in_directory(config.certificate_dir, **common)
+    ticket_keys = load_ticket_key_files(config.session_ticket_key_files, source)
+    shared = bool(ticket_keys)
+    if not shared:
+        # Still the same key across reloads, so sessions keep resuming.
+        ticket_keys = process_ticket_keys()
     try:
-        return CertificateStore(default, others, config)
+        return CertificateStore(default, others, config, ticket_keys, shared)
     except SSL.Error as e:
         raise ConfigError(source, "tls", f"OpenSSL refused the configuration: {e}") from None
 

@@ -20,6 +20,7 @@
 #   podman, runc, debootstrap
 #                    make image: build and run the container image; the
 #                    base image is bootstrapped (no registry is reachable)
+#   redis-server     the shared rate-limit store in the scale-out integration tests
 #
 # Needs root, or sudo rights for apt-get. Set SUDO= explicitly to override.
 set -eu
@@ -27,6 +28,7 @@ set -eu
 PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps logrotate"
 PACKAGES="$PACKAGES debhelper dh-virtualenv dpkg-dev build-essential python3-venv lintian git"
 PACKAGES="$PACKAGES systemd podman runc debootstrap"
+PACKAGES="$PACKAGES redis-server"
 
 missing=""
 for pkg in $PACKAGES; do

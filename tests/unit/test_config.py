@@ -209,3 +209,40 @@ def test_route_connect_timeout_gets_its_own_pool_and_shares_the_cap(tmp_path: Pa
     assert v2.upstream.agent is not rest.upstream.agent
     assert v2.upstream.limiter is rest.upstream.limiter
     assert v2.upstream.agent._endpointFactory._endpoint._timeout == 2.5
+
+
+def test_redis_url_forms(tmp_path: Path) -> None:
+    """The [redis] url takes redis://, rediss:// and unix:// forms with a database number."""
+    from quayfront.config import RedisAddress, load_config
+
+    cases = {
+        "redis://127.0.0.1:6380/2": RedisAddress("redis", host="127.0.0.1", port=6380, db=2),
+        "rediss://redis.internal": RedisAddress("rediss", host="redis.internal", port=6379),
+        "unix:///run/redis/redis.sock?db=1": RedisAddress("unix", path="/run/redis/redis.sock", db=1),
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "q.toml"
+        path.write_text(f'[redis]\nurl = "{text}"\n')
+        assert load_config(str(path)).redis.url == expected
+
+
+@pytest.mark.parametrize(
+    "body, key, reason",
+    [
+        ('[redis]\nurl = "redis://user:secret@h:1/0"\n', "redis.url", "password_file"),
+        ('[redis]\nurl = "http://h"\n', "redis.url", "is not redis://"),
+        ('[redis]\nurl = "unix://relative"\n', "redis.url", "absolute"),
+        ('[rate_limits.r]\nstore = "redis"\n', "rate_limits.r.store", "needs [redis] url"),
+        ('[rate_limits.r]\nstore = "disk"\n', "rate_limits.r.store", "must be one of"),
+        ('[rate_limits.r]\non_store_error = "maybe"\n', "rate_limits.r.on_store_error", "must be one of"),
+    ],
+)
+def test_bad_redis_settings_name_key_and_reason(tmp_path: Path, body: str, key: str, reason: str) -> None:
+    from quayfront.config import ConfigError, load_config
+
+    path = tmp_path / "q.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(path))
+    assert caught.value.key == key
+    assert reason in caught.value.reason
