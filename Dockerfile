@@ -20,7 +20,8 @@
 # (no pid file, logs to standard output, the twisted plugin cache is built
 # into the image), so `--read-only` works; HOME is /tmp, which podman
 # mounts as a tmpfs with --read-only (docker: add --tmpfs /tmp).  Stopping drains: give it a stop timeout
-# above http.drain_timeout_s (`docker stop -t 70`, `podman stop -t 70`).
+# above http.drain_delay_s + http.drain_timeout_s (75 s by default:
+# `docker stop -t 90`, `podman stop -t 90`).
 FROM debian:bookworm-slim
 
 COPY dist/quayfront_*.deb /tmp/

@@ -152,7 +152,10 @@ def test_installs_files_user_and_conffile(installed: Path) -> None:
     documented = (REPO_ROOT / "etc" / "quayfront.toml").read_text().splitlines()
     differences = [(a, b) for a, b in zip(documented, packaged) if a != b]
     assert len(packaged) == len(documented)
-    assert differences == [('path = "-"', 'path = "/var/log/quayfront/access.log"')]
+    assert differences == [
+        ('path = "-"', 'path = "/var/log/quayfront/access.log"'),
+        ('workers = 1', 'workers = "auto"'),
+    ]
 
     user = pwd.getpwnam("quayfront")
     assert user.pw_uid < 1000, "a system user"
