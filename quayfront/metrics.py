@@ -14,6 +14,15 @@ from twisted.web.resource import Resource
 COUNTERS = {
     "proxy_header_rejected": ("reason", "Connections closed for their PROXY header, by reason."),
     "http_responses": ("status", "Requests ended, by HTTP status (499: client left first)."),
+    "tls_handshake_failed": (
+        "reason",
+        "TLS handshakes that did not complete, by reason (timeout, client-closed, not-tls,"
+        " tls-error).",
+    ),
+    "listener_accept_paused": (
+        "listener",
+        "Times a listener stopped accepting because it held max_connections.",
+    ),
 }
 
 

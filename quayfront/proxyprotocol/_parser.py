@@ -908,6 +908,36 @@ def _check_proxy_family(family_byte: int) -> None:
         )
 
 
+# --- Recognising a header where none is expected -------------------------------
+
+_V1_START: Final = (V1_KEYWORD + " ").encode("ascii")
+# No TLS record (0x14-0x17) and no HTTP method starts like either of these.
+_HEADER_STARTS: Final = (_V1_START, V2_SIGNATURE)
+# The most bytes starts_with_header() needs to decide.
+HEADER_START_MAX_LENGTH: Final = max(len(start) for start in _HEADER_STARTS)
+
+
+def starts_with_header(data: bytes | bytearray) -> bool | None:
+    """
+    Whether C{data}, the first bytes of a connection that must not carry a
+    PROXY header, begins with one anyway (C{"PROXY "} or the v2 signature).
+
+    This is for refusing a header that arrives from a source exempt from
+    sending one, never for deciding whether to parse one.
+
+    @return: C{True} or C{False}, or C{None} while C{data} is too short to
+        tell (at most L{HEADER_START_MAX_LENGTH} bytes decide).
+    """
+    undecided = False
+    for start in _HEADER_STARTS:
+        length = min(len(data), len(start))
+        if data[:length] == start[:length]:
+            if length == len(start):
+                return True
+            undecided = True
+    return None if undecided else False
+
+
 # --- The parser -----------------------------------------------------------------
 
 

@@ -1233,6 +1233,7 @@ def test_public_names() -> None:
     """The package exports the documented names."""
     assert set(proxyprotocol.__all__) == {
         "DEFAULT_MAX_V2_LENGTH",
+        "HEADER_START_MAX_LENGTH",
         "REASON_CODES",
         "TLV",
         "V1_MAX_LENGTH",
@@ -1243,7 +1244,32 @@ def test_public_names() -> None:
         "ProxyHeaderError",
         "ProxyHeaderParser",
         "SSLInfo",
+        "starts_with_header",
     }
+
+
+@pytest.mark.parametrize(
+    "data, verdict",
+    [
+        (b"", None),
+        (b"P", None),
+        (b"PROXY", None),
+        (b"PROXY ", True),
+        (b"PROXY TCP4 1.2.3.4", True),
+        (b"POST / HTTP/1.1", False),
+        (b"PROXYZ", False),
+        (V2_SIGNATURE[:11], None),
+        (V2_SIGNATURE, True),
+        (V2_SIGNATURE + b"\x21", True),
+        (b"\r\n\r\n\x00\r\nQUIX", False),
+        (b"\r\n", None),
+        (TLS_CLIENT_HELLO_PREFIX, False),
+        (b"GET / HTTP/1.1\r\n", False),
+    ],
+)
+def test_starts_with_header(data: bytes, verdict: bool | None) -> None:
+    """A header where none is expected is recognised from its first 6 (v1) or 12 (v2) bytes."""
+    assert proxyprotocol.starts_with_header(data) is verdict
 
 
 # --- Load balancer layouts and CRC32C ----------------------------------------------------
