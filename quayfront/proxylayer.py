@@ -493,6 +493,8 @@ class ProxyHeaderFactory(WrappingFactory):
     """
 
     protocol = ProxyHeaderProtocol
+    # Set by the endpoint once listening (quayfront.listeners.CappedPort).
+    accept_gate = None
 
     def __init__(
         self,
@@ -512,6 +514,17 @@ class ProxyHeaderFactory(WrappingFactory):
         self.clock = clock
         self.counters = counters
         self.handshake_timeout_s = handshake_timeout_s
+
+    def registerProtocol(self, p) -> None:
+        super().registerProtocol(p)
+        if self.accept_gate is not None:
+            self.accept_gate.opened()
+
+    def unregisterProtocol(self, p) -> None:
+        registered = p in self.protocols
+        super().unregisterProtocol(p)
+        if registered and self.accept_gate is not None:
+            self.accept_gate.closed()
 
     def logPrefix(self) -> str:
         return f"quayfront-{self.policy.listener}"

@@ -18,11 +18,17 @@ from quayfront.config import Config, ConfigError, load_config
 from quayfront.health import HealthResource, UpstreamProbe
 from quayfront.lifecycle import DrainService
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
-from quayfront.listeners import ListenerService, listener_endpoint, plain_endpoint, tcp_endpoint
+from quayfront.listeners import (
+    ListenerService,
+    listener_endpoint,
+    plain_endpoint,
+    prepare_descriptors,
+    tcp_endpoint,
+)
 from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.redirect import redirect_site
-from quayfront.routing import Route, Router, Upstream
+from quayfront.routing import Route, Router, Upstream, log_route_table
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
@@ -81,6 +87,7 @@ class Options(usage.Options):
         self.source = self["config"] or "command line"
         try:
             self.config = load_config(self["config"], overrides)
+            prepare_descriptors(self.config, self.source)
             self.tls = load_server_tls(self.config.tls, self.source)
         except ConfigError as e:
             # A clear line and a non-zero exit; a traceback would bury it.
@@ -111,6 +118,7 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     access_log.setServiceParent(root)
 
     router = build_router(config, reactor)
+    log_route_table(config.routes)
     probe_agent = upstream_agent(reactor, config.upstream, persistent=False)
     probe = UpstreamProbe(
         reactor, probe_agent, upstream_uri(config.health.probe_path.encode("ascii")), config.health
@@ -144,9 +152,18 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
             )
         )
     if config.tls_listener.enabled:
-        listeners.append((config.tls_listener.address, ProxyHeaderPolicy("tls", required=False)))
+        listeners.append(
+            (
+                config.tls_listener.address,
+                ProxyHeaderPolicy(
+                    "tls", required=False, max_connections=config.tls_listener.max_connections
+                ),
+            )
+        )
     for address, policy in listeners:
-        endpoint = listener_endpoint(reactor, address, policy, tls, counters)
+        endpoint = listener_endpoint(
+            reactor, address, policy, tls, counters, config.tls.handshake_timeout_s
+        )
         listener_factories[policy.listener] = endpoint
         setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
         ListenerService(endpoint, site, setting, address).setServiceParent(root)
