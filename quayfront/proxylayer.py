@@ -156,6 +156,11 @@ class HandshakeState(enum.Enum):
     FAILED = "failed"
 
 
+_HANDSHAKE_TRANSITIONS = {
+    HandshakeState.HANDSHAKING: frozenset({HandshakeState.DONE, HandshakeState.FAILED}),
+    HandshakeState.DONE: frozenset(),
+    HandshakeState.FAILED: frozenset(),
+}
 # The first byte of a TLS handshake record (RFC 8446 section 5.1).
 _TLS_HANDSHAKE_RECORD = 0x16
 
@@ -214,15 +219,13 @@ class HandshakeWatch:
         still in progress (the client left first).
         """
         if self.state is HandshakeState.HANDSHAKING:
-            self.state = HandshakeState.FAILED
+            self._move_to(HandshakeState.FAILED, "connection lost")
             return "client-closed"
         return None
 
     def _move_to(self, state: HandshakeState, event: str) -> None:
-        if self.state is not HandshakeState.HANDSHAKING:
-            raise RuntimeError(
-                f"handshake event {event!r} in state {self.state.value!r}"
-            )
+        if state not in _HANDSHAKE_TRANSITIONS[self.state]:
+            raise RuntimeError(f"handshake event {event!r} in state {self.state.value!r}")
         self.state = state
 
 
