@@ -224,6 +224,7 @@ def listener_endpoint(
     policy: ProxyHeaderPolicy,
     tls: IOpenSSLServerConnectionCreator,
     counters: Counters,
+    *,
     handshake_timeout_s: float = 10.0,
 ) -> IStreamServerEndpoint:
     """

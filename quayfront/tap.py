@@ -162,7 +162,8 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         )
     for address, policy in listeners:
         endpoint = listener_endpoint(
-            reactor, address, policy, tls, counters, config.tls.handshake_timeout_s
+            reactor, address, policy, tls, counters,
+            handshake_timeout_s=config.tls.handshake_timeout_s,
         )
         listener_factories[policy.listener] = endpoint
         setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
