@@ -387,6 +387,6 @@ def test_trust_and_cap_errors_stop_startup(tmp_path, dev_cert, config, args, exp
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL, cwd=harness.REPO_ROOT)
     output = done.stdout + done.stderr
-    assert done.returncode == 2, output
+    assert done.returncode != 0, output
     assert expected in output, output
     assert "Traceback" not in output, output
