@@ -7,7 +7,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: all venv deps test unit integration run fuzz bench clean help
+.PHONY: all venv deps test unit integration run fuzz bench clean help deb image
 
 all: test
 
@@ -20,6 +20,8 @@ help:
 	@echo "make run          dev registry + quayfront in the foreground (Ctrl-C stops)"
 	@echo "make venv         create .venv and install quayfront[test] in it"
 	@echo "make deps         install missing system packages (apt-get)"
+	@echo "make deb          build dist/quayfront_<version>_<arch>.deb (dh-virtualenv) and lintian it"
+	@echo "make image        build localhost/quayfront:<version> and :latest with podman from the .deb"
 	@echo "make clean        remove .venv, run/ and caches"
 
 # The stamp is rebuilt when the packaging metadata changes; the Twisted
@@ -60,6 +62,14 @@ bench: deps venv
 	else \
 		echo "bench: no runnable benchmarks yet (no tests/bench/__main__.py); nothing to run"; \
 	fi
+
+# The Debian package, from a clean copy of the checkout (etc/packaging/).
+deb: deps
+	sh etc/packaging/build-deb.sh
+
+# The container image, from that package (Dockerfile, etc/docker/).
+image: deb
+	sh etc/docker/build-image.sh
 
 clean:
 	rm -rf $(VENV) run .pytest_cache .hypothesis build dist *.egg-info

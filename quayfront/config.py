@@ -377,6 +377,12 @@ class UpstreamConfig:
     max_connections: int = _checked(0, _non_negative)
     queue_size: int = _checked(256, _non_negative)
     queue_timeout_s: float = _checked(30.0, _positive)
+    # Largest upstream response head (status line and header lines, 1xx
+    # heads included) and most header lines in it: beyond either, or on a
+    # malformed status line or header, the client gets 502 and the upstream
+    # connection is closed.  32 KiB is Quay's nginx proxy_buffer_size.
+    max_response_head_bytes: int = _checked(32768, _positive)
+    max_response_headers: int = _checked(100, _positive)
 
 
 def _prefix(value: str) -> str:
@@ -452,9 +458,15 @@ class HTTPConfig:
     Client-facing HTTP limits.
     """
 
-    # Time a client may take to send a complete request head, and time a
-    # kept-alive connection may sit idle between requests.
+    # Time a connection may sit without a byte from the client: before its
+    # first request and between requests (a partial head resets it with
+    # every byte; header_timeout_s bounds the whole head).
     idle_timeout_s: float = _checked(60.0, _positive)
+    # Time a client may take to send a whole request head, from its first
+    # byte (or from the end of the previous response, if the head had
+    # started arriving before): answered 408 and closed (nginx's
+    # client_header_timeout).
+    header_timeout_s: float = _checked(60.0, _positive)
     # Sent upstream with each request's id (the PROXY UNIQUE_ID TLV when the
     # load balancer sends one, else made up), replacing any client value;
     # empty to send none.

@@ -47,8 +47,15 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from quayfront.headers import client_response_headers, upstream_request_headers
+from quayfront.http import UpstreamMisbehaved
 from quayfront.limits import Overloaded
 from quayfront.routing import Route
+from quayfront.twistedadapter import (
+    client_gone,
+    hand_back_idle_timeout,
+    proxied_transport,
+    waiting_for_client,
+)
 from quayfront.upstream import upstream_uri
 
 # Paths whose clients (docker, podman, skopeo, containerd) expect registry
@@ -165,8 +172,8 @@ class ResponseRelay(Protocol):
         request = forwarding.request
         # The upstream socket itself, for aborting an exchange that ended
         # early (the proxy producer lets go of it when the body ends).
-        forwarding.upstream_transport = getattr(self.transport, "_producer", None)
-        if request._disconnected:
+        forwarding.upstream_transport = proxied_transport(self.transport)
+        if client_gone(request):
             self.transport.stopProducing()
             return
         request.registerProducer(self.transport, True)
@@ -273,9 +280,15 @@ class Forwarding:
             self._release_slot()
             return
         request = self.request
-        self._upstream = self.route.upstream.agent.request(
-            request.method, upstream_uri(request.uri), self._headers, self.body
-        )
+        try:
+            self._upstream = self.route.upstream.agent.request(
+                request.method, upstream_uri(request.upstream_target), self._headers, self.body
+            )
+        except Exception as error:
+            # The agent refuses some requests synchronously (an invalid URI);
+            # the request must still end and give its slot back.
+            self._fail(502, "upstream-request-refused", detail=str(error))
+            return
         self._upstream.addCallbacks(self._got_response, self._upstream_failed)
         if self.body_complete and not self._over:
             self._arm_response_timer()
@@ -364,12 +377,7 @@ class Forwarding:
         channel = getattr(self.request, "channel", None)
         if saved is None or channel is None:
             return
-        if channel._handlingRequest:
-            # The body is in and the channel keeps its timeout off until the
-            # response is done; hand it the value it would have saved.
-            channel._savedTimeOut = saved or None
-        else:
-            channel.setTimeout(saved or None)
+        hand_back_idle_timeout(channel, saved or None)
 
     # The client's side of the exchange.
 
@@ -398,6 +406,25 @@ class Forwarding:
         if self._upstream is not None and self._relay is None and not self._over:
             self._arm_response_timer()
 
+    def client_misbehaved(self, status: int, reason: str) -> None:
+        """
+        The client broke the framing of its request body: the upstream
+        request is aborted (incomplete) and the client answered C{status}
+        and closed, or only closed if its response has started.
+        """
+        if self._over:
+            return
+        self._abandon_upstream()
+        if self.request.startedWriting:
+            self.failure_reason = reason
+            self._aborting_client = True
+            self._end()
+            channel = getattr(self.request, "channel", None)
+            if channel is not None:
+                channel.transport.abortConnection()
+            return
+        self._fail(status, reason)
+
     def _client_gone(self, reason: Failure) -> None:
         if self.failure_reason is None:
             self.failure_reason = "client-closed"
@@ -413,7 +440,7 @@ class Forwarding:
         self.upstream_response_time_s = self._clock.seconds() - self._started_s
         request = self.request
         self._relay = ResponseRelay(self)
-        if request._disconnected or self._over:
+        if client_gone(request) or self._over:
             response.deliverBody(self._relay)
             return
         request.setResponseCode(response.code, response.phrase)
@@ -442,7 +469,7 @@ class Forwarding:
             self._arm_watchdog()
         response.deliverBody(self._relay)
         channel = getattr(request, "channel", None)
-        if self._relay.transport is not None and getattr(channel, "_waitingForTransport", False):
+        if self._relay.transport is not None and waiting_for_client(channel):
             # A pipelined response starting while the client has not read
             # the previous one: the channel pauses producers only when its
             # transport fills, so this one must start paused (and only after
@@ -458,7 +485,7 @@ class Forwarding:
         request = self.request
         if request.producer is not None:
             request.unregisterProducer()
-        if request._disconnected or request.finished or self._aborting_client:
+        if client_gone(request) or request.finished or self._aborting_client:
             return
         # PotentialDataLoss: a body delimited by the upstream closing the
         # connection, complete by HTTP's own definition.
@@ -485,7 +512,10 @@ class Forwarding:
             # Whoever cancelled it has answered the client already.
             self._end()
             return
-        if failure.check(net_error.ConnectError, net_error.DNSLookupError):
+        misbehaved = _upstream_misbehaved(failure)
+        if misbehaved is not None:
+            status, reason = 502, misbehaved.reason
+        elif failure.check(net_error.ConnectError, net_error.DNSLookupError):
             status, reason = 502, "upstream-unreachable"
         elif failure.check(ResponseNeverReceived, ResponseFailed, net_error.ConnectionLost):
             status, reason = 502, "upstream-reset"
@@ -568,7 +598,7 @@ class Forwarding:
 
     def _answer(self, status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> None:
         request = self.request
-        if request._disconnected or request.startedWriting:
+        if client_gone(request) or request.startedWriting:
             return
         respond_with_error(
             request,
@@ -581,6 +611,14 @@ class Forwarding:
 
 def _text(value: bytes) -> str:
     return value.decode("ascii", "backslashreplace")
+
+
+def _upstream_misbehaved(failure: Failure) -> UpstreamMisbehaved | None:
+    if failure.check(ResponseFailed, ResponseNeverReceived):
+        for reason in failure.value.reasons:
+            if reason.check(UpstreamMisbehaved):
+                return reason.value
+    return None
 
 
 def _describe(failure: Failure) -> str:

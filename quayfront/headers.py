@@ -40,6 +40,27 @@ FORWARDING = frozenset(
 FRAMING = frozenset({b"content-length", b"expect"})
 
 
+# Never hop-by-hop, whatever a client's Connection header names: the
+# upstream needs Host to build its URLs, and the headers quayfront sets are
+# its own (a client naming them would only remove what it cannot send).
+NEVER_NOMINATED = frozenset({b"host"}) | FORWARDING
+
+
+def underscored_names(pairs: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """
+    The header names in C{pairs} that contain C{_}, in order, without
+    repeats.  They are dropped, as nginx does by default
+    (C{underscores_in_headers off}): a WSGI upstream maps C{X_Forwarded_For}
+    and C{X-Forwarded-For} to the same variable, so one could pose as the
+    other.
+    """
+    names: list[bytes] = []
+    for name, _ in pairs:
+        if b"_" in name and name not in names:
+            names.append(name)
+    return names
+
+
 def _connection_tokens(pairs: HeaderPairs) -> frozenset[bytes]:
     tokens = set()
     for name, value in pairs:
@@ -62,7 +83,8 @@ def upstream_request_headers(
     The headers to send upstream for a client request with C{pairs}.
 
     C{Host} passes unchanged (the registry builds absolute C{Location} URLs
-    from it); C{X-Forwarded-For} is the client address quayfront vouches for,
+    from it), even if the client's C{Connection} header names it; names
+    containing C{_} are dropped (L{underscored_names}); C{X-Forwarded-For} is the client address quayfront vouches for,
     C{X-Forwarded-Host} the client's C{Host}.
 
     @param vouched: further headers quayfront itself asserts (request id,
@@ -76,15 +98,19 @@ def upstream_request_headers(
     """
     pairs = list(pairs)
     vouched = list(vouched)
-    dropped = (
-        HOP_BY_HOP
-        | FORWARDING
-        | FRAMING
-        | _connection_tokens(pairs)
-        | {name.lower() for name, _ in vouched}
-        | frozenset(reserved)
-    )
-    forwarded = [(name, value) for name, value in pairs if name.lower() not in dropped]
+    own = {name.lower() for name, _ in vouched} | frozenset(reserved)
+    nominated = {
+        token
+        for token in _connection_tokens(pairs)
+        if token not in NEVER_NOMINATED and token not in own
+        and not token.startswith(b"x-forwarded-")
+    }
+    dropped = HOP_BY_HOP | FORWARDING | FRAMING | nominated | own
+    forwarded = [
+        (name, value)
+        for name, value in pairs
+        if name.lower() not in dropped and b"_" not in name
+    ]
     if default_host and not any(name.lower() == b"host" for name, _ in pairs):
         forwarded.insert(0, (b"Host", default_host))
         pairs = [(b"Host", default_host), *pairs]

@@ -9,11 +9,20 @@ that.
 
 from __future__ import annotations
 
+import os
 import resource
+import socket
 import sys
+from typing import Mapping
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, wrapServerTLS
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint,
+    TCP4ServerEndpoint,
+    TCP6ServerEndpoint,
+    wrapServerTLS,
+)
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
@@ -22,6 +31,7 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from quayfront.config import Config, ConfigError, ListenAddress
@@ -210,12 +220,20 @@ def tcp_endpoint(reactor, address: ListenAddress) -> IStreamServerEndpoint:
 
 
 def plain_endpoint(
-    reactor, address: ListenAddress, policy: ProxyHeaderPolicy, counters: Counters
+    reactor,
+    address: ListenAddress,
+    policy: ProxyHeaderPolicy,
+    counters: Counters,
+    socket_endpoint: IStreamServerEndpoint | None = None,
 ) -> IStreamServerEndpoint:
     """
     TCP -> PROXY -> HTTP, without TLS (the redirect listener).
+
+    @param socket_endpoint: an inherited socket to use instead of binding
+        C{address} (L{InheritedSockets.endpoint}).
     """
-    return ProxyHeaderServerEndpoint(tcp_endpoint(reactor, address), policy, reactor, counters)
+    tcp = socket_endpoint or tcp_endpoint(reactor, address)
+    return ProxyHeaderServerEndpoint(tcp, policy, reactor, counters)
 
 
 def listener_endpoint(
@@ -224,16 +242,19 @@ def listener_endpoint(
     policy: ProxyHeaderPolicy,
     tls: IOpenSSLServerConnectionCreator,
     counters: Counters,
+    socket_endpoint: IStreamServerEndpoint | None = None,
     *,
     handshake_timeout_s: float = 10.0,
 ) -> IStreamServerEndpoint:
     """
     TCP -> PROXY -> TLS -> HTTP, the handshake held to C{handshake_timeout_s}.
+
+    @param socket_endpoint: an inherited socket to use instead of binding
+        C{address} (L{InheritedSockets.endpoint}).
     """
+    tcp = socket_endpoint or tcp_endpoint(reactor, address)
     return TLSListenerEndpoint(
-        ProxyHeaderServerEndpoint(
-            tcp_endpoint(reactor, address), policy, reactor, counters, handshake_timeout_s
-        ),
+        ProxyHeaderServerEndpoint(tcp, policy, reactor, counters, handshake_timeout_s),
         tls,
         reactor,
     )
@@ -323,6 +344,144 @@ def prepare_descriptors(config: Config, source: str) -> int:
     return limit
 
 
+#: The names quayfront gives its listeners, which are also the
+#: C{FileDescriptorName=} of the systemd socket units that pass them.
+LISTENER_NAMES = ("proxy", "tls", "redirect", "metrics")
+
+
+class SocketActivationError(Exception):
+    """
+    The sockets systemd passed do not match the configured listeners.
+    """
+
+
+def initial_environment() -> Mapping[str, str]:
+    """
+    The environment this process was started with.
+
+    Importing C{twisted.internet.endpoints} deletes C{LISTEN_PID} and
+    C{LISTEN_FDS} from C{os.environ} (its C{systemd:} endpoint parser reads
+    them once, at import, before twistd loads any plugin).  The kernel keeps
+    the environment the process was executed with in C{/proc/self/environ}
+    (proc(5)), which unsetenv does not touch; socket activation is Linux-only
+    anyway.
+    """
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return os.environ
+    environ = {}
+    for entry in raw.split(b"\0"):
+        key, sep, value = entry.partition(b"=")
+        if sep:
+            environ[os.fsdecode(key)] = os.fsdecode(value)
+    return environ
+
+
+class InheritedSockets:
+    """
+    Listening sockets passed by systemd socket activation (C{sd_listen_fds(3)}):
+    C{LISTEN_PID} names this process, C{LISTEN_FDS} counts the descriptors
+    from 3 up and C{LISTEN_FDNAMES} names them, colon-separated.
+
+    quayfront adopts each named socket instead of binding, and wraps it in
+    the chain of the listener of that name.  Twisted's own
+    C{twisted.python.systemd.ListenFDs} drops every descriptor without a word
+    when the names and the count disagree; here that is a startup error.
+    """
+
+    def __init__(self, reactor, descriptors: Mapping[str, int]) -> None:
+        self._reactor = reactor
+        self.descriptors = dict(descriptors)
+        self._taken: set[str] = set()
+
+    @classmethod
+    def from_environment(
+        cls, reactor, environ: Mapping[str, str] | None = None, pid: int | None = None
+    ) -> InheritedSockets | None:
+        """
+        The sockets passed to this process, or C{None} when there are none
+        (C{LISTEN_PID} unset or another process's: quayfront binds).
+
+        @param environ: by default, the environment this process started
+            with (L{initial_environment}).
+
+        @raise SocketActivationError: when the variables are inconsistent or
+            a name is unknown or repeated.
+        """
+        environ = initial_environment() if environ is None else environ
+        pid = os.getpid() if pid is None else pid
+        if environ.get("LISTEN_PID", "") != str(pid):
+            return None
+        count_text = environ.get("LISTEN_FDS", "")
+        if not count_text.isdigit():
+            raise SocketActivationError(f"LISTEN_FDS={count_text!r} is not a count")
+        count = int(count_text)
+        names = environ.get("LISTEN_FDNAMES", "").split(":") if count else []
+        if len(names) != count:
+            raise SocketActivationError(
+                f"LISTEN_FDS={count} but LISTEN_FDNAMES names {len(names)}"
+                f" ({environ.get('LISTEN_FDNAMES', '')!r}): give every socket unit a"
+                f" FileDescriptorName= out of {', '.join(LISTENER_NAMES)}"
+            )
+        descriptors: dict[str, int] = {}
+        for offset, name in enumerate(names):
+            if name not in LISTENER_NAMES:
+                raise SocketActivationError(
+                    f"passed a socket named {name!r}; quayfront knows"
+                    f" {', '.join(LISTENER_NAMES)} (FileDescriptorName= of the socket unit)"
+                )
+            if name in descriptors:
+                raise SocketActivationError(f"passed two sockets named {name!r}")
+            descriptors[name] = 3 + offset
+        return cls(reactor, descriptors)
+
+    def endpoint(self, name: str, setting: str) -> IStreamServerEndpoint:
+        """
+        An endpoint adopting the socket named C{name}, for the listener
+        configured at C{setting}.
+
+        @raise SocketActivationError: no socket of that name was passed, or it
+            is not a listening TCP socket.
+        """
+        if name not in self.descriptors:
+            raise SocketActivationError(
+                f"{setting} is enabled but no socket named {name!r} was passed"
+                f" (passed: {', '.join(self.descriptors) or 'none'}); add a socket unit with"
+                f" FileDescriptorName={name}, or disable the listener"
+            )
+        fd = self.descriptors[name]
+        try:
+            # fileno= only inspects the descriptor; detach() leaves it open.
+            probe = socket.socket(fileno=fd)
+        except OSError as e:
+            raise SocketActivationError(f"socket {name!r} (fd {fd}): {e.strerror}") from None
+        try:
+            family, kind = probe.family, probe.type
+            accepting = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        finally:
+            probe.detach()
+        if family not in (socket.AF_INET, socket.AF_INET6) or kind != socket.SOCK_STREAM:
+            raise SocketActivationError(f"socket {name!r} (fd {fd}) is not a TCP socket")
+        if not accepting:
+            raise SocketActivationError(f"socket {name!r} (fd {fd}) is not listening")
+        self._taken.add(name)
+        return AdoptedStreamServerEndpoint(self._reactor, fd, family)
+
+    def check_all_taken(self) -> None:
+        """
+        @raise SocketActivationError: a socket was passed for a listener that
+            is not enabled.
+        """
+        unused = [name for name in self.descriptors if name not in self._taken]
+        if unused:
+            raise SocketActivationError(
+                f"passed a socket named {unused[0]!r} but that listener is not enabled"
+                " in the configuration"
+            )
+
+
 @implementer(IStreamServerEndpoint)
 class TLSListenerEndpoint:
     """
@@ -353,6 +512,23 @@ class ListenerService(StreamServerEndpointService):
         self._raiseSynchronously = True
         self._setting = setting
         self._address = address
+
+    def listening(self) -> Deferred:
+        """
+        Fires with C{None} once the port is bound (or adopted); call after
+        C{privilegedStartService}.
+        """
+        result: Deferred = Deferred()
+
+        def relay(port_or_failure):
+            if isinstance(port_or_failure, Failure):
+                result.errback(port_or_failure)
+            else:
+                result.callback(None)
+            return port_or_failure
+
+        self._waitingForPort.addBoth(relay)
+        return result
 
     def privilegedStartService(self) -> None:
         try:

@@ -23,6 +23,11 @@ COUNTERS = {
         "listener",
         "Times a listener stopped accepting because it held max_connections.",
     ),
+    "http_requests_refused": (
+        "reason",
+        "Requests refused for their framing, target or head deadline, by reason.",
+    ),
+    "http_headers_dropped": ("reason", "Client request headers dropped, by reason."),
 }
 
 

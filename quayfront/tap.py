@@ -19,7 +19,9 @@ from quayfront.health import HealthResource, UpstreamProbe
 from quayfront.lifecycle import DrainService
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
 from quayfront.listeners import (
+    InheritedSockets,
     ListenerService,
+    SocketActivationError,
     listener_endpoint,
     plain_endpoint,
     prepare_descriptors,
@@ -29,6 +31,7 @@ from quayfront.metrics import Counters, MetricsResource
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.redirect import redirect_site
 from quayfront.routing import Route, Router, Upstream, log_route_table
+from quayfront.sdnotify import add_systemd_notify
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
@@ -57,6 +60,9 @@ class Options(usage.Options):
         ["proxy-exempt", None, None, "CIDR[,CIDR]: sources served without a PROXY header."],
         ["proxy-timeout", None, None, "Seconds a connection has to send its PROXY header."],
         ["metrics-listen", None, None, "HOST:PORT of the metrics endpoint, or 'off' [127.0.0.1:9091]."],
+    ]
+    optFlags = [
+        ["check", None, "Validate the configuration and certificates, bind nothing, exit."],
     ]
 
     # option -> (dotted config key, conversion from the command-line text)
@@ -93,6 +99,9 @@ class Options(usage.Options):
             # A clear line and a non-zero exit; a traceback would bury it.
             sys.stderr.write(f"quayfront: configuration error: {e}\n")
             raise SystemExit(2)
+        if self["check"]:
+            sys.stdout.write(f"{self.source}: OK\n")
+            raise SystemExit(0)
 
 
 _log = Logger(namespace="quayfront")
@@ -133,6 +142,7 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         access_log=access_log,
         counters=counters,
         idle_timeout_s=config.http.idle_timeout_s,
+        header_timeout_s=config.http.header_timeout_s,
         request_id_header=config.http.request_id_header,
         tlv_headers=config.proxy_listener.tlv_headers,
         tls_headers=config.tls.headers,
@@ -141,6 +151,12 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     root.site = site
     root.counters = counters
     DrainService(site, reactor, config.http.drain_timeout_s).setServiceParent(root)
+
+    # Sockets passed by systemd socket activation are adopted instead of bound.
+    inherited = InheritedSockets.from_environment(reactor)
+
+    def adopted(name: str, setting: str):
+        return inherited.endpoint(name, setting) if inherited is not None else None
 
     listener_factories = {}
     listeners = []
@@ -161,12 +177,12 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
             )
         )
     for address, policy in listeners:
+        setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
         endpoint = listener_endpoint(
-            reactor, address, policy, tls, counters,
+            reactor, address, policy, tls, counters, adopted(policy.listener, setting),
             handshake_timeout_s=config.tls.handshake_timeout_s,
         )
         listener_factories[policy.listener] = endpoint
-        setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
         ListenerService(endpoint, site, setting, address).setServiceParent(root)
     if config.metrics.enabled:
         gauges = [
@@ -200,7 +216,7 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         # A scrape every few seconds is not worth a log line each.
         metrics_site.log = lambda request: None
         ListenerService(
-            tcp_endpoint(reactor, config.metrics.address),
+            adopted("metrics", "metrics.address") or tcp_endpoint(reactor, config.metrics.address),
             metrics_site,
             "metrics.address",
             config.metrics.address,
@@ -208,7 +224,11 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     if config.redirect_listener.enabled:
         redirect = config.redirect_listener
         endpoint = plain_endpoint(
-            reactor, redirect.address, ProxyHeaderPolicy.from_config("redirect", redirect), counters
+            reactor,
+            redirect.address,
+            ProxyHeaderPolicy.from_config("redirect", redirect),
+            counters,
+            adopted("redirect", "redirect_listener.address"),
         )
         ListenerService(
             endpoint,
@@ -216,6 +236,9 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
             "redirect_listener.address",
             redirect.address,
         ).setServiceParent(root)
+    if inherited is not None:
+        inherited.check_all_taken()
+    add_systemd_notify(root, reactor)
     return root
 
 
@@ -262,4 +285,8 @@ def build_router(config: Config, reactor) -> Router:
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return make_service(options.config, options.tls, reactor, options.source)
+    try:
+        return make_service(options.config, options.tls, reactor, options.source)
+    except SocketActivationError as e:
+        sys.__stderr__.write(f"quayfront: socket activation: {e}\n")
+        raise SystemExit(2)

@@ -20,6 +20,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -409,8 +410,26 @@ class CertificateReloader(Service):
         self._last_fingerprint = _fingerprint(certificate_files(config))
         self.reloads = 0
         self.failures = 0
+        self._observers: list[Callable[[str], object]] = []
+
+    def observe(self, callback: Callable[[str], object]) -> None:
+        """
+        Call C{callback(event)} around every reload: C{"reloading"} before,
+        then C{"reloaded"} or C{"failed"} (sd_notify's RELOADING=1/READY=1).
+        """
+        self._observers.append(callback)
+
+    def _tell(self, event: str) -> None:
+        for callback in self._observers:
+            callback(event)
 
     def reload(self, why: str) -> bool:
+        self._tell("reloading")
+        ok = self._reload(why)
+        self._tell("reloaded" if ok else "failed")
+        return ok
+
+    def _reload(self, why: str) -> bool:
         self._last_fingerprint = _fingerprint(certificate_files(self._config))
         try:
             store = load_store(self._config, self._source)

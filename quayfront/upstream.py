@@ -15,11 +15,12 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from quayfront.config import UpstreamAddress, UpstreamConfig
+from quayfront.twistedadapter import bounded_connection_pool
 
 # Requests go to this URI authority; the endpoint factory below ignores it,
 # and the client's own Host header is sent instead.
@@ -74,17 +75,15 @@ class _NoDelayEndpoint:
         return self._endpoint.connect(protocolFactory).addCallback(no_delay)
 
 
-class _QuietClientFactory(HTTPConnectionPool._factory):
-    # One upstream connection is not worth two log lines.
-    noisy = False
-
-
-class _QuietConnectionPool(HTTPConnectionPool):
-    _factory = _QuietClientFactory
-
-
 def upstream_agent(reactor, config: UpstreamConfig, persistent: bool = True) -> Agent:
-    pool = _QuietConnectionPool(reactor, persistent=persistent)
+    # Response heads bounded and checked: no upstream can grow quayfront's
+    # memory with a header flood or have a malformed head relayed.
+    pool = bounded_connection_pool(
+        reactor,
+        persistent=persistent,
+        max_head_bytes=config.max_response_head_bytes,
+        max_headers=config.max_response_headers,
+    )
     pool.maxPersistentPerHost = config.max_idle_connections
     pool.cachedConnectionTimeout = config.idle_keepalive_s
     endpoint = upstream_endpoint(reactor, config.url, config.connect_timeout_s)

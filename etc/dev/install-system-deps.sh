@@ -10,11 +10,22 @@
 #   testssl.sh       TLS scan in the integration tests (`testssl`)
 #   nginx            baseline for the benchmarks
 #   procps           ps/pgrep for debugging the test processes
+#   debhelper, dh-virtualenv, dpkg-dev, build-essential, python3-venv
+#                    make deb: the package's venv against Debian's python3
+#   lintian          make deb checks the package; the packaging tests too
+#   git              make deb builds from a clean copy of the checkout
+#   systemd          systemd-analyze (verify, security) and
+#                    systemd-socket-activate in the packaging tests
+#   podman, runc, debootstrap
+#                    make image: build and run the container image; the
+#                    base image is bootstrapped (no registry is reachable)
 #
 # Needs root, or sudo rights for apt-get. Set SUDO= explicitly to override.
 set -eu
 
 PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps"
+PACKAGES="$PACKAGES debhelper dh-virtualenv dpkg-dev build-essential python3-venv lintian git"
+PACKAGES="$PACKAGES systemd podman runc debootstrap"
 
 missing=""
 for pkg in $PACKAGES; do

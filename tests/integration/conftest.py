@@ -120,3 +120,32 @@ def echo_upstream(tmp_path: Path) -> Iterator[Process]:
     proc = harness.start_echo_upstream(tmp_path / "echo")
     yield proc
     proc.stop()
+
+
+#: What quayfront (under twistd) prints for an error nobody handled.
+UNHANDLED_IN_OUTPUT = ("Unhandled error in Deferred", "Unhandled Error",
+                       "Traceback (most recent call last)")
+
+
+@pytest.fixture(autouse=True)
+def fail_on_unhandled_errors_in_quayfront(request: pytest.FixtureRequest,
+                                          quayfront_instances: list[Process]) -> Iterator[None]:
+    """
+    Fail a test during which a quayfront process printed an unhandled
+    error: only what each process wrote while the test ran counts (all of
+    it for the processes the test started, which have stopped by now).
+    """
+    seen = {id(proc): len(proc.output()) for proc in quayfront_instances}
+    yield
+    found = []
+    for proc in quayfront_instances:
+        output = proc.output()[seen.get(id(proc), 0):]
+        for marker in UNHANDLED_IN_OUTPUT:
+            at = output.find(marker)
+            if at >= 0:
+                found.append(f"{proc.name} ({proc.stdout_path}):\n"
+                             f"{output[max(0, at - 2000):at + 3000]}")
+                break
+    if found and request.node.get_closest_marker("unhandled_errors_expected") is None:
+        pytest.fail("unhandled error(s) in quayfront output during the test:\n"
+                    + "\n\n".join(found), pytrace=False)

@@ -14,6 +14,17 @@ what the upstream saw:
     bytes, prints ``sent SENT of TOTAL`` and then waits to be killed.
 ``stall PORT``
     Reads each request head and never answers; prints when the peer closes.
+``record PORT``
+    An HTTP/1.1 server with keep-alive that prints ``request `` and a JSON
+    object (request line and header pairs, body length) for every request
+    it reads, and answers each with ``200`` and ``ok``: the framing tests
+    read it to prove that a refused request never reached the upstream.
+``misbehave PORT KIND``
+    Answers each request head with a response head quayfront must refuse:
+    KIND ``header-flood`` sends a status line and then 100 MB of header
+    lines (or until the peer closes), ``bad-status`` sends
+    ``HTTX/1.1 200 OK``; prints how many bytes it sent and when the peer
+    closed.
 ``early-401 PORT``
     Answers ``401`` with ``WWW-Authenticate`` as soon as a request head is
     complete, without reading the body; afterwards it discards (and
@@ -256,16 +267,104 @@ def start_upstream(workdir: Path, mode: str, *args: str, port: int | None = None
     return proc
 
 
+def _read_exact(conn: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        piece = conn.recv(min(65536, count - len(data)))
+        if not piece:
+            raise ConnectionError("peer closed mid-body")
+        data += piece
+    return data
+
+
+def _read_line(conn: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\r\n"):
+        byte = conn.recv(1)
+        if not byte or len(line) > MAX_HEAD_BYTES:
+            raise ConnectionError("peer closed mid-line")
+        line += byte
+    return line
+
+
+def _read_body(conn: socket.socket, head: bytes) -> int:
+    length = header(head, "Content-Length")
+    if length is not None:
+        return len(_read_exact(conn, int(length)))
+    if (header(head, "Transfer-Encoding") or "").lower() != "chunked":
+        return 0
+    total = 0
+    while True:
+        size = int(_read_line(conn).split(b";")[0], 16)
+        if size == 0:
+            while _read_line(conn) != b"\r\n":
+                pass
+            return total
+        total += len(_read_exact(conn, size + 2)) - 2
+
+
+def serve_record(port: int) -> None:
+    def handle(conn: socket.socket) -> None:
+        for _ in range(MAX_CONNECTIONS):
+            head = read_head(conn)
+            if head is None:
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            pairs = [line.split(":", 1) for line in lines[1:] if ":" in line]
+            body_bytes = _read_body(conn, head)
+            say("request " + json.dumps({
+                "request_line": lines[0],
+                "headers": [[name, value.strip()] for name, value in pairs],
+                "body_bytes": body_bytes,
+            }))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    tcp_server(port, handle)
+
+
+FLOOD_BYTES = 100 * 1024 * 1024
+
+
+def serve_misbehave(port: int, kind: str) -> None:
+    def handle(conn: socket.socket) -> None:
+        if read_head(conn) is None:
+            return
+        if kind == "bad-status":
+            conn.sendall(b"HTTX/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            say("sent bad status line")
+        else:
+            line = b"X-Flood: " + b"f" * 1000 + b"\r\n"
+            sent = 0
+            try:
+                conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                while sent < FLOOD_BYTES:
+                    conn.sendall(line * 64)
+                    sent += len(line) * 64
+            except OSError:
+                say(f"peer closed after {sent} flood bytes")
+                return
+            say(f"sent {sent} flood bytes")
+        conn.settimeout(HANDLER_TIMEOUT_S)
+        while conn.recv(65536):
+            pass
+        say("peer closed")
+
+    tcp_server(port, handle)
+
+
 def main(argv: list[str]) -> None:
     modes = {
         "unix-web": (1, lambda a: serve_unix_web(a[0])),
         "truncate": (3, lambda a: serve_truncate(int(a[0]), int(a[1]), int(a[2]))),
         "stall": (1, lambda a: serve_stall(int(a[0]))),
         "early-401": (1, lambda a: serve_early_401(int(a[0]))),
+        "record": (1, lambda a: serve_record(int(a[0]))),
+        "misbehave": (2, lambda a: serve_misbehave(int(a[0]), a[1])),
     }
     if not argv or argv[0] not in modes or len(argv) - 1 != modes[argv[0]][0]:
         sys.exit("usage: upstreams.py unix-web PATH | truncate PORT TOTAL SENT"
-                 " | stall PORT | early-401 PORT")
+                 " | stall PORT | early-401 PORT | record PORT"
+                 " | misbehave PORT header-flood|bad-status")
     modes[argv[0]][1](argv[1:])
 
 

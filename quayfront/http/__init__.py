@@ -1,0 +1,50 @@
+"""
+HTTP/1.1 as quayfront speaks it, free of I/O and of Twisted: the request
+framing rules (L{RequestFramer}, raising L{PeerMisbehaved} with the status
+to answer), the normalised request target routes are chosen on
+(L{normalise_target}), and the bounds an upstream's response head is held
+to (L{ResponseHeadChecker}).  The rules and their reason codes are documented in
+L{quayfront.http._framing}, L{quayfront.http._target} and
+L{quayfront.http._response}.
+"""
+
+from ._framing import (
+    MAX_BODY_LENGTH,
+    MAX_CHUNK_LINE_BYTES,
+    MAX_HEAD_BYTES,
+    MAX_HEADER_COUNT,
+    MAX_REQUEST_LINE_BYTES,
+    NEED_DATA,
+    BodyData,
+    MessageEnd,
+    PeerMisbehaved,
+    RequestFramer,
+    RequestHead,
+    parse_chunk_size,
+    parse_content_length,
+    valid_host,
+)
+from ._response import ResponseHeadChecker, UpstreamMisbehaved
+from ._target import TargetRefused, normalise_path, normalise_target
+
+__all__ = [
+    "MAX_BODY_LENGTH",
+    "MAX_CHUNK_LINE_BYTES",
+    "MAX_HEAD_BYTES",
+    "MAX_HEADER_COUNT",
+    "MAX_REQUEST_LINE_BYTES",
+    "NEED_DATA",
+    "BodyData",
+    "MessageEnd",
+    "PeerMisbehaved",
+    "RequestFramer",
+    "RequestHead",
+    "ResponseHeadChecker",
+    "TargetRefused",
+    "UpstreamMisbehaved",
+    "normalise_path",
+    "normalise_target",
+    "parse_chunk_size",
+    "parse_content_length",
+    "valid_host",
+]
