@@ -20,12 +20,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
+import pwd
+import stat
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import IO, Callable
 
 from twisted.application.service import Service
+from twisted.logger import Logger
 
 # The status nginx logs for a request whose client went away before the
 # response started; operators' dashboards already know it.
@@ -185,16 +189,25 @@ class AccessLog(Service):
     Writes formatted lines to a file (opened in append mode when the service
     starts, so twistd's privilege drop and log rotation see a real file) or
     to standard output for C{-}.
+
+    With C{to_twistd_log} (twistd daemonised: standard output is
+    C{/dev/null}), C{-} sends each line to twistd's own log instead.
+    L{reopen} opens the path afresh, for log rotation.
     """
 
-    def __init__(self, path: str, format: str = "quay") -> None:
+    _log = Logger()
+
+    def __init__(self, path: str, format: str = "quay", to_twistd_log: bool = False) -> None:
         self.path = path
         self.format = format
         self._formatter = FORMATS[format]
         self._file: IO[str] | None = None
+        self._to_twistd_log = to_twistd_log and path == "-"
 
     def startService(self) -> None:
         super().startService()
+        if self._to_twistd_log:
+            return
         if self.path == "-":
             # twistd redirects sys.stdout into its own log; the access log
             # must stay one clean line per request.
@@ -208,9 +221,113 @@ class AccessLog(Service):
             self._file.close()
         self._file = None
 
+    def reopen(self, why: str) -> bool:
+        """
+        Open the path again (after C{mv} by logrotate, new lines go to the
+        new file); on failure keep writing to the open file and say why.
+        """
+        if self.path == "-" or self._file is None:
+            return True
+        try:
+            new = open(self.path, "a", buffering=1, encoding="ascii")
+        except OSError as e:
+            self._log.error(
+                "access log not reopened ({why}): access_log.path: cannot open {path}:"
+                " {reason}; still writing to the file already open",
+                why=why,
+                path=self.path,
+                reason=e.strerror,
+            )
+            return False
+        old, self._file = self._file, new
+        old.close()
+        self._log.info("access log reopened ({why}): {path}", why=why, path=self.path)
+        return True
+
     def write(self, entry: AccessLogEntry) -> None:
+        if self._to_twistd_log:
+            if self.running:
+                self._log.info("{line}", line=self._formatter(entry))
+            return
         if self._file is None:
             return
         self._file.write(self._formatter(entry) + "\n")
         if self.path == "-":
             self._file.flush()
+
+
+def access_log_problem(path: str, uid: int | None = None, gid: int | None = None) -> str | None:
+    """
+    Why quayfront, running as C{uid}/C{gid} (after twistd's C{-u}/C{-g}; the
+    current user when C{None}), could not append to the access log at
+    C{path}; C{None} when it can.  Decided from the file's or its
+    directory's owner and mode bits (ACLs are not consulted), without
+    creating anything.
+    """
+    if path == "-":
+        return None
+    if uid is None:
+        uid = os.geteuid()
+    if gid is None:
+        gid = os.getegid() if uid == os.geteuid() else _primary_gid(uid)
+    groups = _groups_of(uid, gid)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        return f"cannot use {path}: {e.strerror}"
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            return f"{path} is a directory"
+        if not _may(st, uid, groups, write=True):
+            return f"{path} is not writable by uid {uid}"
+    try:
+        dir_st = os.stat(directory)
+    except FileNotFoundError:
+        return f"directory {directory} does not exist"
+    except OSError as e:
+        return f"cannot use directory {directory}: {e.strerror}"
+    if not stat.S_ISDIR(dir_st.st_mode):
+        return f"{directory} is not a directory"
+    # Reaching the file needs search permission; creating it (and reopening
+    # after a rotation moved it) needs write permission on the directory.
+    if not _may(dir_st, uid, groups, write=False):
+        return f"directory {directory} is not searchable by uid {uid}"
+    if st is None and not _may(dir_st, uid, groups, write=True):
+        return f"cannot create {path}: directory {directory} is not writable by uid {uid}"
+    return None
+
+
+def _primary_gid(uid: int) -> int:
+    try:
+        return pwd.getpwuid(uid).pw_gid
+    except KeyError:
+        return uid
+
+
+def _groups_of(uid: int, gid: int) -> set[int]:
+    groups = {gid}
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        groups.update(os.getgrouplist(name, gid))
+    except KeyError:
+        pass
+    if uid == os.geteuid():
+        groups.update(os.getgroups())
+    return groups
+
+
+def _may(st: os.stat_result, uid: int, groups: set[int], write: bool) -> bool:
+    if uid == 0:
+        return True
+    if write:
+        bits = (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH)
+    else:
+        bits = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
+    if st.st_uid == uid:
+        return bool(st.st_mode & bits[0])
+    if st.st_gid in groups:
+        return bool(st.st_mode & bits[1])
+    return bool(st.st_mode & bits[2])

@@ -471,9 +471,12 @@ class HTTPConfig:
     # load balancer sends one, else made up), replacing any client value;
     # empty to send none.
     request_id_header: str = _checked("X-Request-ID", _header_name)
-    # On SIGTERM: stop accepting, answer health checks 503, close kept-alive
-    # connections after their current response, and wait this long for
-    # requests in flight before exiting.
+    # On SIGTERM, health checks answer 503 at once while quayfront keeps
+    # accepting and serving for drain_delay_s, so load balancers see the
+    # instance go down and stop sending to it; then the listeners close and
+    # requests in flight get up to drain_timeout_s.  A second SIGTERM or
+    # SIGINT skips the rest of the delay.
+    drain_delay_s: float = _checked(15.0, _non_negative)
     drain_timeout_s: float = _checked(60.0, _non_negative)
 
 
@@ -533,11 +536,17 @@ class Config:
     access_log: AccessLogConfig = AccessLogConfig()
 
 
-def load_config(path: str | None, overrides: Mapping[str, Any] = {}) -> Config:
+def load_config(
+    path: str | None,
+    overrides: Mapping[str, Any] = {},
+    override_sources: Mapping[str, str] = {},
+) -> Config:
     """
     Read the TOML file at C{path} (or nothing, when C{None}) and apply
     C{overrides}, a mapping of dotted keys (C{"upstream.url"}) to values of
     the same form the file would hold (command-line options arrive this way).
+    C{override_sources} names where each override came from (an option such
+    as C{--cert}); errors in an override name it.
 
     @raise ConfigError: naming the file (or C{command line}), key and reason.
     """
@@ -557,7 +566,13 @@ def load_config(path: str | None, overrides: Mapping[str, Any] = {}) -> Config:
         section_name, _, key = dotted.partition(".")
         section = getattr(config, section_name)
         raw = {key: value}
-        updated = _build(type(section), raw, "command line", f"{section_name}.", base=section)
+        updated = _build(
+            type(section),
+            raw,
+            override_sources.get(dotted, "command line"),
+            f"{section_name}.",
+            base=section,
+        )
         config = dataclasses.replace(config, **{section_name: updated})
     _check_trust(config, document, overrides, source)
     return config
@@ -741,3 +756,38 @@ def _raw_toml_type(hint: Any, check: Callable[[Any], Any] | None, toml_type: typ
     # A parsed field (addresses, URLs) is written as a string.
     assert check is not None, hint
     return str
+
+
+BUILT_IN_DEFAULT = "built-in default"
+
+
+def key_sources(
+    path: str | None, overrides: Mapping[str, Any], override_sources: Mapping[str, str]
+) -> Callable[[str], str]:
+    """
+    Where the value of a dotted key came from: the option that overrode it,
+    else the file when the file sets it (or its section), else the built-in
+    default.  Keys such as C{tls.certificates[0].cert} are looked up by
+    their top two levels.
+    """
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                document = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError):
+            document = {}
+
+    def source_of(key: str) -> str:
+        if key in override_sources and key in overrides:
+            return override_sources[key]
+        section, _, rest = key.partition(".")
+        name = rest.split(".", 1)[0].split("[", 1)[0]
+        table = document.get(section.split("[", 1)[0])
+        if path is not None and isinstance(table, (dict, list)) and (
+            not name or isinstance(table, list) or name in table
+        ):
+            return path
+        return BUILT_IN_DEFAULT
+
+    return source_of

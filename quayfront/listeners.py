@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import resource
 import socket
-import sys
 from typing import Mapping
 
 from twisted.application.internet import StreamServerEndpointService
@@ -325,7 +324,7 @@ def check_descriptor_budget(config: Config, limit: int, source: str) -> None:
     ]
     raise ConfigError(
         source,
-        keys[0] if len(keys) == 1 else "max_connections",
+        keys[0],
         f"{' + '.join(keys)} need about {needed} file descriptors (two per TLS connection,"
         f" one per redirect connection, {DESCRIPTOR_RESERVE} in reserve), but the descriptor"
         f" limit (RLIMIT_NOFILE) is {limit}: lower them or raise the limit (LimitNOFILE= in"
@@ -535,8 +534,8 @@ class ListenerService(StreamServerEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             reason = e.socketError.strerror if e.socketError is not None else str(e)
-            # twistd has redirected sys.stderr into its log by now.
-            sys.__stderr__.write(
-                f"quayfront: cannot listen on {self._address} ({self._setting}): {reason}\n"
-            )
-            raise SystemExit(1)
+            # The root service reports it like any other startup error, with
+            # the source that set the address.
+            raise ConfigError(
+                "-", self._setting, f"cannot listen on {self._address}: {reason}"
+            ) from None

@@ -498,6 +498,9 @@ class ProxyHeaderFactory(WrappingFactory):
     protocol = ProxyHeaderProtocol
     # Set by the endpoint once listening (quayfront.listeners.CappedPort).
     accept_gate = None
+    # quayfront logs each listener's address and role itself; no "Starting
+    # factory <...object at 0x...>" lines.
+    noisy = False
 
     def __init__(
         self,

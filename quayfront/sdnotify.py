@@ -240,7 +240,17 @@ def add_systemd_notify(root: MultiService, reactor, environ: Mapping[str, str] =
         return
     from quayfront.listeners import ListenerService
 
-    listeners = [s for s in root if isinstance(s, ListenerService)]
+    def listener_services(parent) -> list[ListenerService]:
+        # The listeners sit under the drain controller, which closes them.
+        found = []
+        for service in parent:
+            if isinstance(service, ListenerService):
+                found.append(service)
+            elif isinstance(service, MultiService):
+                found.extend(listener_services(service))
+        return found
+
+    listeners = listener_services(root)
     notify = NotifyService(
         notifier,
         reactor,

@@ -183,9 +183,21 @@ class FrontChannel(ChannelBadRequestHook, ChannelContinueHook, http.HTTPChannel)
             # deadline runs from now.
             self._watch_head()
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # A site that drains tracks its connections (stand-ins may not).
+        opened = getattr(self.site, "channel_opened", None)
+        if opened is not None:
+            opened(self)
+
     def connectionLost(self, reason) -> None:
         self._cancel_head_deadline()
         super().connectionLost(reason)
+        # Only now has the last byte left quayfront (TLS and socket buffers
+        # flushed): a drain waits for this, not for the response's finish().
+        closed = getattr(self.site, "channel_closed", None)
+        if closed is not None:
+            closed(self)
 
     # The head deadline.
 
@@ -568,6 +580,8 @@ class FrontSite(server.Site):
         )
         self.in_flight = 0
         self.draining = False
+        # Open client connections (their HTTP channels).
+        self.channels: set[FrontChannel] = set()
         self._drained: list[Deferred] = []
 
     def request_started(self) -> None:
@@ -575,7 +589,17 @@ class FrontSite(server.Site):
 
     def request_ended(self) -> None:
         self.in_flight -= 1
-        if self.in_flight == 0 and self._drained:
+        self._check_drained()
+
+    def channel_opened(self, channel: FrontChannel) -> None:
+        self.channels.add(channel)
+
+    def channel_closed(self, channel: FrontChannel) -> None:
+        self.channels.discard(channel)
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if self.in_flight == 0 and not self.channels and self._drained:
             waiters, self._drained = self._drained, []
             for waiter in waiters:
                 waiter.callback(None)
@@ -583,14 +607,28 @@ class FrontSite(server.Site):
     def drain(self) -> Deferred:
         """
         From now on, health checks fail and connections close after their
-        current response; fires when no request is in flight.
+        current response (one already under way included); fires when no
+        request is in flight and every connection has closed.
         """
         self.draining = True
-        if self.in_flight == 0:
+        for channel in self.channels:
+            if channel.requests:
+                channel.persistent = False
+        if self.in_flight == 0 and not self.channels:
             return succeed(None)
         waiter: Deferred = Deferred()
         self._drained.append(waiter)
         return waiter
+
+    def close_idle_connections(self) -> int:
+        """
+        Close (after flushing) every connection with no request under way;
+        return how many.
+        """
+        idle = [channel for channel in self.channels if not channel.requests]
+        for channel in idle:
+            channel.loseConnection()
+        return len(idle)
 
     def protocol(self):
         return wrap_channel(FrontChannel())

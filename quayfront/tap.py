@@ -5,18 +5,31 @@ C{twistd quayfront}: command-line options and the service tree.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pwd
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping, NoReturn
 
-from twisted.application.service import MultiService
+import twisted
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import server
 
-from quayfront.accesslog import AccessLog
-from quayfront.config import Config, ConfigError, load_config
+import quayfront
+from quayfront.accesslog import AccessLog, access_log_problem
+from quayfront.config import BUILT_IN_DEFAULT, Config, ConfigError, key_sources, load_config
 from quayfront.health import HealthResource, UpstreamProbe
-from quayfront.lifecycle import DrainService
+from quayfront.lifecycle import (
+    DrainController,
+    Reopener,
+    Root,
+    StartupFailure,
+    StopSignals,
+    bind_problem,
+    listener_addresses,
+    listener_conflict,
+)
 from quayfront.limits import ConcurrencyLimiter, RateLimiter
 from quayfront.listeners import (
     InheritedSockets,
@@ -41,15 +54,44 @@ def _split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+#: Read when no --config is given and the file exists; the environment
+#: variable QUAYFRONT_CONFIG names another file instead (or, when empty, none:
+#: the built-in defaults).
+DEFAULT_CONFIG_PATH = "/etc/quayfront/quayfront.toml"
+CONFIG_PATH_VARIABLE = "QUAYFRONT_CONFIG"
+
+#: The exit status of every startup error (configuration, certificate, port,
+#: log path), in the foreground and when daemonised (twistd's waiting parent
+#: exits 1 too).  --check exits 2 on an invalid configuration.
+STARTUP_ERROR_EXIT = 1
+CHECK_ERROR_EXIT = 2
+
+
+def default_config_path(environ: Mapping[str, str] = os.environ) -> str | None:
+    """
+    The configuration file read when no --config is given.
+    """
+    if CONFIG_PATH_VARIABLE in environ:
+        return environ[CONFIG_PATH_VARIABLE] or None
+    return DEFAULT_CONFIG_PATH if os.path.exists(DEFAULT_CONFIG_PATH) else None
+
+
+def example_config_path() -> str:
+    """
+    The documented example configuration shipped with the package.
+    """
+    return str(Path(quayfront.__file__).parent / "quayfront.toml")
+
+
 class Options(usage.Options):
     synopsis = "[options]"
-    longdesc = (
-        "PROXY protocol + TLS front end for container registries. Settings come "
-        "from --config (TOML; see etc/quayfront.toml); the options below "
-        "override single settings."
-    )
+    optFlags = [
+        ["check", None, "Validate the configuration (as a start would, without binding any"
+         " port), print FILE: OK and exit 0, or the errors and exit 2."],
+    ]
     optParameters = [
-        ["config", "c", None, "The configuration file (TOML)."],
+        ["config", "c", None, "The configuration file (TOML) [$QUAYFRONT_CONFIG, else"
+         f" {DEFAULT_CONFIG_PATH} when it exists]."],
         ["proxy-listen", None, None, "HOST:PORT of the PROXY+TLS listener [0.0.0.0:8443]."],
         ["listen", None, None, "HOST:PORT of the plain TLS listener [0.0.0.0:443]."],
         ["upstream", None, None, "The registry: http://HOST:PORT or unix:/PATH."],
@@ -60,11 +102,9 @@ class Options(usage.Options):
         ["proxy-exempt", None, None, "CIDR[,CIDR]: sources served without a PROXY header."],
         ["proxy-timeout", None, None, "Seconds a connection has to send its PROXY header."],
         ["metrics-listen", None, None, "HOST:PORT of the metrics endpoint, or 'off' [127.0.0.1:9091]."],
+        ["drain-delay", None, None, "Seconds health checks answer 503 before the listeners"
+         " close on SIGTERM [15]."],
     ]
-    optFlags = [
-        ["check", None, "Validate the configuration and certificates, bind nothing, exit."],
-    ]
-
     # option -> (dotted config key, conversion from the command-line text)
     _OVERRIDES: dict[str, tuple[str, Any]] = {
         "proxy-listen": ("proxy_listener.address", str),
@@ -76,42 +116,131 @@ class Options(usage.Options):
         "proxy-trusted": ("proxy_listener.trusted_sources", _split_list),
         "proxy-exempt": ("proxy_listener.exempt_sources", _split_list),
         "proxy-timeout": ("proxy_listener.header_timeout_s", float),
+        "drain-delay": ("http.drain_delay_s", float),
     }
 
+    @property
+    def longdesc(self) -> str:  # type: ignore[override]
+        return (
+            "PROXY protocol + TLS front end for container registries. Settings come "
+            "from --config (TOML); every key is documented, with its default, in the "
+            f"example {example_config_path()} (etc/quayfront.toml in the source). The "
+            "options below override single settings. SIGTERM drains, SIGHUP reloads "
+            "certificates and re-reads the configuration, SIGUSR1 and SIGHUP reopen the "
+            "access log."
+        )
+
+    def opt_version(self) -> None:
+        """
+        Print quayfront's and Twisted's versions and exit.
+        """
+        print(f"quayfront {quayfront.__version__} (Twisted {twisted.__version__})")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
-        overrides: dict[str, Any] = {}
+        self.overrides: dict[str, Any] = {}
+        self.override_sources: dict[str, str] = {}
         if self["metrics-listen"] == "off":
-            overrides["metrics.enabled"] = False
+            self.overrides["metrics.enabled"] = False
+            self.override_sources["metrics.enabled"] = "--metrics-listen"
         elif self["metrics-listen"] is not None:
-            overrides["metrics.address"] = self["metrics-listen"]
+            self.overrides["metrics.address"] = self["metrics-listen"]
+            self.override_sources["metrics.address"] = "--metrics-listen"
         for option, (key, convert) in self._OVERRIDES.items():
             if self[option] is not None:
                 try:
-                    overrides[key] = convert(self[option])
+                    self.overrides[key] = convert(self[option])
                 except ValueError:
                     raise usage.UsageError(f"--{option}: {self[option]!r} is not valid")
-        self.source = self["config"] or "command line"
+                self.override_sources[key] = f"--{option}"
+        self.path = self["config"] if self["config"] is not None else default_config_path()
+        self.source = self.path or BUILT_IN_DEFAULT
+        self.source_of = key_sources(self.path, self.overrides, self.override_sources)
+        twistd = self.twistd_options()
+        self.daemonising = twistd is not None and not twistd.get("nodaemon", True)
         try:
-            self.config = load_config(self["config"], overrides)
+            self.config = self.load()
+        except ConfigError as e:
+            self.fail(e)
+        try:
             prepare_descriptors(self.config, self.source)
             self.tls = load_server_tls(self.config.tls, self.source)
         except ConfigError as e:
-            # A clear line and a non-zero exit; a traceback would bury it.
-            sys.stderr.write(f"quayfront: configuration error: {e}\n")
-            raise SystemExit(2)
+            self.fail(self.attribute(e))
+        conflict = listener_conflict(self.config)
+        if conflict is not None:
+            key, reason = conflict
+            self.fail(ConfigError(self.source_of(key), key, reason))
+        problem = access_log_problem(self.config.access_log.path, *self.run_as(twistd))
+        if problem is not None:
+            self.fail(ConfigError(self.source_of("access_log.path"), "access_log.path", problem))
         if self["check"]:
-            sys.stdout.write(f"{self.source}: OK\n")
+            print(f"{self.source}: OK")
             raise SystemExit(0)
+        if self.daemonising:
+            # Once daemonised, standard error is /dev/null: keep a way to
+            # the terminal that started us, for errors after the fork.
+            self.terminal_fd: int | None = os.dup(2)
+            # Catch a port in use here, before the fork, so it is reported
+            # like any other startup error.
+            for key, address in listener_addresses(self.config):
+                reason = bind_problem(address)
+                if reason is not None:
+                    self.fail(
+                        ConfigError(self.source_of(key), key, f"cannot listen on {address}: {reason}")
+                    )
+        else:
+            self.terminal_fd = None
+
+    def load(self) -> Config:
+        """
+        The configuration as the files and options now say.
+        """
+        return load_config(self.path, self.overrides, self.override_sources)
+
+    def attribute(self, error: ConfigError) -> ConfigError:
+        """
+        C{error} naming the source that set its key.
+        """
+        return ConfigError(self.source_of(error.key), error.key, error.reason)
+
+    def fail(self, error: ConfigError) -> NoReturn:
+        # One clear line and a non-zero exit; a traceback would bury it.
+        sys.stderr.write(f"quayfront: {error}\n")
+        raise SystemExit(CHECK_ERROR_EXIT if self["check"] else STARTUP_ERROR_EXIT)
+
+    def twistd_options(self) -> Mapping[str, Any] | None:
+        parent = getattr(self, "parent", None)
+        return parent if isinstance(parent, Mapping) else None
+
+    @staticmethod
+    def run_as(twistd: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+        """
+        The uid and gid quayfront runs as after twistd's C{-u}/C{-g}.
+        """
+        if twistd is None:
+            return None, None
+        uid, gid = twistd.get("uid"), twistd.get("gid")
+        if uid is not None and gid is None:
+            try:
+                gid = pwd.getpwuid(uid).pw_gid
+            except KeyError:
+                gid = None
+        return uid, gid
 
 
 _log = Logger(namespace="quayfront")
 
 
-def make_service(config: Config, tls, reactor, source: str = "command line") -> MultiService:
+def make_service(
+    config: Config, tls, reactor, source: str = "command line", to_twistd_log: bool = False
+) -> Root:
     """
-    The whole service tree for C{config}, on C{reactor}.
+    The whole service tree for C{config}, on C{reactor}.  C{to_twistd_log}:
+    twistd daemonises, so an access log on standard output goes to
+    twistd's log instead.
     """
-    root = MultiService()
+    root = Root()
     if not config.tls.cert:
         _log.warn(
             "!!! NO CERTIFICATE CONFIGURED: serving a SELF-SIGNED DEVELOPMENT CERTIFICATE for"
@@ -123,8 +252,8 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
     reloader.setServiceParent(root)
     root.reloader = reloader
     counters = Counters()
-    access_log = AccessLog(config.access_log.path, config.access_log.format)
-    access_log.setServiceParent(root)
+    access_log = AccessLog(config.access_log.path, config.access_log.format, to_twistd_log)
+    root.access_log = access_log
 
     router = build_router(config, reactor)
     log_route_table(config.routes)
@@ -148,9 +277,17 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
         tls_headers=config.tls.headers,
         hsts=config.tls.hsts,
     )
+    # Startup log lines name each listener; no "Starting factory <...>".
+    site.noisy = False
     root.site = site
     root.counters = counters
-    DrainService(site, reactor, config.http.drain_timeout_s).setServiceParent(root)
+    # The drain stops the listeners and, last, the access log.
+    drain = DrainController(
+        site, reactor, config.http.drain_delay_s, config.http.drain_timeout_s
+    )
+    drain.setServiceParent(root)
+    root.drain = drain
+    access_log.setServiceParent(drain)
 
     # Sockets passed by systemd socket activation are adopted instead of bound.
     inherited = InheritedSockets.from_environment(reactor)
@@ -183,7 +320,8 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
             handshake_timeout_s=config.tls.handshake_timeout_s,
         )
         listener_factories[policy.listener] = endpoint
-        ListenerService(endpoint, site, setting, address).setServiceParent(root)
+        drain.add_listener(ListenerService(endpoint, site, setting, address))
+        root.listening.append((setting, address, _ROLES[policy.listener]))
     if config.metrics.enabled:
         gauges = [
             (
@@ -220,7 +358,8 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
             metrics_site,
             "metrics.address",
             config.metrics.address,
-        ).setServiceParent(root)
+        ).setServiceParent(drain)
+        root.listening.append(("metrics.address", config.metrics.address, "metrics, plain HTTP"))
     if config.redirect_listener.enabled:
         redirect = config.redirect_listener
         endpoint = plain_endpoint(
@@ -230,12 +369,19 @@ def make_service(config: Config, tls, reactor, source: str = "command line") -> 
             counters,
             adopted("redirect", "redirect_listener.address"),
         )
-        ListenerService(
-            endpoint,
-            redirect_site(redirect.https_port, reactor),
-            "redirect_listener.address",
-            redirect.address,
-        ).setServiceParent(root)
+        redirecting = redirect_site(redirect.https_port, reactor)
+        redirecting.noisy = False
+        drain.add_listener(
+            ListenerService(
+                endpoint,
+                redirecting,
+                "redirect_listener.address",
+                redirect.address,
+            )
+        )
+        root.listening.append(
+            ("redirect_listener.address", redirect.address, "plain HTTP, redirects to https")
+        )
     if inherited is not None:
         inherited.check_all_taken()
     add_systemd_notify(root, reactor)
@@ -282,11 +428,40 @@ def build_router(config: Config, reactor) -> Router:
     return Router(routes)
 
 
-def makeService(options: Options) -> MultiService:
+_ROLES = {
+    "proxy": "PROXY header, then TLS (load balancers)",
+    "tls": "TLS without PROXY header (direct clients, health checks)",
+}
+
+
+def makeService(options: Options) -> Root:
     from twisted.internet import reactor
 
     try:
-        return make_service(options.config, options.tls, reactor, options.source)
+        root = make_service(
+            options.config, options.tls, reactor, options.source, to_twistd_log=options.daemonising
+        )
     except SocketActivationError as e:
         sys.__stderr__.write(f"quayfront: socket activation: {e}\n")
-        raise SystemExit(2)
+        raise SystemExit(STARTUP_ERROR_EXIT)
+    failure = StartupFailure(
+        lambda e: str(options.attribute(e)) if isinstance(e, ConfigError) else str(e),
+        options.twistd_options(),
+        options.terminal_fd,
+        STARTUP_ERROR_EXIT,
+    )
+    root.on_startup_error = failure
+    root.on_started = failure.started
+    Reopener(
+        reactor,
+        root.access_log,
+        options.config,
+        options.load,
+        # Read only when a drain starts: safe to change at any time.
+        live={
+            "http.drain_delay_s": root.drain.set_delay,
+            "http.drain_timeout_s": root.drain.set_timeout,
+        },
+    ).setServiceParent(root)
+    reactor.callWhenRunning(StopSignals(reactor, root.drain).install)
+    return root

@@ -10,6 +10,7 @@
 #   testssl.sh       TLS scan in the integration tests (`testssl`)
 #   nginx            baseline for the benchmarks
 #   procps           ps/pgrep for debugging the test processes
+#   logrotate        runs the shipped etc/logrotate.d/quayfront in the tests
 #   debhelper, dh-virtualenv, dpkg-dev, build-essential, python3-venv
 #                    make deb: the package's venv against Debian's python3
 #   lintian          make deb checks the package; the packaging tests too
@@ -23,7 +24,7 @@
 # Needs root, or sudo rights for apt-get. Set SUDO= explicitly to override.
 set -eu
 
-PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps"
+PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps logrotate"
 PACKAGES="$PACKAGES debhelper dh-virtualenv dpkg-dev build-essential python3-venv lintian git"
 PACKAGES="$PACKAGES systemd podman runc debootstrap"
 

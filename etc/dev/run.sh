@@ -103,6 +103,8 @@ echo "run:      curl -k --haproxy-protocol https://127.0.0.1:$PROXY_PORT/v2/"
 echo "run: Ctrl-C stops quayfront and the registry"
 
 # Not exec: the EXIT trap must stop the registry when quayfront ends.
+# --drain-delay 0: no load balancer watches this instance's health, so
+# Ctrl-C closes the listeners at once (requests in flight still finish).
 # Foreground, so Ctrl-C from the terminal reaches twistd directly (the
 # registry, a background job of this non-interactive shell, ignores it and
 # is stopped by the trap).  The repository root on PYTHONPATH lets twistd
@@ -114,7 +116,8 @@ PYTHONPATH="$ROOT_DIR${PYTHONPATH:+:$PYTHONPATH}" \
     --listen "127.0.0.1:$TLS_PORT" \
     --upstream "http://127.0.0.1:$REGISTRY_PORT" \
     --cert "$RUN_DIR/cert.pem" --key "$RUN_DIR/key.pem" \
-    --access-log -
+    --access-log - \
+    --drain-delay 0
 rc=$?
 set -e
 exit "$rc"

@@ -43,8 +43,12 @@ STOP_TIMEOUT_S = 10.0
 #: HAProxy, curl --haproxy-protocol and the raw-socket tests all connect from
 #: loopback and send a PROXY header, so loopback must be trusted to send one
 #: (and must not be exempt from it, which is the built-in default).  Several
-#: instances run at once, so none takes the default metrics port.
-QUAYFRONT_TEST_ARGS: tuple[str, ...] = ("--proxy-trusted", "127.0.0.0/8", "--metrics-listen", "off")
+#: instances run at once, so none takes the default metrics port.  Nothing
+#: balances on their health, so a stop closes the listeners at once (the
+#: drain tests set their own delay).
+QUAYFRONT_TEST_ARGS: tuple[str, ...] = (
+    "--proxy-trusted", "127.0.0.0/8", "--metrics-listen", "off", "--drain-delay", "0",
+)
 
 T = TypeVar("T")
 
@@ -347,6 +351,21 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+def quayfront_env() -> dict[str, str]:
+    """
+    The environment quayfront runs in: the repository's plugin first on
+    PYTHONPATH, and no default configuration file (a machine's
+    /etc/quayfront/quayfront.toml must not leak into the tests).
+    """
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    env["QUAYFRONT_CONFIG"] = ""
+    return env
+
+
 def quayfront_argv(
     proxy_port: int,
     tls_port: int,
@@ -392,11 +411,7 @@ def start_quayfront(
     proxy_port, tls_port = free_ports(2)
     access_log = workdir / f"{name}-access.log"
     argv = quayfront_argv(proxy_port, tls_port, upstream, cert, key, access_log, config, extra)
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env = quayfront_env()
     proc = spawn(name, argv, workdir, env=env, cwd=REPO_ROOT)
     proc.ports.update(proxy=proxy_port, tls=tls_port)
     proc.extra["access_log"] = access_log

@@ -304,13 +304,15 @@ def test_startup_failures_exit_nonzero_with_reason(tmp_path, dev_cert):
     busy_port = taken.getsockname()[1]
     cases.append(
         (["--cert", str(cert), "--key", str(key), "--proxy-listen", f"127.0.0.1:{busy_port}"],
-         f"cannot listen on 127.0.0.1:{busy_port} (proxy_listener.address): Address already in use")
+         f"--proxy-listen: proxy_listener.address: cannot listen on 127.0.0.1:{busy_port}:"
+         " Address already in use")
     )
     for args, expected in cases:
         argv = [*harness.twistd_command(), "-n", "--pidfile=", "quayfront",
                 "--proxy-listen", f"127.0.0.1:{proxy_port}", "--listen", f"127.0.0.1:{tls_port}", *args]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL, cwd=harness.REPO_ROOT)
+                              stdin=subprocess.DEVNULL, cwd=harness.REPO_ROOT,
+                              env=harness.quayfront_env())
         output = done.stdout + done.stderr
         assert done.returncode != 0, output
         assert expected in output, output

@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from quayfront.lifecycle import DrainService
+from quayfront.lifecycle import DrainController
 from quayfront.metrics import Counters, render_prometheus
 from tests.unit.test_forward import connect, make_site, response
 
@@ -17,16 +17,19 @@ def test_drain_waits_for_requests_in_flight_and_closes_keepalive() -> None:
     site, agent, _, clock = make_site()
     channel, client = connect(site)
     channel.dataReceived(b"GET /v2/slow HTTP/1.1\r\nHost: h\r\n\r\n")
-    service = DrainService(site, clock, timeout_s=30)
+    service = DrainController(site, clock, delay_s=0, timeout_s=30)
     service.startService()
     stopped = service.stopService()
     assert not stopped.called
     r = response(200, {}, 0)
     agent.requests[0]["d"].callback(r)
     r._bodyDataFinished(Failure(ResponseDone()))
-    assert stopped.called
     assert b"Connection: close" in client.value()
     assert client.disconnecting
+    # Finished only once the connection is closed: its last byte has left.
+    assert not stopped.called
+    channel.connectionLost(Failure(ResponseDone()))
+    assert stopped.called
 
 
 def test_drain_gives_up_after_its_timeout() -> None:
@@ -34,7 +37,7 @@ def test_drain_gives_up_after_its_timeout() -> None:
     site, _, _, clock = make_site()
     channel, _ = connect(site)
     channel.dataReceived(b"GET /v2/stuck HTTP/1.1\r\nHost: h\r\n\r\n")
-    service = DrainService(site, clock, timeout_s=30)
+    service = DrainController(site, clock, delay_s=0, timeout_s=30)
     service.startService()
     stopped = service.stopService()
     clock.advance(29)
@@ -44,9 +47,9 @@ def test_drain_gives_up_after_its_timeout() -> None:
 
 
 def test_drain_with_nothing_in_flight_is_immediate() -> None:
-    """With no request in flight, stopping does not wait."""
+    """With no request in flight and no delay, stopping does not wait."""
     site, _, _, clock = make_site()
-    service = DrainService(site, clock, timeout_s=30)
+    service = DrainController(site, clock, delay_s=0, timeout_s=30)
     service.startService()
     assert service.stopService().called
 
