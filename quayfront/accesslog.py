@@ -7,12 +7,18 @@ Quay's C{lb_logs} format (the nginx format Quay's own front end writes):
     ($request_time $request_length $upstream_response_time)
 
 C{$remote_addr} is the socket peer (the load balancer on the PROXY
-listener) and the parenthesised address is the client quayfront vouches for.
+listener) and the parenthesised address is the client the PROXY header
+named, or C{-} when the connection brought no header (the plain TLS
+listener, exempt sources), as nginx's C{$proxy_protocol_addr}: a reader can
+tell a PROXY-given address from a socket one.  C{$remote_user} is the user
+name of an C{Authorization: Basic} header, as nginx logs it, else C{-}.
 Formatting is a pure function of an L{AccessLogEntry}.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 import pwd
@@ -55,6 +61,34 @@ class AccessLogEntry:
     # Why the exchange did not complete normally (client-closed,
     # upstream-unreachable, upstream-truncated, ...), or None.
     outcome: str | None = None
+    # The Basic-auth user name (basic_auth_user), raw; escaped when written.
+    remote_user: bytes | None = None
+
+
+# A user name longer than this is cut in the log.
+REMOTE_USER_MAX_BYTES = 128
+
+
+def basic_auth_user(authorization: bytes | None) -> bytes | None:
+    """
+    The user name of an C{Authorization: Basic} header value (RFC 7617: the
+    base64 of C{user:password}), or C{None} when there is none, it is
+    empty, or the value is not valid Basic credentials.  The password never
+    leaves this function.
+    """
+    if not authorization:
+        return None
+    scheme, _, credentials = authorization.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, _ = decoded.partition(b":")
+    if not colon or not user:
+        return None
+    return user[:REMOTE_USER_MAX_BYTES]
 
 
 def _escape(value: bytes | None) -> str:
@@ -73,6 +107,23 @@ def _escape(value: bytes | None) -> str:
     return "".join(out)
 
 
+def _proxy_client(entry: AccessLogEntry) -> str:
+    """
+    The parenthesised client: the PROXY header's, or C{-} without a header.
+    """
+    return entry.client if entry.proxy_version is not None else "-"
+
+
+def _remote_user(entry: AccessLogEntry) -> str:
+    """
+    C{$remote_user}, escaped; a space is escaped too, so the field stays
+    one word in the line.
+    """
+    if entry.remote_user is None:
+        return "-"
+    return _escape(entry.remote_user).replace(" ", "\\x20")
+
+
 def format_quay_line(entry: AccessLogEntry) -> str:
     local = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(entry.timestamp))
     request_line = _escape(b" ".join((entry.method, entry.uri, entry.protocol)))
@@ -82,7 +133,7 @@ def format_quay_line(entry: AccessLogEntry) -> str:
         else "%.3f" % entry.upstream_response_time_s
     )
     return (
-        f"{entry.socket_peer} ({entry.client}) - - [{local}] "
+        f"{entry.socket_peer} ({_proxy_client(entry)}) - {_remote_user(entry)} [{local}] "
         f'"{request_line}" {entry.status} {entry.body_bytes_sent} '
         f'"{_escape(entry.referer)}" "{_escape(entry.user_agent)}" '
         f"({entry.request_time_s:.3f} {entry.request_length} {upstream})"
@@ -103,8 +154,9 @@ def format_json_line(entry: AccessLogEntry) -> str:
         + ".%03dZ" % (int(entry.timestamp * 1000) % 1000),
         "listener": entry.listener,
         "socket_peer": entry.socket_peer,
-        "client": entry.client,
-        "client_port": entry.client_port,
+        "client": _proxy_client(entry),
+        "client_port": entry.client_port if entry.proxy_version is not None else None,
+        "remote_user": None if entry.remote_user is None else _remote_user(entry),
         "proxy_version": entry.proxy_version,
         "request_id": entry.request_id,
         "method": _escape(entry.method),

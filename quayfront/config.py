@@ -21,16 +21,15 @@ from typing import Any, Callable, Literal, Mapping
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# RFC 1918 and RFC 4193 ranges plus loopback: where load balancers live.  A
-# public client can therefore never assert an address of its choosing.
-DEFAULT_TRUSTED_SOURCES = (
-    "127.0.0.0/8",
-    "::1/128",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "fc00::/7",
-)
+# Loopback only: trusting every private range would let any host in the
+# same network claim any client address.  A listener on another address that
+# requires a header must name its load balancers (see _check_trust).
+DEFAULT_TRUSTED_SOURCES = ("127.0.0.0/8", "::1/128")
+
+# Connections each listener accepts at once (max_connections); beyond it new
+# ones wait in the kernel's listen backlog.  Far below the descriptor limits
+# quayfront starts with (systemd's 524288, a container's 1048576 or 20000).
+DEFAULT_MAX_CONNECTIONS = 2048
 
 
 class ConfigError(Exception):
@@ -311,6 +310,7 @@ class ProxyListenerConfig:
     # PROXY v2 TLV fields sent upstream as headers: field name -> header
     # name.  Client-sent headers of those names are always removed.
     tlv_headers: tuple[tuple[str, str], ...] = _checked((), _tlv_headers, toml_type=dict)
+    max_connections: int = _checked(DEFAULT_MAX_CONNECTIONS, _positive)
 
 
 @dataclass(frozen=True)
@@ -322,6 +322,7 @@ class TLSListenerConfig:
 
     enabled: bool = True
     address: ListenAddress = _checked(ListenAddress("0.0.0.0", 443), parse_listen_address)
+    max_connections: int = _checked(DEFAULT_MAX_CONNECTIONS, _positive)
 
 
 @dataclass(frozen=True)
@@ -373,6 +374,7 @@ class RedirectListenerConfig:
     exempt_sources: tuple[IPNetwork, ...] = _checked((), parse_networks)
     # The https port redirects point at; 443 is left out of the URL.
     https_port: int = _checked(443, _positive)
+    max_connections: int = _checked(DEFAULT_MAX_CONNECTIONS, _positive)
 
 
 @dataclass(frozen=True)
@@ -414,6 +416,9 @@ class TLSConfig:
     # each process makes its own keys, and a session resumes only on the
     # replica that started it.  Reloaded with the certificates.
     session_ticket_key_files: tuple[str, ...] = ()
+    # From the start of TLS (accept, or the end of the PROXY header) to a
+    # completed handshake; a connection still handshaking then is closed.
+    handshake_timeout_s: float = _checked(10.0, _positive)
 
 
 @dataclass(frozen=True)
@@ -684,7 +689,52 @@ def load_config(
             base=section,
         )
         config = dataclasses.replace(config, **{section_name: updated})
+    _check_trust(config, document, overrides, source)
     return config
+
+
+def _is_loopback(host: str) -> bool:
+    ip = host_ip(host)
+    return host == "localhost" if ip is None else ip.is_loopback
+
+
+def _check_trust(
+    config: Config, document: dict[str, Any], overrides: Mapping[str, Any], source: str
+) -> None:
+    """
+    Refuse the trust settings that fail silently at run time: a source both
+    exempt and trusted (it would be served without a header, so a load
+    balancer there fails every connection in TLS), and a listener reachable
+    from other hosts that requires a header but relies on the loopback-only
+    default for who may send one.
+    """
+    for section_name in ("proxy_listener", "redirect_listener"):
+        section = getattr(config, section_name)
+        for exempt in section.exempt_sources:
+            for trusted in section.trusted_sources:
+                if exempt.version == trusted.version and exempt.overlaps(trusted):
+                    raise ConfigError(
+                        source,
+                        f"{section_name}.exempt_sources",
+                        f"{exempt} overlaps {trusted} in {section_name}.trusted_sources: a source"
+                        " is either served without a PROXY header (exempt) or must send one"
+                        " (trusted), never both; remove it from one of the two lists",
+                    )
+        if not section.enabled or section.proxy_protocol != "required":
+            continue
+        key = f"{section_name}.trusted_sources"
+        explicit = "trusted_sources" in document.get(section_name, {}) or key in overrides
+        if not explicit and not _is_loopback(section.address.host):
+            raise ConfigError(
+                source,
+                key,
+                f"must be set: {section_name}.address {section.address} is not a loopback"
+                ' address and proxy_protocol = "required", and the default trusts only'
+                " loopback (" + ", ".join(DEFAULT_TRUSTED_SOURCES) + "). Set"
+                f' [{section_name}] trusted_sources = ["CIDR", ...] to the load balancers\''
+                " addresses (e.g. [\"10.0.0.0/8\"])"
+                + (", or pass --proxy-trusted CIDR[,CIDR]" if section_name == "proxy_listener" else ""),
+            )
 
 
 def _check_references(config: Config, source: str) -> None:

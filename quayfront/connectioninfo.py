@@ -64,9 +64,40 @@ TLV_FIELDS: dict[str, Callable[[ProxyHeader], bytes | int | None]] = {
 }
 
 
+# TLV types with a named field above (or none to show: CRC32C, NOOP).
+_NAMED_TLV_TYPES = frozenset({0x01, 0x02, 0x03, 0x04, 0x05, 0x20, 0x30})
+# Vendor types whose value was decoded, by the field holding it.
+_VENDOR_FIELDS = {0xE0: "gcp_psc_connection_id", 0xEA: "aws_vpce_id", 0xEE: "azure_link_id"}
+# Raw TLVs shown per request at most, so a header full of them cannot
+# bloat every log line.
+MAX_RAW_TLV_FIELDS = 8
+
+
+def _raw_tlvs(header: ProxyHeader) -> dict[str, str]:
+    """
+    TLVs kept raw by the parser (vendor TLVs of a foreign layout, types
+    nobody registered), sanitised, as C{tlv_0xNN}: the first of each type.
+    """
+    raw: dict[str, str] = {}
+    for tlv in header.tlvs:
+        if tlv.type in _NAMED_TLV_TYPES:
+            continue
+        vendor_field = _VENDOR_FIELDS.get(tlv.type)
+        if vendor_field is not None and getattr(header, vendor_field) is not None:
+            continue
+        key = f"tlv_0x{tlv.type:02x}"
+        if key in raw:
+            continue
+        if len(raw) == MAX_RAW_TLV_FIELDS:
+            break
+        raw[key] = sanitise(tlv.value)
+    return raw
+
+
 def tlv_fields(header: ProxyHeader | None) -> dict[str, str]:
     """
-    The sanitised TLV fields present in C{header}.
+    The sanitised TLV fields present in C{header}, then the TLVs it keeps
+    raw (see L{_raw_tlvs}).
     """
     if header is None:
         return {}
@@ -75,6 +106,7 @@ def tlv_fields(header: ProxyHeader | None) -> dict[str, str]:
         value = get(header)
         if value is not None:
             fields[name] = sanitise(value)
+    fields.update(_raw_tlvs(header))
     return fields
 
 

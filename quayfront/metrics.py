@@ -39,6 +39,15 @@ COUNTERS = {
         "to",
         "Rate-limit zones finding the shared store failing (down) or answering again (up).",
     ),
+    "tls_handshake_failed": (
+        "reason",
+        "TLS handshakes that did not complete, by reason (timeout, client-closed, not-tls,"
+        " tls-error).",
+    ),
+    "listener_accept_paused": (
+        "listener",
+        "Times a listener stopped accepting because it held max_connections.",
+    ),
     "http_requests_refused": (
         "reason",
         "Requests refused for their framing, target or head deadline, by reason.",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.logger import Logger
 from twisted.web.iweb import IAgent
 from twisted.web.resource import IResource
 
@@ -58,3 +59,45 @@ class Router:
             if path.startswith(route.prefix):
                 return route
         return None
+
+
+_log = Logger(namespace="quayfront")
+
+
+def describe_route(route: RouteConfig) -> str:
+    """
+    One line for the route table: prefix, destination, limits.
+    """
+    destination = f"directory {route.directory}" if route.directory else f"upstream {route.upstream}"
+    limits = [
+        f"max_body_bytes={route.max_body_bytes or 'unlimited'}",
+        f"response_timeout_s={route.response_timeout_s:g}",
+        f"idle_timeout_s={route.idle_timeout_s:g}",
+        f"keepalive={'on' if route.keepalive else 'off'}",
+        f"rate_limit={route.rate_limit or 'none'}",
+    ]
+    if route.connect_timeout_s:
+        limits.append(f"connect_timeout_s={route.connect_timeout_s:g}")
+    return f"{route.prefix} -> {destination} ({', '.join(limits)})"
+
+
+def log_route_table(routes: tuple[RouteConfig, ...] | list[RouteConfig]) -> list[str]:
+    """
+    Log the effective routes at startup, longest prefix first (the order in
+    which they match), and warn when no route covers C{/v2/}: listing any
+    [[routes]] replaces the defaults, registry routes included.
+
+    @return: the lines logged, for tests.
+    """
+    ordered = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+    lines = [describe_route(route) for route in ordered]
+    for line in lines:
+        _log.info("Route: {route}", route=line)
+    if not any("/v2/".startswith(route.prefix) for route in routes):
+        warning = (
+            "No route covers /v2/ (the registry API): configured [[routes]] replace the"
+            " defaults; add one with prefix = \"/v2/\" (or \"/\")"
+        )
+        _log.warn(warning)
+        lines.append(warning)
+    return lines

@@ -30,7 +30,12 @@ from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server, static
 from twisted.web.resource import IResource, Resource
 
-from quayfront.accesslog import CLIENT_CLOSED_REQUEST, AccessLog, AccessLogEntry
+from quayfront.accesslog import (
+    CLIENT_CLOSED_REQUEST,
+    AccessLog,
+    AccessLogEntry,
+    basic_auth_user,
+)
 from quayfront.connectioninfo import tls_fields, tlv_fields
 from quayfront.forward import (
     Forwarding,
@@ -493,6 +498,9 @@ class FrontRequest(server.Request):
                 tls=self._tls,
                 proxy_version=origin.proxy_header.version if origin.proxy_header else None,
                 outcome=forwarding.failure_reason if forwarding else None,
+                remote_user=basic_auth_user(
+                    self.requestHeaders.getRawHeaders(b"authorization", [None])[0]
+                ),
             )
         )
 

@@ -38,6 +38,7 @@ from quayfront.listeners import (
     SocketActivationError,
     listener_endpoint,
     plain_endpoint,
+    prepare_descriptors,
     tcp_endpoint,
 )
 from quayfront.metrics import (
@@ -52,7 +53,7 @@ from quayfront.metrics import (
 from quayfront.proxylayer import ProxyHeaderPolicy
 from quayfront.redisstore import RedisStore, check_config as check_redis_config
 from quayfront.redirect import redirect_site
-from quayfront.routing import Route, Router, Upstream
+from quayfront.routing import Route, Router, Upstream, log_route_table
 from quayfront.sdnotify import add_systemd_notify
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
@@ -179,6 +180,7 @@ class Options(usage.Options):
         except ConfigError as e:
             self.fail(e)
         try:
+            prepare_descriptors(self.config, self.source)
             self.tls = load_server_tls(self.config.tls, self.source)
             check_redis_config(self.config.redis, self.source)
         except ConfigError as e:
@@ -292,6 +294,7 @@ def make_service(
         store.setServiceParent(root)
     root.store = store
     router = build_router(config, reactor, store, counters, worker)
+    log_route_table(config.routes)
     probe_agent = upstream_agent(reactor, config.upstream, persistent=False)
     probe = UpstreamProbe(
         reactor, probe_agent, upstream_uri(config.health.probe_path.encode("ascii")), config.health
@@ -340,11 +343,19 @@ def make_service(
             )
         )
     if config.tls_listener.enabled:
-        listeners.append((config.tls_listener.address, ProxyHeaderPolicy("tls", required=False)))
+        listeners.append(
+            (
+                config.tls_listener.address,
+                ProxyHeaderPolicy(
+                    "tls", required=False, max_connections=config.tls_listener.max_connections
+                ),
+            )
+        )
     for address, policy in listeners:
         setting = "proxy_listener.address" if policy.listener == "proxy" else "tls_listener.address"
         endpoint = listener_endpoint(
-            listen_reactor, address, policy, tls, counters, adopted(policy.listener, setting)
+            listen_reactor, address, policy, tls, counters, adopted(policy.listener, setting),
+            handshake_timeout_s=config.tls.handshake_timeout_s,
         )
         listener_factories[policy.listener] = endpoint
         drain.add_listener(

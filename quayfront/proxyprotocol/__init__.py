@@ -19,10 +19,17 @@ from ._header import (
     ProxyHeaderError,
     SSLInfo,
 )
-from ._parser import DEFAULT_MAX_V2_LENGTH, V1_MAX_LENGTH, ProxyHeaderParser
+from ._parser import (
+    DEFAULT_MAX_V2_LENGTH,
+    HEADER_START_MAX_LENGTH,
+    V1_MAX_LENGTH,
+    ProxyHeaderParser,
+    starts_with_header,
+)
 
 __all__ = [
     "DEFAULT_MAX_V2_LENGTH",
+    "HEADER_START_MAX_LENGTH",
     "REASON_CODES",
     "TLV",
     "V1_MAX_LENGTH",
@@ -33,4 +40,5 @@ __all__ = [
     "ProxyHeaderError",
     "ProxyHeaderParser",
     "SSLInfo",
+    "starts_with_header",
 ]

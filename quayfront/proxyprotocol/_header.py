@@ -38,10 +38,14 @@ REASON_CODES: Final = frozenset(
         "v2-tlv-overrun",
         "v2-tlv-truncated",
         "v2-bad-tlv",
-        "v2-duplicate-tlv",
+        "v2-authority-too-long",
         "v2-crc-mismatch",
     }
 )
+# Codes no longer raised.  They stay reserved so that a metrics label never
+# changes meaning: "v2-duplicate-tlv" (repeated TLVs are accepted, the first
+# one wins).
+RETIRED_REASON_CODES: Final = frozenset({"v2-duplicate-tlv"})
 
 # A detail quotes peer bytes; the bound keeps one log line one line.
 ERROR_DETAIL_MAX_LENGTH: Final = 240
@@ -217,8 +221,10 @@ class ProxyHeader:
         addresses apply (C{LOCAL}, v1 C{UNKNOWN}, C{UNSPEC}).
     @ivar destination: the address the client connected to, or C{None}
         exactly when C{source} is.
-    @ivar tlvs: every v2 TLV in order, including unknown and C{NOOP} ones;
-        SSL sub-TLVs stay inside their TLV's value.
+    @ivar tlvs: every v2 TLV in order, including unknown, repeated and
+        C{NOOP} ones and vendor TLVs whose layout did not match; SSL
+        sub-TLVs stay inside their TLV's value.  The fields below come from
+        the first TLV of their type.
     @ivar alpn: C{PP2_TYPE_ALPN}.
     @ivar authority: C{PP2_TYPE_AUTHORITY}, the SNI the client sent to the
         load balancer.
@@ -229,7 +235,8 @@ class ProxyHeader:
     @ivar azure_link_id: the Azure private endpoint link id (type 0xEE,
         subtype 0x01).
     @ivar gcp_psc_connection_id: the Google Cloud Private Service Connect
-        connection id (type 0xE0).
+        connection id (type 0xE0).  The three vendor fields are set only
+        when the TLV has that vendor's layout; see the parser's notes.
     @ivar length: how many bytes the header occupied on the wire.
     """
 

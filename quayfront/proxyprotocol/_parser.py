@@ -47,15 +47,12 @@ Error reasons (L{ProxyHeaderError.reason}):
   - C{v2-tlv-overrun}: a TLV's length runs past the end of the header.
   - C{v2-tlv-truncated}: one or two bytes left after the last TLV, too few
     for a TLV's type and length.
-  - C{v2-bad-tlv}: a known TLV of the wrong size or layout: CRC32C not 4
-    bytes, UNIQUE_ID over 128 bytes, SSL shorter than 5 bytes or with
-    sub-TLVs that overrun it or leave stray bytes, AWS without a subtype or
-    with an empty VPC endpoint id, Azure link id not 4 bytes, GCP connection
-    id not 8 bytes.
-  - C{v2-duplicate-tlv}: a second TLV of a type that gives a single value
-    (ALPN, AUTHORITY, CRC32C, UNIQUE_ID, SSL, NETNS, GCP, AWS VPC endpoint
-    id, Azure link id), or a repeated known SSL sub-TLV.  Repeats would leave
-    the value ambiguous; NOOP and unknown types may repeat.
+  - C{v2-bad-tlv}: a TLV of a type this parser knows, of the wrong size or
+    layout: CRC32C not 4 bytes, UNIQUE_ID over 128 bytes, SSL shorter than
+    5 bytes or with sub-TLVs that overrun it or leave stray bytes.  Vendor
+    TLVs (0xE0-0xEF) never cause it: see below.
+  - C{v2-authority-too-long}: an AUTHORITY TLV over 255 bytes, which cannot
+    be a host name (RFC 1035 section 2.3.4 bounds one to 255 octets).
   - C{v2-crc-mismatch}: the CRC32C TLV does not match the header.
 
 Decisions beyond the letter of the specification:
@@ -86,6 +83,23 @@ Decisions beyond the letter of the specification:
     addresses are both written long with dotted IPv4 tails (up to 45
     characters each, which section 2.1's arithmetic does not count) is
     rejected as C{v1-too-long}.
+  - Vendor TLVs (0xE0-0xEF) are decoded only when their value has the
+    layout of the cloud that registered the type: AWS (0xEA) subtype 0x01
+    and a non-empty printable ASCII VPC endpoint id, Azure (0xEE) subtype
+    0x01 and a 4-byte link id, GCP (0xE0) an 8-byte connection id.  The
+    specification reserves the range for applications, and load balancers
+    other than those clouds' put their own data there (haproxy's
+    C{set-proxy-v2-tlv-fmt}), so any other value is kept in C{tlvs} as
+    received and the header is accepted.  Types nobody registered are kept
+    the same way.
+  - Repeated TLVs are accepted, as the specification does not forbid them:
+    the first one of a type gives the decoded field (haproxy's choice: its
+    lookup returns the first match; for a vendor type, the first with the
+    vendor's layout), later ones stay in C{tlvs}.  Each one
+    of a type with a layout must still have that layout; for CRC32C the
+    first is the checksum verified, and later ones are bytes it covers.  A
+    repeated SSL sub-TLV likewise yields its first value.  The reason code
+    C{v2-duplicate-tlv} is retired (L{RETIRED_REASON_CODES}).
   - TLV values are stored as received.  The length cap
     (L{DEFAULT_MAX_V2_LENGTH} by default) bounds their total size and count.
 """
@@ -96,7 +110,7 @@ import enum
 import ipaddress
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from ._crc32c import crc32c
@@ -121,6 +135,9 @@ V1_MAX_LENGTH: Final = 107
 DEFAULT_MAX_V2_LENGTH: Final = 4096
 # Section 2.2.5.
 UNIQUE_ID_MAX_LENGTH: Final = 128
+# AUTHORITY carries a host name (section 2.2.2), at most 255 octets (RFC 1035
+# section 2.3.4).
+AUTHORITY_MAX_LENGTH: Final = 255
 # How many peer bytes an error detail quotes.
 QUOTED_BYTES_MAX: Final = 24
 
@@ -190,6 +207,9 @@ _AWS_SUBTYPE_VPCE_ID: Final = 0x01
 _AZURE_SUBTYPE_LINK_ID: Final = 0x01
 _AZURE_LINK_ID_LENGTH: Final = 4
 _VENDOR_SUBTYPE_LENGTH: Final = 1
+# Section 2.2.7: types reserved for application-specific data.
+TLV_TYPE_VENDOR_FIRST: Final = 0xE0
+TLV_TYPE_VENDOR_LAST: Final = 0xEF
 # Section 2.2.6: one byte of client flags, then the 32-bit verify result.
 _SSL_FIXED_LENGTH: Final = 5
 SSL_SUBTYPE_VERSION: Final = 0x21
@@ -201,18 +221,6 @@ SSL_SUBTYPE_GROUP: Final = 0x26
 SSL_SUBTYPE_SIG_SCHEME: Final = 0x27
 SSL_SUBTYPE_CLIENT_CERT: Final = 0x28
 
-_TLV_NAMES: Final = {
-    TLV_TYPE_ALPN: "ALPN",
-    TLV_TYPE_AUTHORITY: "AUTHORITY",
-    TLV_TYPE_CRC32C: "CRC32C",
-    TLV_TYPE_NOOP: "NOOP",
-    TLV_TYPE_UNIQUE_ID: "UNIQUE_ID",
-    TLV_TYPE_SSL: "SSL",
-    TLV_TYPE_NETNS: "NETNS",
-    TLV_TYPE_GCP: "GCP",
-    TLV_TYPE_AWS: "AWS",
-    TLV_TYPE_AZURE: "AZURE",
-}
 _SSL_SUBTYPE_FIELDS: Final = {
     SSL_SUBTYPE_VERSION: "version",
     SSL_SUBTYPE_CN: "cn",
@@ -615,12 +623,6 @@ class _TLVFields:
     aws_vpce_id: bytes | None = None
     azure_link_id: int | None = None
     gcp_psc_connection_id: int | None = None
-    claimed: set[str] = field(default_factory=set)
-
-    def claim(self, name: str) -> None:
-        if name in self.claimed:
-            raise ProxyHeaderError("v2-duplicate-tlv", f"more than one {name} TLV")
-        self.claimed.add(name)
 
 
 def _split_tlvs(header: bytes, start: int) -> list[_TLVSpan]:
@@ -658,17 +660,15 @@ def _find_crc32c(spans: list[_TLVSpan]) -> int | None:
     Return where the CRC32C value is in the header, if there is one.
     """
     crc_spans = [span for span in spans if span.type == TLV_TYPE_CRC32C]
-    if not crc_spans:
-        return None
-    if len(crc_spans) > 1:
-        raise ProxyHeaderError("v2-duplicate-tlv", "more than one CRC32C TLV")
-    span = crc_spans[0]
-    if span.value_end - span.value_start != _CRC32C_LENGTH:
-        raise ProxyHeaderError(
-            "v2-bad-tlv",
-            f"CRC32C TLV is {span.value_end - span.value_start} bytes, must be {_CRC32C_LENGTH}",
-        )
-    return span.value_start
+    for span in crc_spans:
+        if span.value_end - span.value_start != _CRC32C_LENGTH:
+            raise ProxyHeaderError(
+                "v2-bad-tlv",
+                f"CRC32C TLV is {span.value_end - span.value_start} bytes, "
+                f"must be {_CRC32C_LENGTH}",
+            )
+    # The first one is the checksum; any later one is covered by it.
+    return crc_spans[0].value_start if crc_spans else None
 
 
 def _verify_crc32c(header: bytes, value_offset: int) -> None:
@@ -710,11 +710,8 @@ def _interpret_ssl(value: bytes) -> SSLInfo:
         sub_tlvs.append(TLV(subtype, sub_value))
         name = _SSL_SUBTYPE_FIELDS.get(subtype)
         if name is not None:
-            if name in known:
-                raise ProxyHeaderError(
-                    "v2-duplicate-tlv", f"more than one SSL sub-TLV 0x{subtype:02x} ({name})"
-                )
-            known[name] = sub_value
+            # The first of a repeated sub-TLV wins, as for TLVs.
+            known.setdefault(name, sub_value)
         position = sub_end
     return SSLInfo(
         client=value[0],
@@ -724,6 +721,42 @@ def _interpret_ssl(value: bytes) -> SSLInfo:
     )
 
 
+def _aws_vpce_id(value: bytes) -> bytes | None:
+    """
+    The VPC endpoint id, if C{value} has AWS's layout: subtype 0x01, then the
+    id as US-ASCII text ("vpce-...").
+    """
+    if len(value) <= _VENDOR_SUBTYPE_LENGTH or value[0] != _AWS_SUBTYPE_VPCE_ID:
+        return None
+    payload = value[_VENDOR_SUBTYPE_LENGTH:]
+    if not all(_PRINTABLE_FIRST <= byte <= _PRINTABLE_LAST for byte in payload):
+        return None
+    return payload
+
+
+def _azure_link_id(value: bytes) -> int | None:
+    """
+    The link id, if C{value} has Azure's layout: subtype 0x01, then a
+    little-endian 32-bit integer.
+    """
+    if (
+        len(value) != _VENDOR_SUBTYPE_LENGTH + _AZURE_LINK_ID_LENGTH
+        or value[0] != _AZURE_SUBTYPE_LINK_ID
+    ):
+        return None
+    return int.from_bytes(value[_VENDOR_SUBTYPE_LENGTH:], "little")
+
+
+def _gcp_psc_connection_id(value: bytes) -> int | None:
+    """
+    The connection id, if C{value} has Google Cloud's layout: a big-endian
+    64-bit integer.
+    """
+    if len(value) != _GCP_PSC_CONNECTION_ID_LENGTH:
+        return None
+    return int.from_bytes(value, "big")
+
+
 def _interpret_tlvs(header: bytes, spans: list[_TLVSpan]) -> _TLVFields:
     fields = _TLVFields()
     tlvs = []
@@ -731,53 +764,47 @@ def _interpret_tlvs(header: bytes, spans: list[_TLVSpan]) -> _TLVFields:
         tlv_type = span.type
         value = header[span.value_start : span.value_end]
         tlvs.append(TLV(tlv_type, value))
-        name = _TLV_NAMES.get(tlv_type)
-        if tlv_type in (TLV_TYPE_NOOP, TLV_TYPE_CRC32C) or name is None:
-            # NOOP is padding (2.2.4); CRC32C was checked already; other
-            # types are kept raw and otherwise ignored (section 2.2).
-            continue
-        if tlv_type in (TLV_TYPE_AWS, TLV_TYPE_AZURE):
-            if len(value) < _VENDOR_SUBTYPE_LENGTH:
-                raise ProxyHeaderError("v2-bad-tlv", f"{name} TLV has no subtype byte")
-            subtype, payload = value[0], value[_VENDOR_SUBTYPE_LENGTH:]
-            if tlv_type == TLV_TYPE_AWS and subtype == _AWS_SUBTYPE_VPCE_ID:
-                fields.claim("AWS VPC endpoint id")
-                if not payload:
-                    raise ProxyHeaderError("v2-bad-tlv", "empty AWS VPC endpoint id")
-                fields.aws_vpce_id = payload
-            elif tlv_type == TLV_TYPE_AZURE and subtype == _AZURE_SUBTYPE_LINK_ID:
-                fields.claim("Azure link id")
-                if len(payload) != _AZURE_LINK_ID_LENGTH:
-                    raise ProxyHeaderError(
-                        "v2-bad-tlv",
-                        f"Azure link id is {len(payload)} bytes, must be {_AZURE_LINK_ID_LENGTH}",
-                    )
-                fields.azure_link_id = int.from_bytes(payload, "little")
-            continue
-        fields.claim(name)
+        # Every TLV of a type with a layout is checked; the first of a type
+        # gives the field (see "Repeated TLVs" above).
         if tlv_type == TLV_TYPE_ALPN:
-            fields.alpn = value
+            if fields.alpn is None:
+                fields.alpn = value
         elif tlv_type == TLV_TYPE_AUTHORITY:
-            fields.authority = value
+            if len(value) > AUTHORITY_MAX_LENGTH:
+                raise ProxyHeaderError(
+                    "v2-authority-too-long",
+                    f"AUTHORITY TLV is {len(value)} bytes, "
+                    f"a host name is at most {AUTHORITY_MAX_LENGTH}",
+                )
+            if fields.authority is None:
+                fields.authority = value
         elif tlv_type == TLV_TYPE_UNIQUE_ID:
             if len(value) > UNIQUE_ID_MAX_LENGTH:
                 raise ProxyHeaderError(
                     "v2-bad-tlv",
                     f"UNIQUE_ID TLV is {len(value)} bytes, at most {UNIQUE_ID_MAX_LENGTH} allowed",
                 )
-            fields.unique_id = value
+            if fields.unique_id is None:
+                fields.unique_id = value
         elif tlv_type == TLV_TYPE_SSL:
-            fields.ssl = _interpret_ssl(value)
+            ssl = _interpret_ssl(value)
+            if fields.ssl is None:
+                fields.ssl = ssl
         elif tlv_type == TLV_TYPE_NETNS:
-            fields.netns = value
+            if fields.netns is None:
+                fields.netns = value
+        # Vendor types: decoded only when the layout matches, else kept raw.
+        elif tlv_type == TLV_TYPE_AWS:
+            if fields.aws_vpce_id is None:
+                fields.aws_vpce_id = _aws_vpce_id(value)
+        elif tlv_type == TLV_TYPE_AZURE:
+            if fields.azure_link_id is None:
+                fields.azure_link_id = _azure_link_id(value)
         elif tlv_type == TLV_TYPE_GCP:
-            if len(value) != _GCP_PSC_CONNECTION_ID_LENGTH:
-                raise ProxyHeaderError(
-                    "v2-bad-tlv",
-                    f"GCP connection id is {len(value)} bytes, "
-                    f"must be {_GCP_PSC_CONNECTION_ID_LENGTH}",
-                )
-            fields.gcp_psc_connection_id = int.from_bytes(value, "big")
+            if fields.gcp_psc_connection_id is None:
+                fields.gcp_psc_connection_id = _gcp_psc_connection_id(value)
+        # NOOP is padding (2.2.4); CRC32C was checked already; other types are
+        # kept raw and otherwise ignored (section 2.2).
     fields.tlvs = tuple(tlvs)
     return fields
 
@@ -879,6 +906,36 @@ def _check_proxy_family(family_byte: int) -> None:
             "v2-unix-not-supported",
             "family/transport 0x31 (UNIX stream) carries no network client address",
         )
+
+
+# --- Recognising a header where none is expected -------------------------------
+
+_V1_START: Final = (V1_KEYWORD + " ").encode("ascii")
+# No TLS record (0x14-0x17) and no HTTP method starts like either of these.
+_HEADER_STARTS: Final = (_V1_START, V2_SIGNATURE)
+# The most bytes starts_with_header() needs to decide.
+HEADER_START_MAX_LENGTH: Final = max(len(start) for start in _HEADER_STARTS)
+
+
+def starts_with_header(data: bytes | bytearray) -> bool | None:
+    """
+    Whether C{data}, the first bytes of a connection that must not carry a
+    PROXY header, begins with one anyway (C{"PROXY "} or the v2 signature).
+
+    This is for refusing a header that arrives from a source exempt from
+    sending one, never for deciding whether to parse one.
+
+    @return: C{True} or C{False}, or C{None} while C{data} is too short to
+        tell (at most L{HEADER_START_MAX_LENGTH} bytes decide).
+    """
+    undecided = False
+    for start in _HEADER_STARTS:
+        length = min(len(data), len(start))
+        if data[:length] == start[:length]:
+            if length == len(start):
+                return True
+            undecided = True
+    return None if undecided else False
 
 
 # --- The parser -----------------------------------------------------------------

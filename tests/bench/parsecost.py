@@ -179,7 +179,10 @@ def quayfront_server_tls(cert_path: str, key_path: str):
     loads it (so the context has quayfront's TLS policy, whatever it is).
     """
     options = Options()
-    options.parseOptions(["--cert", cert_path, "--key", key_path])
+    # A loopback PROXY listener: the default 0.0.0.0 one needs trusted_sources.
+    options.parseOptions(
+        ["--cert", cert_path, "--key", key_path, "--proxy-listen", "127.0.0.1:8443"]
+    )
     return options.tls
 
 

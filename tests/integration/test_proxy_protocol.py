@@ -166,7 +166,8 @@ def test_exempt_source_is_served_without_header(tmp_path, start_quayfront, echo_
     """An exempt source (a registry probing itself) speaks TLS directly on the PROXY listener."""
     qf = start_quayfront(
         f"http://{LOOPBACK}:{echo_upstream.ports['http']}",
-        extra=("--proxy-exempt", "127.0.0.24/32"),
+        # Exempt and trusted sources must not overlap: trust two other ones.
+        extra=("--proxy-exempt", "127.0.0.24/32", "--proxy-trusted", "127.0.0.1/32,127.0.0.25/32"),
     )
     result = curl(
         "--interface", "127.0.0.24", f"https://127.0.0.1:{qf.ports['proxy']}/v2/", workdir=tmp_path

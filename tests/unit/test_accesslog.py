@@ -2,7 +2,12 @@
 The access log line: Quay's lb_logs format, escaped.
 """
 
-from quayfront.accesslog import AccessLogEntry, format_quay_line
+import base64
+import json
+
+import pytest
+
+from quayfront.accesslog import AccessLogEntry, basic_auth_user, format_json_line, format_quay_line
 
 
 def entry(**overrides) -> AccessLogEntry:
@@ -20,6 +25,8 @@ def entry(**overrides) -> AccessLogEntry:
         request_time_s=1.23456,
         request_length=67109000,
         upstream_response_time_s=1.2,
+        # Through the PROXY listener: the parenthesised client is the header's.
+        proxy_version=1,
     )
     fields.update(overrides)
     return AccessLogEntry(**fields)
@@ -74,3 +81,46 @@ def test_json_format_carries_every_field() -> None:
     assert doc["user_agent"] == "ua\\xFF"
     assert doc["referer"] is None
     assert (doc["status"], doc["outcome"], doc["request_id"]) == (202, "client-closed", "lb-req-42")
+
+
+def test_no_proxy_header_prints_a_dash_for_the_proxy_client() -> None:
+    """Without a PROXY header (plain TLS listener) the parenthesised client is -, as nginx's."""
+    line = format_quay_line(entry(proxy_version=None, client="127.0.0.1"))
+    assert line.startswith("127.0.0.1 (-) - - [")
+    doc = json.loads(format_json_line(entry(proxy_version=None, client="127.0.0.1", client_port=5)))
+    assert (doc["socket_peer"], doc["client"], doc["client_port"]) == ("127.0.0.1", "-", None)
+
+
+def basic(credentials: bytes) -> bytes:
+    return b"Basic " + base64.b64encode(credentials)
+
+
+@pytest.mark.parametrize(
+    "header, user",
+    [
+        (None, None),
+        (b"", None),
+        (basic(b"alice:s3cret"), b"alice"),
+        (b"basic " + base64.b64encode(b"bob:x:y"), b"bob"),
+        (basic(b"robot$quay+ci:token"), b"robot$quay+ci"),
+        (basic(b":password-only"), None),
+        (basic(b"no-colon"), None),
+        (b"Basic !!not-base64!!", None),
+        (b"Bearer eyJhbGciOi.x.y", None),
+        (basic(b"u" * 300 + b":p"), b"u" * 128),
+    ],
+)
+def test_basic_auth_user(header: bytes | None, user: bytes | None) -> None:
+    """The user name of Basic credentials, never the password; anything else gives none."""
+    assert basic_auth_user(header) == user
+
+
+def test_remote_user_is_logged_escaped() -> None:
+    """$remote_user is the Basic user, escaped, one word; - without one."""
+    line = format_quay_line(entry(remote_user=b'al ice"\x1b'))
+    assert ' - al\\x20ice\\x22\\x1B [' in line
+    assert format_quay_line(entry(remote_user=b"alice")).startswith(
+        "127.0.0.1 (203.0.113.7) - alice ["
+    )
+    assert json.loads(format_json_line(entry(remote_user=b"alice")))["remote_user"] == "alice"
+    assert json.loads(format_json_line(entry()))["remote_user"] is None

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from quayfront.config import (
+    DEFAULT_TRUSTED_SOURCES,
     Config,
     ConfigError,
     ListenAddress,
@@ -21,6 +22,9 @@ from quayfront.config import (
 )
 
 SHIPPED = Path(__file__).parents[2] / "etc" / "quayfront.toml"
+# The PROXY listener's default address is not loopback, so a configuration
+# that keeps it must say who the load balancers are.
+LOAD_BALANCERS = {"proxy_listener.trusted_sources": ["10.0.0.0/8"]}
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -31,12 +35,20 @@ def write(tmp_path: Path, text: str) -> str:
 
 def test_shipped_file_is_the_defaults() -> None:
     """The documented etc/quayfront.toml states exactly the built-in defaults."""
-    assert load_config(str(SHIPPED)) == Config()
+    loopback = {"proxy_listener.trusted_sources": list(DEFAULT_TRUSTED_SOURCES)}
+    assert load_config(str(SHIPPED), loopback) == Config()
+
+
+def test_shipped_file_asks_for_the_load_balancers() -> None:
+    """The shipped file leaves trusted_sources unset, so it cannot start on 0.0.0.0 as it is."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(str(SHIPPED))
+    assert caught.value.key == "proxy_listener.trusted_sources"
 
 
 def test_no_file_gives_defaults() -> None:
     """Without a file every setting has its default."""
-    config = load_config(None)
+    config = load_config(None, LOAD_BALANCERS)
     assert config.proxy_listener.address == ListenAddress("0.0.0.0", 8443)
     assert config.tls_listener.address == ListenAddress("0.0.0.0", 443)
     assert config.proxy_listener.header_timeout_s == 5.0
@@ -66,7 +78,8 @@ def test_values_are_parsed(tmp_path: Path) -> None:
 def test_tlv_headers_table(tmp_path: Path) -> None:
     """tlv_headers maps TLV field names to header names, kept in order."""
     config = load_config(
-        write(tmp_path, '[proxy_listener]\ntlv_headers = { authority = "X-A", aws_vpce_id = "X-V" }\n')
+        write(tmp_path, '[proxy_listener]\ntlv_headers = { authority = "X-A", aws_vpce_id = "X-V" }\n'),
+        LOAD_BALANCERS,
     )
     assert config.proxy_listener.tlv_headers == (("authority", "X-A"), ("aws_vpce_id", "X-V"))
 
@@ -74,7 +87,7 @@ def test_tlv_headers_table(tmp_path: Path) -> None:
 def test_overrides_win_over_the_file(tmp_path: Path) -> None:
     """Command-line overrides replace single keys and keep the rest of the file."""
     path = write(tmp_path, '[upstream]\nurl = "http://10.0.0.5:5000"\nconnect_timeout_s = 3\n')
-    config = load_config(path, {"upstream.url": "http://127.0.0.1:6000"})
+    config = load_config(path, {"upstream.url": "http://127.0.0.1:6000", **LOAD_BALANCERS})
     assert config.upstream.url == UpstreamAddress("http", host="127.0.0.1", port=6000)
     assert config.upstream.connect_timeout_s == 3.0
 
@@ -161,7 +174,8 @@ def test_routes_upstreams_and_rate_limits(tmp_path: Path) -> None:
             prefix = "/"
             upstream = "web"
             """,
-        )
+        ),
+        LOAD_BALANCERS,
     )
     assert [r.prefix for r in config.routes] == ["/v2/", "/"]
     assert config.routes[0].max_body_bytes == 1000 and not config.routes[0].keepalive
@@ -202,7 +216,8 @@ def test_route_connect_timeout_gets_its_own_pool_and_shares_the_cap(tmp_path: Pa
             tmp_path,
             "[upstream]\nmax_connections = 4\n"
             "[[routes]]\nprefix = '/v2/'\nconnect_timeout_s = 2.5\n[[routes]]\nprefix = '/'\n",
-        )
+        ),
+        LOAD_BALANCERS,
     )
     router = build_router(config, MemoryReactorClock())
     v2, rest = router.route_for(b"/v2/x"), router.route_for(b"/api")
@@ -246,3 +261,106 @@ def test_bad_redis_settings_name_key_and_reason(tmp_path: Path, body: str, key: 
         load_config(str(path))
     assert caught.value.key == key
     assert reason in caught.value.reason
+# --- Trust settings ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, section",
+    [
+        (
+            "[proxy_listener]\ntrusted_sources = ['10.0.0.0/8']\nexempt_sources = ['10.1.2.3']\n",
+            "proxy_listener",
+        ),
+        (
+            "[proxy_listener]\naddress = '127.0.0.1:8443'\nexempt_sources = ['127.0.0.1/32']\n",
+            "proxy_listener",
+        ),
+        (
+            "[proxy_listener]\ntrusted_sources = ['::/0']\nexempt_sources = ['fd00::/8']\n",
+            "proxy_listener",
+        ),
+        (
+            "[proxy_listener]\ntrusted_sources = ['10.0.0.0/8']\n"
+            "[redirect_listener]\ntrusted_sources = ['10.0.0.0/24']\nexempt_sources = ['10.0.0.0/8']\n",
+            "redirect_listener",
+        ),
+    ],
+)
+def test_exempt_and_trusted_must_not_overlap(tmp_path: Path, text: str, section: str) -> None:
+    """A source both exempt and trusted is a startup error naming both keys."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == f"{section}.exempt_sources"
+    assert f"{section}.trusted_sources" in caught.value.reason
+    assert str(caught.value).startswith(f"{path}: {section}.exempt_sources: ")
+
+
+def test_disjoint_exempt_and_trusted_sources_load(tmp_path: Path) -> None:
+    """Exempt loopback next to trusted load balancers is the intended layout."""
+    config = load_config(
+        write(
+            tmp_path,
+            "[proxy_listener]\ntrusted_sources = ['10.0.0.0/8', '::1/128']\n"
+            "exempt_sources = ['127.0.0.1/32', '11.0.0.0/8']\n",
+        )
+    )
+    assert config.proxy_listener.exempt_sources == (
+        ipaddress.ip_network("127.0.0.1/32"),
+        ipaddress.ip_network("11.0.0.0/8"),
+    )
+
+
+def test_trusted_sources_default_to_loopback() -> None:
+    """Only loopback may send a PROXY header unless trusted_sources says otherwise."""
+    config = load_config(None, {"proxy_listener.address": "127.0.0.1:8443"})
+    assert config.proxy_listener.trusted_sources == (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+    assert config.redirect_listener.trusted_sources == config.proxy_listener.trusted_sources
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:8443", "[::]:8443", "10.0.0.5:8443", "lb.example:8443"])
+def test_public_listener_requiring_a_header_needs_explicit_trust(
+    tmp_path: Path, address: str
+) -> None:
+    """A non-loopback PROXY listener without trusted_sources refuses to start and says what to set."""
+    path = write(tmp_path, f"[proxy_listener]\naddress = '{address}'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.source == path
+    assert caught.value.key == "proxy_listener.trusted_sources"
+    assert "trusted_sources = [" in caught.value.reason
+    assert "--proxy-trusted" in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    "text, overrides",
+    [
+        ("[proxy_listener]\naddress = '127.0.0.1:8443'\n", {}),
+        ("[proxy_listener]\naddress = '[::1]:8443'\n", {}),
+        ("[proxy_listener]\naddress = 'localhost:8443'\n", {}),
+        ("[proxy_listener]\nproxy_protocol = 'off'\n", {}),
+        ("[proxy_listener]\nenabled = false\n", {}),
+        ("[proxy_listener]\ntrusted_sources = ['127.0.0.0/8']\n", {}),
+        ("", {"proxy_listener.trusted_sources": ["192.0.2.0/24"]}),
+    ],
+)
+def test_explicit_trust_or_loopback_listener_starts(
+    tmp_path: Path, text: str, overrides: dict
+) -> None:
+    """Loopback listeners, listeners without PROXY, and explicit trust lists all load."""
+    load_config(write(tmp_path, text), overrides)
+
+
+def test_redirect_listener_requiring_a_header_needs_explicit_trust(tmp_path: Path) -> None:
+    """The redirect listener follows the same rule when it takes a PROXY header."""
+    path = write(
+        tmp_path,
+        "[proxy_listener]\ntrusted_sources = ['10.0.0.0/8']\n"
+        "[redirect_listener]\nenabled = true\nproxy_protocol = 'required'\n",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "redirect_listener.trusted_sources"

@@ -55,3 +55,28 @@ def test_tlv_fields_name_what_is_present() -> None:
 def test_tls_fields_without_tls() -> None:
     """A transport without a TLS session has no TLS fields."""
     assert tls_fields(object()) == {}
+
+
+def test_raw_tlvs_are_shown_sanitised() -> None:
+    """Vendor TLVs of a foreign layout and unknown types appear raw, sanitised, first of each type."""
+    from quayfront.proxyprotocol import TLV
+
+    h = header(
+        tlvs=(
+            TLV(0x02, b"registry.example"),
+            TLV(0xEE, b"\x01\x00\x01\x02\x03\x04\x05"),
+            TLV(0xE3, b"lb=\"blue\"\n"),
+            TLV(0xE3, b"second"),
+            TLV(0xEA, b"\x01vpce-1"),
+            TLV(0x04, b"\x00"),
+        ),
+        authority=b"registry.example",
+        aws_vpce_id=b"vpce-1",
+    )
+    fields = tlv_fields(h)
+    assert fields["tlv_0xee"] == "\\x01\\x00\\x01\\x02\\x03\\x04\\x05"
+    assert fields["tlv_0xe3"] == "lb=\\x22blue\\x22\\x0A"
+    assert "tlv_0xea" not in fields and "tlv_0x02" not in fields and "tlv_0x04" not in fields
+    many = header(tlvs=tuple(TLV(0x40 + n, b"x" * 1000) for n in range(20)))
+    raw = tlv_fields(many)
+    assert len(raw) == 8 and all(len(v) <= MAX_FIELD_LENGTH for v in raw.values())

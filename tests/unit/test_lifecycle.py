@@ -324,7 +324,8 @@ def pair(tmp_path: Path) -> tuple[str, str]:
 
 def parse(*args: str) -> Options:
     options = Options()
-    options.parseOptions(list(args))
+    # The default PROXY listener (0.0.0.0) must name its load balancers.
+    options.parseOptions([*args, "--proxy-trusted", "10.0.0.0/8"])
     return options
 
 
@@ -443,7 +444,8 @@ def test_access_log_checked_for_the_twistd_user(pair, capsys, tmp_path: Path) ->
     options.parent = {"uid": 65534, "gid": 65534, "nodaemon": True}
     with pytest.raises(SystemExit) as exit:
         options.parseOptions(
-            ["--cert", pair[0], "--key", pair[1], "--access-log", str(locked / "a.log")]
+            ["--cert", pair[0], "--key", pair[1], "--access-log", str(locked / "a.log"),
+             "--proxy-trusted", "10.0.0.0/8"]
         )
     assert exit.value.code == STARTUP_ERROR_EXIT
     err = capsys.readouterr().err

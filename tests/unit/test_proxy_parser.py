@@ -173,7 +173,8 @@ FULL_SSL_INFO = SSLInfo(
     client_cert=b"\x30\x82\x01\x0a",
     tlvs=tuple(TLV(t, v) for t, v in FULL_SSL_SUB_TLVS),
 )
-UNIQUE_ID_128 = bytes(range(128))
+UNIQUE_ID_MAX = 128
+UNIQUE_ID_128 = bytes(range(UNIQUE_ID_MAX))
 IPV6_MAX = ":".join(["ffff"] * 8)
 
 # An AWS NLB health check as captured on the wire (kubernetes/kubernetes
@@ -381,7 +382,7 @@ V2_VALID = [
         unaddressed(2, Command.LOCAL, Family.TCP4),
         tlvs_expected=(),
         command=COMMAND_LOCAL,
-        tlvs=[(TYPE_GCP, b"abc")],
+        tlvs=[(TYPE_CRC32C, b"abc")],
     ),
     v2_valid(
         "v2-local-tlvs-with-valid-crc32c",
@@ -429,6 +430,121 @@ V2_VALID = [
         dict(TCP4_PROXIED, gcp_psc_connection_id=0x0102030405060708),
         addresses=TCP4_ADDRESSES,
         tlvs=[(TYPE_GCP, bytes([1, 2, 3, 4, 5, 6, 7, 8]))],
+    ),
+    # Vendor TLVs (0xE0-0xEF) whose value does not have the layout of the
+    # cloud that registered the type are kept raw, and the header accepted.
+    *[
+        v2_valid(f"v2-{name}-kept-raw", TCP4_PROXIED, addresses=TCP4_ADDRESSES, tlvs=tlvs)
+        for name, tlvs in [
+            ("azure-6-byte-link-id", [(TYPE_AZURE, b"\x01" + bytes(range(6)))]),
+            ("azure-3-byte-link-id", [(TYPE_AZURE, b"\x01abc")]),
+            ("azure-empty", [(TYPE_AZURE, b"")]),
+            ("aws-empty", [(TYPE_AWS, b"")]),
+            ("aws-subtype-only", [(TYPE_AWS, b"\x01")]),
+            ("aws-binary-vpce-id", [(TYPE_AWS, b"\x01\x00\xff\x1b[2J")]),
+            ("gcp-7-bytes", [(TYPE_GCP, bytes(7))]),
+            ("gcp-9-bytes", [(TYPE_GCP, bytes(9))]),
+            ("gcp-text", [(TYPE_GCP, b"tenant=blue;zone=a")]),
+            (
+                "haproxy-tlv-fmt-style",
+                [(0xE1, b"10.0.0.1:443"), (0xE5, b"\x00\x01\x02"), (0xEF, b"x" * 300)],
+            ),
+        ]
+    ],
+    v2_valid(
+        "v2-foreign-then-matching-vendor-layouts",
+        dict(
+            TCP4_PROXIED,
+            aws_vpce_id=b"vpce-2",
+            azure_link_id=7,
+            gcp_psc_connection_id=9,
+        ),
+        addresses=TCP4_ADDRESSES,
+        tlvs=[
+            (TYPE_AWS, b"\x01\x00"),
+            (TYPE_AWS, aws_vpce_value(b"vpce-2")),
+            (TYPE_AZURE, b"\x01" + bytes(6)),
+            (TYPE_AZURE, azure_link_value(7)),
+            (TYPE_GCP, bytes(2)),
+            (TYPE_GCP, gcp_psc_value(9)),
+            (TYPE_GCP, gcp_psc_value(10)),
+        ],
+    ),
+    # Repeated TLVs: accepted, the first one of a type wins (as in haproxy).
+    *[
+        v2_valid(
+            f"v2-two-{name}-first-wins",
+            dict(TCP4_PROXIED, **{field: expected}),
+            addresses=TCP4_ADDRESSES,
+            tlvs=[(tlv_type, first), (TYPE_NOOP, b""), (tlv_type, second)],
+        )
+        for name, field, expected, tlv_type, first, second in [
+            ("alpn", "alpn", b"h2", TYPE_ALPN, b"h2", b"http/1.1"),
+            ("authority", "authority", b"a.example", TYPE_AUTHORITY, b"a.example", b"b.example"),
+            ("unique-id", "unique_id", b"id1", TYPE_UNIQUE_ID, b"id1", b"id2"),
+            (
+                "ssl",
+                "ssl",
+                SSLInfo(client=1, verify=0),
+                TYPE_SSL,
+                ssl_value(1, 0),
+                ssl_value(3, 5),
+            ),
+            ("netns", "netns", b"blue", TYPE_NETNS, b"blue", b"red"),
+            ("gcp", "gcp_psc_connection_id", 1, TYPE_GCP, gcp_psc_value(1), gcp_psc_value(2)),
+            (
+                "aws-vpce-id",
+                "aws_vpce_id",
+                b"vpce-1",
+                TYPE_AWS,
+                aws_vpce_value(b"vpce-1"),
+                aws_vpce_value(b"vpce-2"),
+            ),
+            (
+                "azure-link-id",
+                "azure_link_id",
+                1,
+                TYPE_AZURE,
+                azure_link_value(1),
+                azure_link_value(2),
+            ),
+        ]
+    ],
+    v2_valid(
+        "v2-two-crc32c-first-is-verified",
+        TCP4_PROXIED,
+        addresses=TCP4_ADDRESSES,
+        tlvs=[(TYPE_CRC32C, b"\xde\xad\xbe\xef")],
+        crc32c_at=0,
+    ),
+    v2_valid(
+        "v2-two-ssl-cn-first-wins",
+        dict(
+            TCP4_PROXIED,
+            ssl=SSLInfo(
+                client=3,
+                verify=0,
+                cn=b"a",
+                tlvs=(TLV(SUBTYPE_SSL_CN, b"a"), TLV(SUBTYPE_SSL_CN, b"b")),
+            ),
+        ),
+        addresses=TCP4_ADDRESSES,
+        tlvs=[(TYPE_SSL, ssl_value(3, 0, [(SUBTYPE_SSL_CN, b"a"), (SUBTYPE_SSL_CN, b"b")]))],
+    ),
+    # AUTHORITY carries a host name: 255 octets is the most there can be.
+    v2_valid(
+        "v2-authority-255-bytes",
+        dict(TCP4_PROXIED, authority=b"a" * 255),
+        addresses=TCP4_ADDRESSES,
+        tlvs=[(TYPE_AUTHORITY, b"a" * 255)],
+    ),
+    v2_valid(
+        "v2-local-authority-256-bytes-tlvs-ignored",
+        LOCAL_UNSPEC,
+        tlvs_expected=(),
+        command=COMMAND_LOCAL,
+        family=FAMILY_UNSPEC,
+        tlvs=[(TYPE_AUTHORITY, b"a" * 256)],
     ),
     v2_valid(
         "v2-every-known-tlv-and-unknown-ones",
@@ -757,74 +873,35 @@ V2_INVALID = [
         ),
         "v2-bad-tlv",
     ),
+    # AUTHORITY is a host name: at most 255 octets.
     invalid_at_end(
-        "v2-aws-empty", v2_header(addresses=TCP4_ADDRESSES, tlvs=[(TYPE_AWS, b"")]), "v2-bad-tlv"
+        "v2-authority-256-bytes",
+        v2_header(addresses=TCP4_ADDRESSES, tlvs=[(TYPE_AUTHORITY, b"a" * 256)]),
+        "v2-authority-too-long",
     ),
     invalid_at_end(
-        "v2-aws-empty-vpce-id",
-        v2_header(addresses=TCP4_ADDRESSES, tlvs=[(TYPE_AWS, b"\x01")]),
-        "v2-bad-tlv",
-    ),
-    invalid_at_end(
-        "v2-azure-empty",
-        v2_header(addresses=TCP4_ADDRESSES, tlvs=[(TYPE_AZURE, b"")]),
-        "v2-bad-tlv",
-    ),
-    invalid_at_end(
-        "v2-azure-link-3-bytes",
-        v2_header(addresses=TCP4_ADDRESSES, tlvs=[(TYPE_AZURE, b"\x01abc")]),
-        "v2-bad-tlv",
-    ),
-    invalid_at_end(
-        "v2-azure-link-5-bytes",
-        v2_header(addresses=TCP4_ADDRESSES, tlvs=[(TYPE_AZURE, b"\x01abcde")]),
-        "v2-bad-tlv",
-    ),
-    invalid_at_end(
-        "v2-gcp-7-bytes",
-        v2_header(addresses=TCP4_ADDRESSES, tlvs=[(TYPE_GCP, bytes(7))]),
-        "v2-bad-tlv",
-    ),
-    invalid_at_end(
-        "v2-gcp-9-bytes",
-        v2_header(addresses=TCP4_ADDRESSES, tlvs=[(TYPE_GCP, bytes(9))]),
-        "v2-bad-tlv",
-    ),
-    # Repeats of single-valued TLVs.
-    invalid_at_end(
-        "v2-two-crc32c",
-        v2_header(
-            addresses=TCP4_ADDRESSES, tlvs=[(TYPE_CRC32C, bytes(4)), (TYPE_CRC32C, bytes(4))]
-        ),
-        "v2-duplicate-tlv",
-    ),
-    *[
-        invalid_at_end(
-            f"v2-two-{name}",
-            v2_header(
-                addresses=TCP4_ADDRESSES,
-                tlvs=[(tlv_type, value), (TYPE_NOOP, b""), (tlv_type, value)],
-            ),
-            "v2-duplicate-tlv",
-        )
-        for name, tlv_type, value in [
-            ("alpn", TYPE_ALPN, b"h2"),
-            ("authority", TYPE_AUTHORITY, b"a.example"),
-            ("unique-id", TYPE_UNIQUE_ID, b"id"),
-            ("ssl", TYPE_SSL, ssl_value(1, 0)),
-            ("netns", TYPE_NETNS, b"ns"),
-            ("gcp", TYPE_GCP, gcp_psc_value(1)),
-            ("aws-vpce-id", TYPE_AWS, aws_vpce_value(b"vpce-1")),
-            ("azure-link-id", TYPE_AZURE, azure_link_value(1)),
-        ]
-    ],
-    invalid_at_end(
-        "v2-two-ssl-cn",
+        "v2-second-authority-256-bytes",
         v2_header(
             addresses=TCP4_ADDRESSES,
-            tlvs=[(TYPE_SSL, ssl_value(3, 0, [(SUBTYPE_SSL_CN, b"a"), (SUBTYPE_SSL_CN, b"b")]))],
+            tlvs=[(TYPE_AUTHORITY, b"r.example"), (TYPE_AUTHORITY, b"b" * 256)],
         ),
-        "v2-duplicate-tlv",
+        "v2-authority-too-long",
+    ),
+    # A repeat of a TLV with a layout must have it too.
+    invalid_at_end(
+        "v2-second-crc32c-3-bytes",
+        v2_header(
+            addresses=TCP4_ADDRESSES, tlvs=[(TYPE_CRC32C, bytes(4)), (TYPE_CRC32C, bytes(3))]
+        ),
+        "v2-bad-tlv",
+    ),
+    invalid_at_end(
+        "v2-second-unique-id-129-bytes",
+        v2_header(
+            addresses=TCP4_ADDRESSES,
+            tlvs=[(TYPE_UNIQUE_ID, b"id"), (TYPE_UNIQUE_ID, bytes(UNIQUE_ID_MAX + 1))],
+        ),
+        "v2-bad-tlv",
     ),
     # Checksums.
     invalid_at_end(
@@ -1156,6 +1233,7 @@ def test_public_names() -> None:
     """The package exports the documented names."""
     assert set(proxyprotocol.__all__) == {
         "DEFAULT_MAX_V2_LENGTH",
+        "HEADER_START_MAX_LENGTH",
         "REASON_CODES",
         "TLV",
         "V1_MAX_LENGTH",
@@ -1166,7 +1244,32 @@ def test_public_names() -> None:
         "ProxyHeaderError",
         "ProxyHeaderParser",
         "SSLInfo",
+        "starts_with_header",
     }
+
+
+@pytest.mark.parametrize(
+    "data, verdict",
+    [
+        (b"", None),
+        (b"P", None),
+        (b"PROXY", None),
+        (b"PROXY ", True),
+        (b"PROXY TCP4 1.2.3.4", True),
+        (b"POST / HTTP/1.1", False),
+        (b"PROXYZ", False),
+        (V2_SIGNATURE[:11], None),
+        (V2_SIGNATURE, True),
+        (V2_SIGNATURE + b"\x21", True),
+        (b"\r\n\r\n\x00\r\nQUIX", False),
+        (b"\r\n", None),
+        (TLS_CLIENT_HELLO_PREFIX, False),
+        (b"GET / HTTP/1.1\r\n", False),
+    ],
+)
+def test_starts_with_header(data: bytes, verdict: bool | None) -> None:
+    """A header where none is expected is recognised from its first 6 (v1) or 12 (v2) bytes."""
+    assert proxyprotocol.starts_with_header(data) is verdict
 
 
 # --- Load balancer layouts and CRC32C ----------------------------------------------------

@@ -259,7 +259,10 @@ def tlv_plans(draw: st.DrawFn) -> tuple[list[tuple[int, bytes]], dict]:
         fields["gcp_psc_connection_id"] = draw(st.integers(0, 2**64 - 1))
         items.append((TYPE_GCP, gcp_psc_value(fields["gcp_psc_connection_id"])))
     if draw(st.booleans()):
-        fields["aws_vpce_id"] = draw(st.binary(min_size=1, max_size=24))
+        # AWS's layout: the id is US-ASCII text (other values are kept raw).
+        fields["aws_vpce_id"] = draw(
+            st.text(PRINTABLE_ASCII, min_size=1, max_size=24).map(str.encode)
+        )
         items.append((TYPE_AWS, aws_vpce_value(fields["aws_vpce_id"])))
     if draw(st.booleans()):
         fields["azure_link_id"] = draw(st.integers(0, 2**32 - 1))

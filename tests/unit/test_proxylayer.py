@@ -77,9 +77,9 @@ def log_events():
 
 
 def test_rules_by_source() -> None:
-    """Exempt sources need no header, trusted ones must send one, others are refused."""
+    """Exempt sources need no header (and may send none), trusted ones must send one, others are refused."""
     p = policy()
-    assert p.rule_for(IPv4Address("TCP", "127.0.0.1", 1)) is HeaderRule.NO_HEADER
+    assert p.rule_for(IPv4Address("TCP", "127.0.0.1", 1)) is HeaderRule.EXEMPT
     assert p.rule_for(IPv4Address("TCP", "10.1.2.3", 1)) is HeaderRule.EXPECT_HEADER
     assert p.rule_for(IPv6Address("TCP", "::ffff:10.1.2.3", 1)) is HeaderRule.EXPECT_HEADER
     assert p.rule_for(IPv4Address("TCP", "198.51.100.1", 1)) is HeaderRule.REFUSE

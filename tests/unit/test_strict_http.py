@@ -472,14 +472,16 @@ def test_config_keys(tmp_path) -> None:
     """header_timeout_s and the upstream head limits load from the file; a bad value names its key."""
     from quayfront.config import ConfigError, load_config
 
+    # The default 0.0.0.0 PROXY listener must name its load balancers.
+    trusted = {"proxy_listener.trusted_sources": ["10.0.0.0/8"]}
     path = tmp_path / "quayfront.toml"
     path.write_text("[http]\nheader_timeout_s = 2.5\n[upstream]\nmax_response_head_bytes = 4096\n"
                     "max_response_headers = 10\n")
-    config = load_config(str(path))
+    config = load_config(str(path), trusted)
     assert config.http.header_timeout_s == 2.5
     assert (config.upstream.max_response_head_bytes, config.upstream.max_response_headers) == (
         4096, 10)
-    assert load_config(None).http.header_timeout_s == 60.0
+    assert load_config(None, trusted).http.header_timeout_s == 60.0
     path.write_text("[http]\nheader_timeout_s = 0\n")
     with pytest.raises(ConfigError, match="header_timeout_s"):
         load_config(str(path))
