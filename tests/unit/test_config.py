@@ -237,7 +237,7 @@ def test_redis_url_forms(tmp_path: Path) -> None:
     }
     for text, expected in cases.items():
         path = tmp_path / "q.toml"
-        path.write_text(f'[redis]\nurl = "{text}"\n')
+        path.write_text(f'[proxy_listener]\naddress = "127.0.0.1:8443"\n[redis]\nurl = "{text}"\n')
         assert load_config(str(path)).redis.url == expected
 
 
