@@ -246,7 +246,7 @@ def client_statuses(proc: Process, client: str) -> set[int]:
 
 
 def test_rate_limit_shared_through_redis_across_replicas(
-    tmp_path: Path, registry: Process, start_quayfront, redis_servers
+    tmp_path: Path, registry: Process, start_quayfront, redis_servers, request
 ) -> None:
     """A client at twice its rate is refused about half the time whichever replica serves it;
     with Redis down the zones allow or deny as configured (logged once, counted); back, limits apply."""
@@ -263,6 +263,7 @@ def test_rate_limit_shared_through_redis_across_replicas(
         for port in metrics_ports
     ]
     haproxy = start_round_robin(tmp_path / "haproxy", *(r.ports["proxy"] for r in replicas))
+    request.addfinalizer(haproxy.stop)
     front = haproxy.ports["front"]
     harness.wait_for(lambda: https_status(front, "/v2/", PROBE_CLIENT) == 200, 10,
                      what="the first request through both replicas")
