@@ -56,6 +56,7 @@ from quayfront.supervisor import (
     SupervisorService,
 )
 from quayfront.tls import CertificateReloader, ServerTLS
+from quayfront.ticketkeys import install_ticket_keys
 
 # "reuseport" gives each worker a SO_REUSEPORT socket of its own instead of
 # the one shared socket; kept for comparing the two (tests/bench/spread.py).
@@ -249,11 +250,14 @@ def socket_activation_fds() -> dict[str, int]:
     Listener name -> descriptor passed by systemd socket activation to this
     process, when there are any (and quayfront can read them).
     """
+    from quayfront.listeners import InheritedSockets, SocketActivationError
+
     try:
-        from quayfront.listeners import InheritedSockets  # type: ignore[attr-defined]
-    except ImportError:
-        return {}
-    inherited = InheritedSockets.from_environment(None)
+        inherited = InheritedSockets.from_environment(None)
+    except SocketActivationError as e:
+        # The same line and exit status as the single-process start.
+        sys.__stderr__.write(f"quayfront: socket activation: {e}\n")
+        raise SystemExit(1)
     return {} if inherited is None else dict(inherited.descriptors)
 
 
@@ -456,9 +460,22 @@ class SharedSessionTLS(ServerTLS):
     """
 
     def __init__(self, store) -> None:
-        super().__init__(store)
         self.session_context = store.default_context
+        super().__init__(store)
         self.session_context.set_tlsext_servername_callback(self._choose_certificate)
+
+    @property
+    def store(self):
+        return self._store
+
+    @store.setter
+    def store(self, store) -> None:
+        # A reload brings the operator's current ticket keys (a rotation):
+        # the context every connection starts on must take them, or tickets
+        # of a retired key would keep resuming.
+        self._store = store
+        if store.shared_ticket_keys and store.default_context is not self.session_context:
+            install_ticket_keys(self.session_context, store.ticket_keys)
 
     def _choose_certificate(self, connection) -> None:
         context = self.store.context_for(connection.get_servername())
@@ -641,6 +658,12 @@ class WorkersService(Root):
         inherited = socket_activation_fds()
         for setting, address in listened_addresses(self._config):
             name = setting.split("_", 1)[0]
+            if inherited and name not in inherited:
+                sys.__stderr__.write(
+                    f"quayfront: socket activation: {setting} is configured but no socket"
+                    f" named {name!r} was passed (passed: {', '.join(sorted(inherited))})\n"
+                )
+                raise SystemExit(1)
             if name in inherited:
                 # systemd bound it: every worker adopts the passed socket.
                 sock = socket.socket(fileno=inherited[name])
