@@ -102,6 +102,11 @@ def deb(timings: dict[str, float]) -> Path:
 def installed(deb: Path, timings: dict[str, float]) -> Path:
     """The package installed with apt-get (its dependencies from Debian)."""
     start = time.monotonic()
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # An earlier run stopped before its purge leaves an edited conffile that
+    # apt-get would keep: start from nothing, as on a fresh machine.
+    if run(["dpkg-query", "-W", "-f=${db:Status-Status}", "quayfront"], check=False).stdout:
+        run(["apt-get", "purge", "-y", "-q", "quayfront"], timeout=600, env=env)
     run(["apt-get", "install", "-y", "-q", "--no-install-recommends", str(deb)],
         timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     timings["apt-get install"] = time.monotonic() - start
