@@ -21,6 +21,17 @@ from twisted.python.failure import Failure
 from quayfront.config import IPNetwork, RateLimitConfig, host_ip
 
 
+
+def is_exempt(client: str, networks) -> bool:
+    """
+    Whether C{client} (an address as text) is in one of C{networks}: such
+    clients are never rate-limited.
+    """
+    if not networks:
+        return False
+    ip = host_ip(client)
+    return ip is not None and any(ip in network for network in networks)
+
 class Overloaded(Exception):
     """
     No slot was free and the wait queue was full, or the wait timed out.
@@ -118,10 +129,7 @@ class RateLimiter:
         return len(self._buckets)
 
     def _exempted(self, client: str) -> bool:
-        if not self._exempt:
-            return False
-        ip = host_ip(client)
-        return ip is not None and any(ip in network for network in self._exempt)
+        return is_exempt(client, self._exempt)
 
     def check(self, client: str) -> float | None:
         """

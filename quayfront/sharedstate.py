@@ -35,8 +35,8 @@ from typing import Iterator
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from quayfront.config import IPNetwork, RateLimitConfig, host_ip
-from quayfront.limits import ConcurrencyLimiter, Overloaded
+from quayfront.config import IPNetwork, RateLimitConfig
+from quayfront.limits import ConcurrencyLimiter, Overloaded, is_exempt
 
 _BUCKET = struct.Struct("<Qdd")  # key hash, tokens, last update (seconds)
 _PROBE_WINDOW = 16
@@ -105,10 +105,7 @@ class SharedRateLimiter:
         return count
 
     def _exempted(self, client: str) -> bool:
-        if not self._exempt:
-            return False
-        ip = host_ip(client)
-        return ip is not None and any(ip in network for network in self._exempt)
+        return is_exempt(client, self._exempt)
 
     def check(self, client: str) -> float | None:
         """
