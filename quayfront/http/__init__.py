@@ -2,10 +2,10 @@
 HTTP/1.1 as quayfront speaks it, free of I/O and of Twisted: the request
 framing rules (L{RequestFramer}, raising L{PeerMisbehaved} with the status
 to answer), the normalised request target routes are chosen on
-(L{normalise_target}), and the bounds an upstream's response head is held
-to (L{ResponseHeadChecker}).  The rules and their reason codes are documented in
-L{quayfront.http._framing}, L{quayfront.http._target} and
-L{quayfront.http._response}.
+(L{normalise_target}), and an upstream's response read strictly and
+within bounds (L{ResponseReader}).  The rules and their reason codes are
+documented in L{quayfront.http._framing}, L{quayfront.http._target},
+L{quayfront.http._response} and L{quayfront.http._upstream}.
 """
 
 from ._framing import (
@@ -26,6 +26,16 @@ from ._framing import (
 )
 from ._response import ResponseHeadChecker, UpstreamMisbehaved
 from ._target import TargetRefused, normalise_path, normalise_target
+from ._upstream import (
+    Framing,
+    ReaderMisused,
+    ReaderState,
+    ResponseData,
+    ResponseEnd,
+    ResponseHead,
+    ResponseIncomplete,
+    ResponseReader,
+)
 
 __all__ = [
     "MAX_BODY_LENGTH",
@@ -39,7 +49,15 @@ __all__ = [
     "PeerMisbehaved",
     "RequestFramer",
     "RequestHead",
+    "Framing",
+    "ReaderMisused",
+    "ReaderState",
+    "ResponseData",
+    "ResponseEnd",
+    "ResponseHead",
     "ResponseHeadChecker",
+    "ResponseIncomplete",
+    "ResponseReader",
     "TargetRefused",
     "UpstreamMisbehaved",
     "normalise_path",
