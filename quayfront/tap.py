@@ -58,6 +58,7 @@ from quayfront.sdnotify import add_systemd_notify
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.upstream import upstream_agent, upstream_uri
+from quayfront.upstreamclient import UpstreamPool
 from quayfront.workers import SAMPLE_INTERVAL_S, WorkersService, worker_count
 
 
@@ -444,10 +445,13 @@ def build_router(config: Config, reactor, store=None, counters=None, worker=None
     """
     upstream_configs = {"default": config.upstream, **config.upstreams}
     upstreams = {}
+    # Idle upstream connections, by upstream address: shared by the agents
+    # that reach one upstream with different connect timeouts.
+    pool = UpstreamPool(reactor)
     for name, upstream in upstream_configs.items():
         upstreams[name] = Upstream(
             name=name,
-            agent=upstream_agent(reactor, upstream),
+            agent=upstream_agent(reactor, upstream, pool=pool),
             limiter=ConcurrencyLimiter(
                 reactor, upstream.max_connections, upstream.queue_size, upstream.queue_timeout_s
             )
@@ -471,13 +475,14 @@ def build_router(config: Config, reactor, store=None, counters=None, worker=None
     for route in config.routes:
         upstream = None if route.directory else upstreams[route.upstream]
         if upstream is not None and route.connect_timeout_s:
-            # Its own pool with the route's connect timeout; the upstream's
-            # concurrency cap stays shared.
+            # Its own agent with the route's connect timeout; the idle
+            # connections and the upstream's concurrency cap stay shared.
             agent = upstream_agent(
                 reactor,
                 dataclasses.replace(
                     upstream_configs[route.upstream], connect_timeout_s=route.connect_timeout_s
                 ),
+                pool=pool,
             )
             upstream = dataclasses.replace(upstream, agent=agent)
         routes.append(

@@ -1,7 +1,8 @@
 """
-The upstream side: an L{Agent} over a persistent connection pool that
-always connects to the configured registry application, over TCP or a UNIX
-socket, whatever host the request URI names.
+The upstream side: quayfront's own L{UpstreamAgent} over a persistent
+connection pool that always connects to the configured registry
+application, over TCP or a UNIX socket, whatever host the request URI
+names.
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
 )
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent
-from twisted.web.iweb import IAgentEndpointFactory
-from zope.interface import implementer
 
 from quayfront.config import UpstreamAddress, UpstreamConfig
-from quayfront.twistedadapter import bounded_connection_pool
+from quayfront.upstreamclient import UpstreamAgent, UpstreamPool
 
-# Requests go to this URI authority; the endpoint factory below ignores it,
-# and the client's own Host header is sent instead.
+# Requests go to this URI authority; the agent ignores it, and the client's
+# own Host header is sent instead.
 UPSTREAM_URI_PREFIX = b"http://upstream"
 
 
@@ -45,46 +43,36 @@ def upstream_endpoint(reactor, address: UpstreamAddress, timeout_s: float) -> IS
     return endpoint_type(reactor, address.host, address.port, timeout=timeout_s)
 
 
-@implementer(IAgentEndpointFactory)
-class _NoDelayEndpointFactory:
+def upstream_key(address: UpstreamAddress) -> str:
     """
-    Every URI maps to the one upstream endpoint; TCP connections get
-    TCP_NODELAY, since request heads and bodies are separate writes and Nagle
-    plus delayed ACKs would add tens of milliseconds to each small request.
+    The name idle connections to C{address} are pooled under: TCP host and
+    port, or the UNIX socket path.
     """
-
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
-        self._endpoint = endpoint
-
-    def endpointForURI(self, uri) -> IStreamClientEndpoint:
-        return _NoDelayEndpoint(self._endpoint)
+    return str(address)
 
 
-@implementer(IStreamClientEndpoint)
-class _NoDelayEndpoint:
-    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
-        self._endpoint = endpoint
-
-    def connect(self, protocolFactory):
-        def no_delay(protocol):
-            set_no_delay = getattr(protocol.transport, "setTcpNoDelay", None)
-            if set_no_delay is not None:
-                set_no_delay(True)
-            return protocol
-
-        return self._endpoint.connect(protocolFactory).addCallback(no_delay)
-
-
-def upstream_agent(reactor, config: UpstreamConfig, persistent: bool = True) -> Agent:
-    # Response heads bounded and checked: no upstream can grow quayfront's
-    # memory with a header flood or have a malformed head relayed.
-    pool = bounded_connection_pool(
-        reactor,
-        persistent=persistent,
+def upstream_agent(
+    reactor,
+    config: UpstreamConfig,
+    persistent: bool = True,
+    pool: UpstreamPool | None = None,
+) -> UpstreamAgent:
+    """
+    The agent for one upstream, pooling its idle connections in C{pool}
+    (shared by the agents of the same upstream, with different connect
+    timeouts) or in its own.
+    """
+    endpoint = upstream_endpoint(reactor, config.url, config.connect_timeout_s)
+    return UpstreamAgent(
+        endpoint,
+        UpstreamPool(reactor) if pool is None else pool,
+        upstream_key(config.url),
+        # Response heads bounded and checked: no upstream can grow
+        # quayfront's memory with a header flood or have a malformed head
+        # relayed.
         max_head_bytes=config.max_response_head_bytes,
         max_headers=config.max_response_headers,
+        max_idle_connections=config.max_idle_connections,
+        idle_keepalive_s=config.idle_keepalive_s,
+        persistent=persistent,
     )
-    pool.maxPersistentPerHost = config.max_idle_connections
-    pool.cachedConnectionTimeout = config.idle_keepalive_s
-    endpoint = upstream_endpoint(reactor, config.url, config.connect_timeout_s)
-    return Agent.usingEndpointFactory(reactor, _NoDelayEndpointFactory(endpoint), pool=pool)

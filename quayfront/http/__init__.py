@@ -24,7 +24,7 @@ from ._framing import (
     parse_content_length,
     valid_host,
 )
-from ._response import ResponseHeadChecker, UpstreamMisbehaved
+from ._response import UpstreamMisbehaved
 from ._target import TargetRefused, normalise_path, normalise_target
 from ._upstream import (
     Framing,
@@ -55,7 +55,6 @@ __all__ = [
     "ResponseData",
     "ResponseEnd",
     "ResponseHead",
-    "ResponseHeadChecker",
     "ResponseIncomplete",
     "ResponseReader",
     "TargetRefused",

@@ -31,6 +31,7 @@ from ._response import (
     UpstreamMisbehaved,
     check_field_line,
     check_status_line,
+    parse_field_block,
 )
 
 # Bounds of the chunked framing, whatever the head bound: a chunk-size line
@@ -351,16 +352,14 @@ class ResponseReader:
         self._head_bytes_used += end
         self._buffer = buffer[end:]
         self._status_line_checked = False
-        lines = buffer[:end].split(b"\n")
-        # The split leaves the blank line and an empty string after it.
-        status, reason, version = self._check_status_line(lines[0])
-        headers = []
-        for line in lines[1:-2]:
-            if line[-1:] == b"\r":
-                line = line[:-1]
-            headers.append(self._field(line))
-        if len(headers) > self.max_headers:
-            raise self._misbehaved("upstream-too-many-headers", f"over {self.max_headers}")
+        status_end = buffer.find(b"\n")
+        status, reason, version = self._check_status_line(buffer[:status_end])
+        # The field lines with their line ends, without the blank line.
+        blank = 2 if buffer[end - 2 : end] == b"\r\n" else 1
+        try:
+            headers = parse_field_block(buffer[status_end + 1 : end - blank], self.max_headers)
+        except UpstreamMisbehaved as refused:
+            raise self._misbehaved(refused.reason, refused.detail) from None
         if status < 200:
             if status == 101:
                 raise self._misbehaved("upstream-switching-protocols", "101 to a request without Upgrade")
@@ -405,9 +404,11 @@ class ResponseReader:
                     codings.append(value)
                 elif lowered == b"connection":
                     connection.append(value)
-        tokens = {
-            token.strip().lower() for value in connection for token in value.split(b",")
-        }
+        tokens = (
+            {token.strip().lower() for value in connection for token in value.split(b",")}
+            if connection
+            else ()
+        )
         keep_alive = (b"keep-alive" in tokens) if version == (1, 0) else (b"close" not in tokens)
         length: int | None = None
         if self._no_body or status in _NO_BODY_STATUSES:

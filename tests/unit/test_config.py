@@ -223,7 +223,8 @@ def test_route_connect_timeout_gets_its_own_pool_and_shares_the_cap(tmp_path: Pa
     v2, rest = router.route_for(b"/v2/x"), router.route_for(b"/api")
     assert v2.upstream.agent is not rest.upstream.agent
     assert v2.upstream.limiter is rest.upstream.limiter
-    assert v2.upstream.agent._endpointFactory._endpoint._timeout == 2.5
+    assert v2.upstream.agent.endpoint._timeout == 2.5
+    assert v2.upstream.agent.pool is rest.upstream.agent.pool
 
 
 def test_redis_url_forms(tmp_path: Path) -> None:

@@ -327,7 +327,7 @@ def test_expect_continue_on_a_pooled_connection() -> None:
 
 def test_early_answer_then_upstream_drains_is_quiet_and_aborts_upstream() -> None:
     """After an early answer, the upstream resuming the body producer raises nothing and its socket is aborted."""
-    from twisted.web._newclient import TransportProxyProducer
+    from quayfront.upstreamclient import UpstreamBodyTransport, UpstreamConnection, UpstreamPool
 
     site, agent, _, _ = make_site()
     channel, client = connect(site)
@@ -337,7 +337,9 @@ def test_early_answer_then_upstream_drains_is_quiet_and_aborts_upstream() -> Non
     body.pauseProducing()
     upstream_socket = StringTransport()
     r = response(401, {}, 2)
-    r._transport = TransportProxyProducer(upstream_socket)
+    connection = UpstreamConnection(UpstreamPool(MemoryReactorClock()), "upstream")
+    connection.makeConnection(upstream_socket)
+    r._transport = UpstreamBodyTransport(connection)
     agent.requests[0]["d"].callback(r)
     r._bodyDataReceived(b"{}")
     r._bodyDataFinished(Failure(ResponseDone()))

@@ -1,35 +1,29 @@
 """
 Canaries for the private Twisted names in quayfront.twistedadapter: each
 fails loudly if a Twisted release removes or changes what it relies on.
-Then the bounded upstream client itself, end to end through a real Agent
-and connection pool on an in-memory transport.
+(The upstream client no longer uses any: its tests are in
+test_upstreamclient.py.)
 """
 
 from __future__ import annotations
 
 import inspect
 
-import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web import _newclient, http
+from twisted.web import http
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, ResponseFailed
 
-from quayfront.config import UpstreamConfig
-from quayfront.http import UpstreamMisbehaved
 from quayfront.twistedadapter import (
     ChannelBadRequestHook,
     ChannelContinueHook,
     client_gone,
     hand_back_idle_timeout,
-    proxied_transport,
     request_line,
     send_continue,
     waiting_for_client,
     wrap_channel,
 )
-from quayfront.upstream import upstream_agent, upstream_uri
 
 # Canaries, one per private name.
 
@@ -51,32 +45,6 @@ def test_canary_channel_bad_request_method() -> None:
     channel.makeConnection(StringTransport())
     channel.dataReceived(b"GET / HTTP/1.1\r\nNo colon here\r\n\r\n")
     assert channel.refused == 1
-
-
-def test_canary_pool_factory() -> None:
-    """HTTPConnectionPool builds protocols through _factory(quiescentCallback, metadata)."""
-    assert isinstance(HTTPConnectionPool._factory, type)
-    factory = HTTPConnectionPool._factory(lambda protocol: None, "metadata")
-    assert callable(factory._quiescentCallback)
-    source = inspect.getsource(HTTPConnectionPool._newConnection)
-    assert "self._factory(quiescentCallback, repr(endpoint))" in source
-
-
-def test_canary_client_parser() -> None:
-    """HTTP11ClientProtocol.request() creates _parser, whose state is STATUS, then HEADER."""
-    protocol = _newclient.HTTP11ClientProtocol()
-    protocol.makeConnection(StringTransport())
-    request = _newclient.Request(b"GET", b"/", _newclient.Headers({b"host": [b"h"]}), None)
-    protocol.request(request)
-    parser = protocol._parser
-    assert isinstance(parser, _newclient.HTTPClientParser)
-    assert parser.state == _newclient.STATUS
-    parser.dataReceived(b"HTTP/1.1 200 OK\r\n")
-    assert parser.state == _newclient.HEADER
-    assert hasattr(parser, "MAX_LENGTH") and callable(parser.lineLengthExceeded)
-    assert "self._giveUp(Failure())" in inspect.getsource(
-        _newclient.HTTP11ClientProtocol.dataReceived
-    )
 
 
 class _HeldRequest(http.Request):
@@ -192,84 +160,3 @@ def test_canary_request_done_replays_through_data_received() -> None:
     channel.dataReceived(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n" + second)
     channel.requests[0].finish()
     assert replayed == [second]
-
-
-def test_canary_proxied_transport() -> None:
-    """TransportProxyProducer keeps the transport in _producer until stopProxying."""
-    inner = StringTransport()
-    proxy = _newclient.TransportProxyProducer(inner)
-    assert proxied_transport(proxy) is inner
-    proxy.stopProxying()
-    assert proxied_transport(proxy) is None
-
-
-# The bounded upstream client through a real Agent.
-
-
-def exchange(answer: bytes, **limits):
-    """A GET through upstream_agent; the upstream answers C{answer}."""
-    reactor = MemoryReactorClock()
-    agent = upstream_agent(reactor, UpstreamConfig(**limits))
-    result = agent.request(b"GET", upstream_uri(b"/v2/"))
-    host, port, factory, timeout, bind = reactor.tcpClients[0]
-    protocol = factory.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    outcome = []
-    result.addBoth(outcome.append)
-    protocol.dataReceived(answer)
-    return outcome, transport
-
-
-def misbehaved(outcome) -> UpstreamMisbehaved:
-    [failure] = outcome
-    failure.trap(ResponseFailed)
-    [reason] = failure.value.reasons
-    return reason.value
-
-
-def test_normal_response_passes() -> None:
-    """A well-formed head within the limits is relayed, body included."""
-    outcome, transport = exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nok")
-    [response] = outcome
-    assert response.code == 200
-    assert response.headers.getRawHeaders(b"x-a") == [b"b"]
-    assert response.length == 2
-    assert not transport.disconnecting
-
-
-@pytest.mark.parametrize(
-    "answer, reason",
-    [
-        (b"HTTX/1.1 200 OK\r\n\r\n", "upstream-bad-status-line"),
-        (b"HTTP/1.1 20 OK\r\n\r\n", "upstream-bad-status-line"),
-        (b"HTTP/2.0 200 OK\r\n\r\n", "upstream-bad-status-line"),
-        (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\n\r\n", "upstream-bad-header"),
-        (b"HTTP/1.1 200 OK\r\nNo colon\r\n\r\n", "upstream-bad-header"),
-        (b"HTTP/1.1 200 OK\r\n" + b"X-A: 1\r\n" * 101 + b"\r\n", "upstream-too-many-headers"),
-        (b"HTTP/1.1 200 OK\r\n" + b"X-A: " + b"a" * 1000 + b"\r\n" * 1, None),
-        (b"HTTP/1.1 200 OK\r\n" + (b"X-A: " + b"a" * 1000 + b"\r\n") * 40,
-         "upstream-head-too-large"),
-        (b"HTTP/1.1 200 OK\r\nX-A: " + b"a" * 100_000, "upstream-head-too-large"),
-        (b"HTTP/1.1 100 Continue\r\n\r\n" * 2000, "upstream-head-too-large"),
-    ],
-)
-def test_misbehaving_heads_fail_and_close(answer: bytes, reason: str | None) -> None:
-    """A malformed or oversized head fails the request with its reason and closes the connection."""
-    outcome, transport = exchange(answer)
-    if reason is None:
-        assert outcome == [] and not transport.disconnecting
-        return
-    assert misbehaved(outcome).reason == reason
-    assert transport.disconnecting
-
-
-def test_limits_are_per_upstream() -> None:
-    """max_response_head_bytes and max_response_headers come from the upstream's config."""
-    answer = b"HTTP/1.1 204 No Content\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\n\r\n"
-    outcome, _ = exchange(answer, max_response_headers=2)
-    assert misbehaved(outcome).reason == "upstream-too-many-headers"
-    outcome, _ = exchange(answer, max_response_head_bytes=40)
-    assert misbehaved(outcome).reason == "upstream-head-too-large"
-    outcome, _ = exchange(answer)
-    assert outcome[0].code == 204

@@ -1,0 +1,858 @@
+"""
+quayfront's own HTTP/1.1 client for its upstreams, behind Twisted's
+C{IAgent}: L{UpstreamAgent} sends a request on a pooled persistent
+connection (L{UpstreamPool}) and answers with an C{IResponse}, the way
+C{twisted.web.client.Agent} does, so callers (forwarding, the health probe)
+talk to an C{IAgent} whatever sits under it.  It replaces C{Agent},
+C{HTTPConnectionPool} and C{_newclient} on the data path: the response is
+read by quayfront's strict, bounded L{ResponseReader}, and one small
+exchange object per request stands where Twisted stacks a request writer, a
+parser, a proxy producer, a response and a chain of Deferreds.
+
+Behaviour callers rely on, as with C{Agent}:
+
+  - the request head goes out as given (method, target, headers in order,
+    C{Host} from the headers, else the URI's authority); a body from an
+    C{IBodyProducer} is framed with C{Content-Length} when its length is
+    known, else chunked, and streams with backpressure: the body producer
+    is registered on the upstream socket, which pauses it when its buffer
+    fills;
+  - the Deferred fires with the response once its head is read, even while
+    the request body is still being written (an early answer: the body
+    producer is stopped and the connection is never reused); it fails with
+    L{ResponseNeverReceived} (nothing read), L{ResponseFailed} (part of a
+    response read, or a response that broke the rules: the reason is then
+    an L{UpstreamMisbehaved}) or L{RequestTransmissionFailed} (lost while
+    the body was being written), or with the connection error itself;
+  - C{deliverBody(protocol)} gives the protocol an C{IPushProducer}
+    transport (pausing it stops reading from the upstream) and ends with
+    L{ResponseDone}, L{PotentialDataLoss} (a body delimited by the close)
+    or L{ResponseFailed}: a body cut short is never presented as complete;
+  - cancelling the Deferred aborts the upstream connection;
+  - a dead pooled connection found on reuse is retried once on a new
+    connection, only for a body-less idempotent request of which no
+    response byte arrived.
+
+A connection goes back to the pool only after a complete exchange that
+neither side asked to close; idle connections are closed after the
+upstream's C{idle_keepalive_s} and kept at most C{max_idle_connections}
+per upstream.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    PotentialDataLoss,
+    RequestGenerationFailed,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IResponse
+from zope.interface import implementer
+
+from quayfront.http import (
+    ResponseData,
+    ResponseEnd,
+    ResponseHead,
+    ResponseIncomplete,
+    ResponseReader,
+    UpstreamMisbehaved,
+)
+
+# Agent retries these (RFC 9110 section 9.2.2) when a pooled connection
+# turns out dead; never a request with a body.
+_RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"))
+# Methods whose semantics anticipate a body get "Content-Length: 0" when
+# sent without one (RFC 9110 section 8.6), as Agent does.
+_METHODS_WITH_BODY = frozenset((b"PUT", b"POST"))
+# Bytes that cannot appear in a method or a request target.
+_UNSAFE = frozenset(range(0x21)) | {0x7F}
+
+
+class WrongBodyLength(Exception):
+    """
+    A body producer wrote more or fewer bytes than the length it announced.
+    """
+
+
+class _Phase(enum.Enum):
+    """
+    Where one exchange is.
+    """
+
+    #: Waiting for a connection.
+    CONNECTING = "connecting"
+    #: The head is written; the request body is being written.
+    SENDING = "sending"
+    #: The request is written; waiting for the response head.
+    WAITING = "waiting"
+    #: The response head is delivered; its body is being read.
+    RECEIVING = "receiving"
+    #: Over: the connection is back in the pool, closed, or aborted.
+    DONE = "done"
+
+
+def split_uri(uri: bytes) -> tuple[bytes, bytes]:
+    """
+    The authority and origin-form target of an absolute C{http:} URI.
+    """
+    scheme_end = uri.find(b"://")
+    if scheme_end < 0:
+        raise ValueError(f"not an absolute URI: {uri[:80]!r}")
+    slash = uri.find(b"/", scheme_end + 3)
+    if slash < 0:
+        return uri[scheme_end + 3 :], b"/"
+    return uri[scheme_end + 3 : slash], uri[slash:]
+
+
+def request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers | None,
+    authority: bytes,
+    body_length: int | object | None,
+    persistent: bool,
+) -> bytes:
+    """
+    The bytes of a request head: the request line, the framing of a body
+    of C{body_length} (None: no body; C{UNKNOWN_LENGTH}: chunked), the
+    headers in order, C{Host} from them or else C{authority}.
+    """
+    if not method or not target or _UNSAFE.intersection(method) or _UNSAFE.intersection(target):
+        raise ValueError(f"cannot send {method[:20]!r} {target[:80]!r}")
+    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
+    if not persistent:
+        lines.append(b"Connection: close\r\n")
+    if body_length is None:
+        if method in _METHODS_WITH_BODY:
+            lines.append(b"Content-Length: 0\r\n")
+    elif body_length is UNKNOWN_LENGTH:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        lines.append(b"Content-Length: %d\r\n" % body_length)
+    has_host = False
+    if headers is not None:
+        for name, values in headers.getAllRawHeaders():
+            if not has_host and name.lower() == b"host":
+                has_host = True
+            for value in values:
+                lines += (name, b": ", value, b"\r\n")
+    if not has_host:
+        lines += (b"Host: ", authority, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+@implementer(IPushProducer)
+class UpstreamBodyTransport:
+    """
+    The transport a response's body protocol is given: pausing it stops
+    reading from the upstream connection, stopping it aborts the
+    connection.  It lets go of the connection when the response ends, so
+    nothing done to it afterwards reaches a connection back in the pool.
+    """
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self._connection: UpstreamConnection | None = connection
+
+    @property
+    def connection_transport(self):
+        """
+        The upstream connection's own transport, or None once the response
+        is over.
+        """
+        connection = self._connection
+        return None if connection is None else connection.transport
+
+    def detach(self) -> None:
+        self._connection = None
+
+    def pauseProducing(self) -> None:
+        if self._connection is not None:
+            self._connection.pause_reading()
+
+    def resumeProducing(self) -> None:
+        if self._connection is not None:
+            self._connection.resume_reading()
+
+    def stopProducing(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.abort()
+
+
+@implementer(IResponse)
+class UpstreamResponse:
+    """
+    An upstream's response as an C{IResponse}: body bytes that arrive before
+    C{deliverBody} are kept (the connection stops reading meanwhile).
+    """
+
+    version = (b"HTTP", 1, 1)
+    previousResponse = None
+
+    def __init__(self, head: ResponseHead, exchange: _Exchange, transport) -> None:
+        self.version = (b"HTTP", 1, head.version[1])
+        self.code = head.status
+        self.phrase = head.reason
+        #: The header fields as received, in order (what C{headers} holds).
+        self.header_pairs = head.headers
+        self._headers: Headers | None = None
+        self.length = UNKNOWN_LENGTH if head.length is None else head.length
+        self._exchange = exchange
+        self._transport = transport
+        self._protocol = None
+        self._early: list[bytes] = []
+        self._ended: Failure | None = None
+
+    @property
+    def headers(self) -> Headers:
+        # Built when asked for: a caller that reads header_pairs skips it.
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = Headers()
+            for name, value in self.header_pairs:
+                headers.addRawHeader(name, value)
+        return headers
+
+    @property
+    def request(self):
+        return self._exchange.client_request
+
+    def setPreviousResponse(self, response) -> None:
+        self.previousResponse = response
+
+    def deliverBody(self, protocol) -> None:
+        if self._protocol is not None:
+            raise RuntimeError("the response body was delivered already")
+        self._protocol = protocol
+        protocol.makeConnection(self._transport)
+        early, self._early = self._early, []
+        for data in early:
+            protocol.dataReceived(data)
+        if self._ended is not None:
+            protocol.connectionLost(self._ended)
+        else:
+            self._exchange.body_delivered()
+
+    def body_data(self, data: bytes) -> None:
+        protocol = self._protocol
+        if protocol is None:
+            self._early.append(data)
+        else:
+            protocol.dataReceived(data)
+
+    def body_ended(self, reason: Failure) -> None:
+        if self._ended is not None:
+            return
+        self._ended = reason
+        self._transport.detach()
+        if self._protocol is not None:
+            self._protocol.connectionLost(reason)
+
+
+class _ClientRequest:
+    """
+    What C{IClientRequest} tells about the request a response answers.
+    """
+
+    def __init__(self, method: bytes, uri: bytes, headers: Headers | None) -> None:
+        self.method = method
+        self.absoluteURI = uri
+        self.headers = headers if headers is not None else Headers()
+
+
+@implementer(IConsumer)
+class _BodyWriter:
+    """
+    The consumer a request body producer writes to: frames each write
+    (chunked, or counted against the announced length) onto the upstream
+    socket.
+    """
+
+    def __init__(self, exchange: _Exchange, transport, length) -> None:
+        self._exchange = exchange
+        self._transport = transport
+        self._chunked = length is UNKNOWN_LENGTH
+        self._remaining = None if self._chunked else length
+        self.stopped = False
+
+    def write(self, data: bytes) -> None:
+        if self.stopped or not data:
+            return
+        if self._chunked:
+            self._transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            return
+        if len(data) > self._remaining:
+            self._exchange.body_failed(
+                Failure(WrongBodyLength(f"{len(data) - self._remaining} bytes too many"))
+            )
+            return
+        self._remaining -= len(data)
+        self._transport.write(data)
+
+    def finish(self) -> bool:
+        """
+        Write the end of the body; false when it was shorter than announced.
+        """
+        if self._chunked:
+            self._transport.write(b"0\r\n\r\n")
+            return True
+        return self._remaining == 0
+
+    def registerProducer(self, producer, streaming) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class _BodyFlowControl:
+    """
+    Registered on the upstream socket while a request body is written: the
+    socket's pause and resume (its send buffer full, then drained) reach
+    the body producer.
+    """
+
+    def __init__(self, producer) -> None:
+        self._producer = producer
+        self.active = True
+
+    def pauseProducing(self) -> None:
+        if self.active:
+            self._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.active:
+            self._producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self.active:
+            self.active = False
+            self._producer.stopProducing()
+
+
+class UpstreamConnection(Protocol):
+    """
+    One persistent connection to an upstream: carries one exchange at a
+    time, and sits in the pool between exchanges.
+    """
+
+    def __init__(self, pool: UpstreamPool, key: str) -> None:
+        self._pool = pool
+        self.key = key
+        self.exchange: _Exchange | None = None
+        self.closed = False
+        self.reading_paused = False
+        # When an idle connection expires (set by the pool).
+        self.expires_s = 0.0
+
+    def connectionMade(self) -> None:
+        # Heads and bodies are separate writes: Nagle plus delayed ACKs
+        # would add tens of milliseconds to a small request.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        exchange = self.exchange
+        if exchange is None:
+            # An idle upstream talking out of turn: nothing can be trusted.
+            self.abort()
+            return
+        exchange.data_received(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed = True
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.connection_lost(reason)
+        else:
+            self._pool.discard(self)
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resumeProducing()
+
+    def abort(self) -> None:
+        """
+        Drop the connection at once; its exchange ends when the loss is
+        reported.
+        """
+        if not self.closed:
+            self.closed = True
+            self.transport.abortConnection()
+
+    def close(self) -> None:
+        """
+        Close the connection once what is written has gone out.
+        """
+        if not self.closed:
+            self.closed = True
+            self.transport.loseConnection()
+
+
+class _ConnectionFactory(Factory):
+    # One upstream connection is not worth two log lines.
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, key: str) -> None:
+        self._pool = pool
+        self._key = key
+
+    def buildProtocol(self, addr) -> UpstreamConnection:
+        return UpstreamConnection(self._pool, self._key)
+
+
+class _Exchange:
+    """
+    One request and its response on one upstream connection (two, when a
+    dead pooled connection is retried).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        agent: UpstreamAgent,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None,
+        head: bytes,
+        body,
+    ) -> None:
+        self._agent = agent
+        self.method = method
+        self._uri = uri
+        self._headers = headers
+        self._head = head
+        self._body = body
+        self.phase = _Phase.CONNECTING
+        self.result: Deferred = Deferred(self._cancel)
+        self._connecting: Deferred | None = None
+        self.connection: UpstreamConnection | None = None
+        self._reused = False
+        self._retried = False
+        self._reader: ResponseReader | None = None
+        self._writer: _BodyWriter | None = None
+        self._flow: _BodyFlowControl | None = None
+        self._response: UpstreamResponse | None = None
+        self._response_head: ResponseHead | None = None
+        self._delivery_pending = False
+        self._paused_for_delivery = False
+        # The response head came while the body was being written.
+        self._answered_early = False
+        # The request itself asked for the connection to close.
+        self._request_closes = not agent.persistent or _asks_close(headers)
+
+    @property
+    def client_request(self) -> _ClientRequest:
+        return _ClientRequest(self.method, self._uri, self._headers)
+
+    # Getting a connection.
+
+    def start(self, reuse: bool = True) -> None:
+        agent = self._agent
+        connection = agent.pool.take(agent.key) if reuse else None
+        if connection is not None:
+            self._send(connection, reused=True)
+            return
+        self._connecting = agent.connect()
+        self._connecting.addCallbacks(self._connected, self._connect_failed)
+
+    def _connected(self, connection: UpstreamConnection) -> None:
+        self._connecting = None
+        if self.phase is not _Phase.CONNECTING:
+            # Cancelled while connecting, and the connection came anyway.
+            connection.close()
+            return
+        self._send(connection, reused=False)
+
+    def _connect_failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if self.phase is not _Phase.CONNECTING:
+            return
+        self.phase = _Phase.DONE
+        self.result.errback(failure)
+
+    def _cancel(self, result: Deferred) -> None:
+        # Deferred.cancel errbacks with CancelledError after this.
+        phase, self.phase = self.phase, _Phase.DONE
+        if phase is _Phase.CONNECTING:
+            if self._connecting is not None:
+                self._connecting.cancel()
+            return
+        self._stop_body()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.exchange = None
+            connection.abort()
+
+    # The request.
+
+    def _send(self, connection: UpstreamConnection, reused: bool) -> None:
+        agent = self._agent
+        self.connection = connection
+        self._reused = reused
+        connection.exchange = self
+        self._reader = ResponseReader(self.method, agent.max_head_bytes, agent.max_headers)
+        transport = connection.transport
+        body = self._body
+        if body is None:
+            self.phase = _Phase.WAITING
+            transport.write(self._head)
+            return
+        self.phase = _Phase.SENDING
+        transport.write(self._head)
+        self._writer = _BodyWriter(self, transport, body.length)
+        self._flow = _BodyFlowControl(body)
+        transport.registerProducer(self._flow, True)
+        try:
+            producing = body.startProducing(self._writer)
+        except BaseException:
+            producing = fail()
+        producing.addCallbacks(self._body_written, self.body_failed)
+
+    def _body_written(self, _: object) -> None:
+        if self.phase is not _Phase.SENDING or self._writer is None or self._writer.stopped:
+            return
+        writer = self._writer
+        if not writer.finish():
+            self.body_failed(Failure(WrongBodyLength("fewer bytes than announced")))
+            return
+        self._end_body()
+        self.phase = _Phase.WAITING
+
+    def body_failed(self, failure: Failure) -> None:
+        """
+        The body producer failed or broke its length: the request cannot be
+        completed, the connection is aborted.
+        """
+        if self.phase is not _Phase.SENDING:
+            return
+        self._stop_body()
+        self.phase = _Phase.DONE
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.exchange = None
+            connection.abort()
+        self.result.errback(Failure(RequestGenerationFailed([failure])))
+
+    def _end_body(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.stopped = True
+        flow, self._flow = self._flow, None
+        if flow is not None:
+            flow.active = False
+            connection = self.connection
+            if connection is not None and not connection.closed:
+                connection.transport.unregisterProducer()
+
+    def _stop_body(self) -> None:
+        """
+        Stop a request body still being written.
+        """
+        if self._writer is None:
+            return
+        self._end_body()
+        body = self._body
+        try:
+            body.stopProducing()
+        except Exception:
+            self._log.failure("stopping a request body producer")
+
+    # The response.
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._reader
+        try:
+            events = reader.receive(data)
+        except UpstreamMisbehaved:
+            self._misbehaved(Failure())
+            return
+        connection = self.connection
+        for event in events:
+            if self.phase is _Phase.DONE or connection.closed:
+                # Cancelled or stopped by whoever handled the last event:
+                # the end comes with the connection's loss.
+                return
+            if type(event) is ResponseData:
+                self._response.body_data(event.data)
+            elif type(event) is ResponseHead:
+                self._got_head(event)
+            else:
+                self._response_complete(event)
+        if reader.failed and self.phase is not _Phase.DONE:
+            # The rules broken after the events above.
+            try:
+                reader.receive(b"")
+            except UpstreamMisbehaved:
+                self._misbehaved(Failure())
+
+    def _got_head(self, head: ResponseHead) -> None:
+        if self.phase is _Phase.SENDING:
+            # An early answer: the upstream will not read the rest, and the
+            # connection is not reused with a request half sent.
+            self._answered_early = True
+            self._stop_body()
+        self.phase = _Phase.RECEIVING
+        self._response_head = head
+        connection = self.connection
+        response = UpstreamResponse(head, self, UpstreamBodyTransport(connection))
+        self._response = response
+        self._delivery_pending = True
+        self.result.callback(response)
+        if self._delivery_pending and self.phase is _Phase.RECEIVING:
+            # Nobody reads the body yet: stop reading from the upstream.
+            self._delivery_pending = False
+            connection.pause_reading()
+            self._paused_for_delivery = True
+
+    def body_delivered(self) -> None:
+        if self._delivery_pending:
+            self._delivery_pending = False
+            return
+        if self._paused_for_delivery:
+            self._paused_for_delivery = False
+            if self.connection is not None:
+                self.connection.resume_reading()
+
+    def _response_complete(self, end: ResponseEnd) -> None:
+        connection, self.connection = self.connection, None
+        self.phase = _Phase.DONE
+        head = self._response_head
+        reader = self._reader
+        connection.exchange = None
+        reusable = (
+            head.keep_alive
+            and not self._answered_early
+            and not end.delimited_by_close
+            and not reader.trailing_data
+            and not self._request_closes
+            and not connection.closed
+        )
+        if reusable:
+            # Back to the pool before the body protocol hears the end, so a
+            # request it starts can take this connection (as Agent does).
+            connection.resume_reading()
+            self._agent.pool.put(self._agent.key, connection, self._agent)
+        elif self._answered_early:
+            # The upstream may still be waiting for the rest of the body.
+            connection.abort()
+        else:
+            connection.close()
+        reason = PotentialDataLoss() if end.delimited_by_close else ResponseDone()
+        self._response.body_ended(Failure(reason))
+
+    def _misbehaved(self, failure: Failure) -> None:
+        phase, self.phase = self.phase, _Phase.DONE
+        self._stop_body()
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            connection.exchange = None
+            # Read no more, and close in order (as Agent does): there is
+            # nothing of ours left to send.
+            connection.close()
+        if phase is _Phase.RECEIVING:
+            self._response.body_ended(Failure(ResponseFailed([failure], self._response)))
+        else:
+            self.result.errback(Failure(ResponseFailed([failure])))
+
+    def connection_lost(self, reason: Failure) -> None:
+        phase, self.phase = self.phase, _Phase.DONE
+        self.connection = None
+        if phase is _Phase.RECEIVING:
+            try:
+                end = self._reader.connection_closed()
+            except ResponseIncomplete:
+                self._response.body_ended(
+                    Failure(ResponseFailed([reason, Failure()], self._response))
+                )
+                return
+            if end is not None:
+                self._response.body_ended(Failure(PotentialDataLoss()))
+            else:
+                # Read to its end, but stopped before the end was delivered.
+                self._response.body_ended(Failure(ResponseFailed([reason], self._response)))
+            return
+        if phase is _Phase.SENDING:
+            self._stop_body()
+            self.result.errback(Failure(RequestTransmissionFailed([reason])))
+            return
+        if phase is not _Phase.WAITING:
+            return
+        received = self._reader.received_any
+        if (
+            self._reused
+            and not self._retried
+            and not received
+            and self._body is None
+            and self.method in _RETRYABLE_METHODS
+        ):
+            # A pooled connection the upstream had closed: once more, on a
+            # new connection (as Agent does).
+            self._retried = True
+            self.phase = _Phase.CONNECTING
+            self.start(reuse=False)
+            return
+        error = ResponseFailed if received else ResponseNeverReceived
+        self.result.errback(Failure(error([reason])))
+
+
+def _asks_close(headers: Headers | None) -> bool:
+    if headers is None:
+        return False
+    values = headers.getRawHeaders(b"connection")
+    return bool(values) and any(
+        token.strip().lower() == b"close" for value in values for token in value.split(b",")
+    )
+
+
+@implementer(IAgent)
+class UpstreamAgent:
+    """
+    An C{IAgent} that sends every request to one upstream, whatever
+    authority the URI names (the URI's target is sent; its authority only
+    when the headers have no C{Host}).
+
+    @param endpoint: where new connections go (its connect timeout
+        included).
+    @param key: the upstream's name in C{pool} (its address).
+    @param persistent: false sends C{Connection: close} and never pools.
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        pool: UpstreamPool,
+        key: str,
+        *,
+        max_head_bytes: int,
+        max_headers: int,
+        max_idle_connections: int,
+        idle_keepalive_s: float,
+        persistent: bool = True,
+    ) -> None:
+        self.endpoint = endpoint
+        self.pool = pool
+        self.key = key
+        self.max_head_bytes = max_head_bytes
+        self.max_headers = max_headers
+        self.max_idle_connections = max_idle_connections
+        self.idle_keepalive_s = idle_keepalive_s
+        self.persistent = persistent
+        self._factory = _ConnectionFactory(pool, key)
+
+    def connect(self) -> Deferred:
+        return self.endpoint.connect(self._factory)
+
+    def request(self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer=None):
+        authority, target = split_uri(uri)
+        head = request_head(
+            method,
+            target,
+            headers,
+            authority,
+            None if bodyProducer is None else bodyProducer.length,
+            self.persistent,
+        )
+        exchange = _Exchange(self, method, uri, headers, head, bodyProducer)
+        exchange.start(reuse=self.persistent)
+        return exchange.result
+
+
+class UpstreamPool:
+    """
+    Idle persistent connections, by upstream key.  The most recently used
+    connection is reused first, so the others age out when traffic drops;
+    each closes C{idle_keepalive_s} after it went idle, and an upstream
+    keeps at most C{max_idle_connections} (the oldest goes first).
+    """
+
+    def __init__(self, clock) -> None:
+        self._clock = clock
+        self._idle: dict[str, list[UpstreamConnection]] = {}
+        self._sweep_call = None
+
+    def idle_count(self, key: str) -> int:
+        return len(self._idle.get(key, ()))
+
+    def take(self, key: str) -> UpstreamConnection | None:
+        """
+        An idle connection to C{key} that has not expired, or None.
+        """
+        stack = self._idle.get(key)
+        if not stack:
+            return None
+        now = self._clock.seconds()
+        while stack:
+            connection = stack.pop()
+            if connection.expires_s > now and not connection.closed:
+                return connection
+            connection.close()
+        return None
+
+    def put(self, key: str, connection: UpstreamConnection, limits: UpstreamAgent) -> None:
+        """
+        C{connection} is idle and reusable.
+        """
+        connection.expires_s = self._clock.seconds() + limits.idle_keepalive_s
+        stack = self._idle.setdefault(key, [])
+        stack.append(connection)
+        while len(stack) > limits.max_idle_connections:
+            stack.pop(0).close()
+        if self._sweep_call is None:
+            self._sweep_call = self._clock.callLater(limits.idle_keepalive_s, self._sweep)
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        """
+        C{connection} is closed: forget it.
+        """
+        stack = self._idle.get(connection.key)
+        if stack and connection in stack:
+            stack.remove(connection)
+
+    def _sweep(self) -> None:
+        # One timer for the whole pool, set to the next expiry: no timer is
+        # made or cancelled per request.
+        self._sweep_call = None
+        now = self._clock.seconds()
+        next_expiry = None
+        for stack in self._idle.values():
+            # Oldest first: the stacks are in the order connections went idle.
+            while stack and stack[0].expires_s <= now:
+                stack.pop(0).close()
+            if stack and (next_expiry is None or stack[0].expires_s < next_expiry):
+                next_expiry = stack[0].expires_s
+        if next_expiry is not None:
+            self._sweep_call = self._clock.callLater(next_expiry - now, self._sweep)
+
+    def close_idle(self) -> None:
+        """
+        Close every idle connection (at shutdown).
+        """
+        if self._sweep_call is not None and self._sweep_call.active():
+            self._sweep_call.cancel()
+        self._sweep_call = None
+        idle, self._idle = self._idle, {}
+        for stack in idle.values():
+            for connection in stack:
+                connection.close()
