@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from ._response import (
     UpstreamMisbehaved,
@@ -144,8 +144,11 @@ class Framing(enum.Enum):
     UNTIL_CLOSE = "until-close"
 
 
-@dataclass(frozen=True)
-class ResponseHead:
+# Events are named tuples: one is made per head and per read, and a
+# frozen dataclass costs several times as much to build.
+
+
+class ResponseHead(NamedTuple):
     """
     The final response head: status, reason phrase, version (C{(1, 0)} or
     C{(1, 1)}), the header fields as ordered pairs as received, how the body
@@ -156,23 +159,21 @@ class ResponseHead:
     status: int
     reason: bytes
     version: tuple[int, int]
-    headers: list[tuple[bytes, bytes]] = field(repr=False)
+    headers: list[tuple[bytes, bytes]]
     framing: Framing
     length: int | None
     keep_alive: bool
 
 
-@dataclass(frozen=True)
-class ResponseData:
+class ResponseData(NamedTuple):
     """
     Body bytes, de-chunked.
     """
 
-    data: bytes = field(repr=False)
+    data: bytes
 
 
-@dataclass(frozen=True)
-class ResponseEnd:
+class ResponseEnd(NamedTuple):
     """
     The response is complete; C{delimited_by_close} when it was the
     upstream closing the connection that ended it (complete by HTTP's
