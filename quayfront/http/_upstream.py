@@ -207,6 +207,7 @@ class ResponseReader:
         # bound of the final one.
         self._head_bytes_used = 0
         self._status_line_checked = False
+        self._head_scanned = 0
         self._remaining = 0
         # Whether any byte of a response arrived (a retry is only safe
         # when none did).
@@ -332,14 +333,18 @@ class ResponseReader:
         buffer = self._buffer
         # The blank line that ends a head: CRLF CRLF, or bare LFs (RFC 9112
         # section 2.2 lets a recipient accept a bare LF as a line end).
-        end = buffer.find(b"\n\r\n")
+        # Searched from where the last search stopped, so a head that
+        # trickles in is not scanned again from its start on every read.
+        scan_from = self._head_scanned
+        end = buffer.find(b"\n\r\n", scan_from)
         if end >= 0:
             end += 3
-        bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))
+        bare = buffer.find(b"\n\n", scan_from, end if end >= 0 else len(buffer))
         if bare >= 0:
             end = bare + 2
         limit = self.max_head_bytes - self._head_bytes_used
         if end < 0:
+            self._head_scanned = max(0, len(buffer) - 2)
             if len(buffer) > limit:
                 raise self._misbehaved("upstream-head-too-large", f"over {self.max_head_bytes} bytes")
             if not self._status_line_checked:
@@ -352,6 +357,7 @@ class ResponseReader:
             raise self._misbehaved("upstream-head-too-large", f"over {self.max_head_bytes} bytes")
         self._head_bytes_used += end
         self._buffer = buffer[end:]
+        self._head_scanned = 0
         self._status_line_checked = False
         status_end = buffer.find(b"\n")
         status, reason, version = self._check_status_line(buffer[:status_end])
