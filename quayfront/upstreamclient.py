@@ -844,15 +844,3 @@ class UpstreamPool:
                 next_expiry = stack[0].expires_s
         if next_expiry is not None:
             self._sweep_call = self._clock.callLater(next_expiry - now, self._sweep)
-
-    def close_idle(self) -> None:
-        """
-        Close every idle connection (at shutdown).
-        """
-        if self._sweep_call is not None and self._sweep_call.active():
-            self._sweep_call.cancel()
-        self._sweep_call = None
-        idle, self._idle = self._idle, {}
-        for stack in idle.values():
-            for connection in stack:
-                connection.close()
