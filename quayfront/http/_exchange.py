@@ -1,0 +1,618 @@
+"""
+The life of one proxied request, free of I/O and of Twisted: events in,
+actions out, in the manner of h11's C{_state.py}.
+
+An exchange has two sides, each with its own named states:
+
+  - L{ExchangeState}, the request's way through quayfront to the upstream
+    and the response's way back: C{NEW} (the head is complete),
+    C{RATE_LIMITING} (the route's rate limiter decides), C{QUEUED} (the
+    upstream's concurrency cap decides), C{AWAITING_RESPONSE} (the upstream
+    request is under way), C{RELAYING} (the response head went to the
+    client, its body follows), C{ENDED}.
+  - L{BodyState}, the client's request body: C{NONE} (there is none),
+    C{WAITING} (the upstream is not ready for it: a chunk that arrives is
+    held and the client paused), C{STREAMING}, C{PAUSED} (the upstream
+    asked for a pause), C{COMPLETE}, C{DISCARDING} (the exchange ended
+    first: what still arrives is dropped).
+
+L{EXCHANGE_TRANSITIONS} and L{BODY_TRANSITIONS} list, for each state, the
+events it accepts and the states each may lead to (an event that concerns
+the body is checked against the body's table, every other against the
+exchange's; a deadline event is legal only where that deadline is armed).
+Anything else raises L{ExchangeMisused}, naming the state and the event:
+quayfront itself misused the model, as opposed to a peer misbehaving
+(L{quayfront.http.PeerMisbehaved}, L{quayfront.http.UpstreamMisbehaved}),
+which arrives here as an event.
+
+Deadlines follow from the states (L{deadlines_for}): C{RESPONSE} while the
+upstream request is under way with the body complete (or none),
+C{UPLOAD_IDLE} while it is under way with the body still arriving,
+C{DOWNLOAD_IDLE} while the response is relayed, C{DRAIN} in every live
+state once the process drains.  Each event's actions end with the
+L{Arm}/L{Disarm} that bring the armed deadlines in line with the new state.
+The head deadline belongs to the client channel, not to an exchange.
+
+How the exchange ended is one of the L{quayfront.http._endings} table.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from . import _endings
+from ._endings import Ending
+
+
+class ExchangeMisused(RuntimeError):
+    """
+    An event the current state does not accept: a bug in the caller, not
+    something a peer did.
+    """
+
+    def __init__(self, state: enum.Enum, event: Event) -> None:
+        super().__init__(
+            f"event {event.name} is not accepted in state {type(state).__name__}.{state.name}"
+        )
+        self.state = state
+        self.event = event
+
+
+class ExchangeState(enum.Enum):
+    NEW = "new"
+    RATE_LIMITING = "rate-limiting"
+    QUEUED = "queued"
+    AWAITING_RESPONSE = "awaiting-response"
+    RELAYING = "relaying"
+    ENDED = "ended"
+
+
+class BodyState(enum.Enum):
+    NONE = "none"
+    WAITING = "waiting"
+    STREAMING = "streaming"
+    PAUSED = "paused"
+    COMPLETE = "complete"
+    DISCARDING = "discarding"
+
+
+class Event(enum.Enum):
+    """
+    What happens to an exchange.  Payloads, where an event has one, are
+    keyword arguments of L{Exchange.handle}.
+    """
+
+    HEAD_COMPLETE = "head-complete"
+    RATE_ALLOWED = "rate-allowed"
+    #: retry_after_s
+    RATE_LIMITED = "rate-limited"
+    ADMITTED = "admitted"
+    #: ending (QUEUE_FULL or QUEUE_TIMEOUT)
+    NOT_ADMITTED = "not-admitted"
+    #: The upstream has the request head and asks for the body.
+    UPSTREAM_READY = "upstream-ready"
+    #: size
+    BODY_CHUNK = "body-chunk"
+    BODY_END = "body-end"
+    UPLOAD_PAUSED = "upload-paused"
+    UPLOAD_RESUMED = "upload-resumed"
+    #: The upstream request takes no more of the body (it was answered or
+    #: failed on the upstream's side).
+    UPLOAD_STOPPED = "upload-stopped"
+    RESPONSE_HEAD = "response-head"
+    RESPONSE_DATA = "response-data"
+    RESPONSE_END = "response-end"
+    #: detail
+    RESPONSE_TRUNCATED = "response-truncated"
+    #: ending, detail
+    UPSTREAM_FAILED = "upstream-failed"
+    CLIENT_GONE = "client-gone"
+    #: ending (a framing refusal)
+    CLIENT_MISBEHAVED = "client-misbehaved"
+    DRAINING = "draining"
+    RESPONSE_TIMEOUT = "response-timeout"
+    UPLOAD_IDLE_TIMEOUT = "upload-idle-timeout"
+    DOWNLOAD_IDLE_TIMEOUT = "download-idle-timeout"
+    DRAIN_TIMEOUT = "drain-timeout"
+
+
+class Deadline(enum.Enum):
+    RESPONSE = "response"
+    UPLOAD_IDLE = "upload-idle"
+    DOWNLOAD_IDLE = "download-idle"
+    DRAIN = "drain"
+
+
+class Action(enum.Enum):
+    """
+    What the adapter does, in the order given.
+    """
+
+    ASK_RATE_LIMITER = "ask-rate-limiter"
+    ASK_ADMISSION = "ask-admission"
+    CANCEL_ADMISSION = "cancel-admission"
+    START_UPSTREAM_REQUEST = "start-upstream-request"
+    #: Cancel the upstream request (its connection is aborted).
+    CANCEL_UPSTREAM_REQUEST = "cancel-upstream-request"
+    #: Stop the upstream response (its connection is aborted).
+    STOP_UPSTREAM_RESPONSE = "stop-upstream-response"
+    #: Abort the upstream connection after a response that came early.
+    ABORT_UPSTREAM_CONNECTION = "abort-upstream-connection"
+    RELEASE_SLOT = "release-slot"
+    SEND_CONTINUE = "send-continue"
+    #: Hand the held chunks to the upstream.
+    FLUSH_HELD = "flush-held"
+    HOLD_CHUNK = "hold-chunk"
+    FORWARD_CHUNK = "forward-chunk"
+    #: The body is complete: tell the upstream request.
+    FINISH_UPLOAD = "finish-upload"
+    #: The exchange is over: the upstream takes no more of the body.
+    STOP_UPLOAD = "stop-upload"
+    PAUSE_CLIENT = "pause-client"
+    RESUME_CLIENT = "resume-client"
+    #: Give the client connection back its idle timeout.
+    RESTORE_CLIENT_TIMEOUT = "restore-client-timeout"
+    RELAY_HEAD = "relay-head"
+    #: Relay the head of an answer that came before the body was complete,
+    #: and read no more from the client.
+    RELAY_EARLY_HEAD = "relay-early-head"
+    #: A response head for an exchange already over: drop its body.
+    DISCARD_RESPONSE = "discard-response"
+    RELAY_DATA = "relay-data"
+    FINISH_RESPONSE = "finish-response"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """
+    Answer the client with C{ending}'s status (quayfront's own response).
+    """
+
+    ending: Ending
+    detail: str = ""
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class AbortClient:
+    """
+    Abort the client connection: its response has started, or must never
+    look complete.
+    """
+
+    ending: Ending
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Arm:
+    deadline: Deadline
+
+
+@dataclass(frozen=True)
+class Disarm:
+    deadline: Deadline
+
+
+S = ExchangeState
+B = BodyState
+E = Event
+
+_LIVE = (S.RATE_LIMITING, S.QUEUED, S.AWAITING_RESPONSE, S.RELAYING)
+_RECEIVING = (B.WAITING, B.STREAMING, B.PAUSED)
+
+#: The events that concern the request body (checked against BODY_TRANSITIONS).
+BODY_EVENTS = frozenset(
+    {
+        E.UPSTREAM_READY,
+        E.BODY_CHUNK,
+        E.BODY_END,
+        E.UPLOAD_PAUSED,
+        E.UPLOAD_RESUMED,
+        E.UPLOAD_STOPPED,
+    }
+)
+#: The events a deadline raises, and the deadline.
+DEADLINE_EVENTS = {
+    E.RESPONSE_TIMEOUT: Deadline.RESPONSE,
+    E.UPLOAD_IDLE_TIMEOUT: Deadline.UPLOAD_IDLE,
+    E.DOWNLOAD_IDLE_TIMEOUT: Deadline.DOWNLOAD_IDLE,
+    E.DRAIN_TIMEOUT: Deadline.DRAIN,
+}
+
+_ENDS = frozenset({S.ENDED})
+
+#: For each exchange state, the events it accepts and where each may lead.
+EXCHANGE_TRANSITIONS: dict[ExchangeState, dict[Event, frozenset[ExchangeState]]] = {
+    S.NEW: {
+        E.HEAD_COMPLETE: frozenset({S.RATE_LIMITING, S.ENDED}),
+        E.DRAINING: frozenset({S.NEW}),
+    },
+    S.RATE_LIMITING: {
+        E.RATE_ALLOWED: frozenset({S.QUEUED}),
+        E.RATE_LIMITED: _ENDS,
+        E.CLIENT_GONE: _ENDS,
+        E.CLIENT_MISBEHAVED: _ENDS,
+        E.DRAINING: frozenset({S.RATE_LIMITING}),
+        E.DRAIN_TIMEOUT: _ENDS,
+    },
+    S.QUEUED: {
+        E.ADMITTED: frozenset({S.AWAITING_RESPONSE}),
+        E.NOT_ADMITTED: _ENDS,
+        E.CLIENT_GONE: _ENDS,
+        E.CLIENT_MISBEHAVED: _ENDS,
+        E.DRAINING: frozenset({S.QUEUED}),
+        E.DRAIN_TIMEOUT: _ENDS,
+    },
+    S.AWAITING_RESPONSE: {
+        E.RESPONSE_HEAD: frozenset({S.RELAYING}),
+        E.UPSTREAM_FAILED: _ENDS,
+        E.CLIENT_GONE: _ENDS,
+        E.CLIENT_MISBEHAVED: _ENDS,
+        E.DRAINING: frozenset({S.AWAITING_RESPONSE}),
+        E.RESPONSE_TIMEOUT: _ENDS,
+        E.UPLOAD_IDLE_TIMEOUT: _ENDS,
+        E.DRAIN_TIMEOUT: _ENDS,
+    },
+    S.RELAYING: {
+        E.RESPONSE_DATA: frozenset({S.RELAYING}),
+        E.RESPONSE_END: _ENDS,
+        E.RESPONSE_TRUNCATED: _ENDS,
+        E.CLIENT_GONE: _ENDS,
+        E.CLIENT_MISBEHAVED: _ENDS,
+        E.DRAINING: frozenset({S.RELAYING}),
+        E.DOWNLOAD_IDLE_TIMEOUT: _ENDS,
+        E.DRAIN_TIMEOUT: _ENDS,
+    },
+    # What is still under way when an exchange ends reports in late: a
+    # rate decision or a slot arriving, a cancelled request failing, the
+    # upstream connection closing, the client leaving after its answer.
+    S.ENDED: {
+        E.RATE_ALLOWED: _ENDS,
+        E.RATE_LIMITED: _ENDS,
+        E.ADMITTED: _ENDS,
+        E.RESPONSE_HEAD: _ENDS,
+        E.RESPONSE_DATA: _ENDS,
+        E.RESPONSE_END: _ENDS,
+        E.RESPONSE_TRUNCATED: _ENDS,
+        E.UPSTREAM_FAILED: _ENDS,
+        E.CLIENT_GONE: _ENDS,
+        E.CLIENT_MISBEHAVED: _ENDS,
+        E.DRAINING: _ENDS,
+    },
+}
+
+#: For each body state, the body events it accepts and where each may lead.
+BODY_TRANSITIONS: dict[BodyState, dict[Event, frozenset[BodyState]]] = {
+    B.NONE: {
+        # The channel reports the end of every request, bodiless ones too.
+        E.BODY_END: frozenset({B.NONE}),
+    },
+    B.WAITING: {
+        E.UPSTREAM_READY: frozenset({B.STREAMING}),
+        E.BODY_CHUNK: frozenset({B.WAITING, B.DISCARDING}),
+        E.BODY_END: frozenset({B.COMPLETE}),
+        E.UPLOAD_STOPPED: frozenset({B.DISCARDING}),
+    },
+    B.STREAMING: {
+        E.BODY_CHUNK: frozenset({B.STREAMING, B.DISCARDING}),
+        E.BODY_END: frozenset({B.COMPLETE}),
+        E.UPLOAD_PAUSED: frozenset({B.PAUSED}),
+        E.UPLOAD_RESUMED: frozenset({B.STREAMING}),
+        E.UPLOAD_STOPPED: frozenset({B.DISCARDING}),
+    },
+    B.PAUSED: {
+        E.BODY_CHUNK: frozenset({B.PAUSED, B.DISCARDING}),
+        E.BODY_END: frozenset({B.COMPLETE}),
+        E.UPLOAD_PAUSED: frozenset({B.PAUSED}),
+        E.UPLOAD_RESUMED: frozenset({B.STREAMING}),
+        E.UPLOAD_STOPPED: frozenset({B.DISCARDING}),
+    },
+    B.COMPLETE: {
+        # Held chunks and the end go upstream when it asks for the body.
+        E.UPSTREAM_READY: frozenset({B.COMPLETE}),
+        E.UPLOAD_PAUSED: frozenset({B.COMPLETE}),
+        E.UPLOAD_RESUMED: frozenset({B.COMPLETE}),
+        E.UPLOAD_STOPPED: frozenset({B.COMPLETE}),
+    },
+    B.DISCARDING: {
+        E.UPSTREAM_READY: frozenset({B.DISCARDING}),
+        E.BODY_CHUNK: frozenset({B.DISCARDING}),
+        E.BODY_END: frozenset({B.COMPLETE}),
+        E.UPLOAD_PAUSED: frozenset({B.DISCARDING}),
+        E.UPLOAD_RESUMED: frozenset({B.DISCARDING}),
+        E.UPLOAD_STOPPED: frozenset({B.DISCARDING}),
+    },
+}
+
+
+def _deadlines(state: ExchangeState, body: BodyState, draining: bool) -> frozenset[Deadline]:
+    armed = set()
+    if state is S.AWAITING_RESPONSE:
+        armed.add(Deadline.UPLOAD_IDLE if body in _RECEIVING else Deadline.RESPONSE)
+    elif state is S.RELAYING:
+        armed.add(Deadline.DOWNLOAD_IDLE)
+    if draining and state in _LIVE:
+        armed.add(Deadline.DRAIN)
+    return frozenset(armed)
+
+
+# Looked up on every event: computed once, each distinct set one object
+# (so that "unchanged" is an identity test).
+_SETS: dict[frozenset[Deadline], frozenset[Deadline]] = {}
+_DEADLINES = {
+    (state, body, draining): _SETS.setdefault(
+        _deadlines(state, body, draining), _deadlines(state, body, draining)
+    )
+    for state in ExchangeState
+    for body in BodyState
+    for draining in (False, True)
+}
+
+
+def deadlines_for(state: ExchangeState, body: BodyState, draining: bool) -> frozenset[Deadline]:
+    """
+    The deadlines armed in a state.
+    """
+    return _DEADLINES[state, body, draining]
+
+
+def accepts(state: ExchangeState, body: BodyState, draining: bool, event: Event) -> bool:
+    """
+    Whether an exchange in C{state} with C{body} accepts C{event}.
+    """
+    deadline = DEADLINE_EVENTS.get(event)
+    if deadline is not None:
+        return deadline in deadlines_for(state, body, draining)
+    if event in BODY_EVENTS:
+        return event in BODY_TRANSITIONS[body]
+    return event in EXCHANGE_TRANSITIONS[state]
+
+
+class Exchange:
+    """
+    One request's exchange.  L{handle} takes an event and answers the
+    actions to take, in order; the states are L{state} and L{body}.
+
+    @ivar ending: how the exchange ended, None until it has.
+    @ivar body_bytes: request body bytes received before the exchange ended.
+    """
+
+    def __init__(
+        self, *, has_body: bool, length: int | None = None, max_body_bytes: int = 0
+    ) -> None:
+        self.state = S.NEW
+        self.body = B.WAITING if has_body else B.NONE
+        self.draining = False
+        self.ending: Ending | None = None
+        self.body_bytes = 0
+        self._length = length
+        self._max_body_bytes = max_body_bytes
+
+    @property
+    def body_complete(self) -> bool:
+        return self.body is B.NONE or self.body is B.COMPLETE
+
+    @property
+    def armed(self) -> frozenset[Deadline]:
+        return deadlines_for(self.state, self.body, self.draining)
+
+    def handle(self, event: Event, **payload) -> list:
+        state, body = self.state, self.body
+        if not accepts(state, body, self.draining, event):
+            raise ExchangeMisused(body if event in BODY_EVENTS else state, event)
+        armed = _DEADLINES[state, body, self.draining]
+        actions = _HANDLERS[event](self, **payload)
+        # Checked against the tables: a handler may only take the
+        # exchange where they allow.
+        if event in BODY_EVENTS:
+            assert self.body in BODY_TRANSITIONS[body][event], (body, event, self.body)
+        elif event not in DEADLINE_EVENTS:
+            assert self.state in EXCHANGE_TRANSITIONS[state][event], (state, event, self.state)
+        now = _DEADLINES[self.state, self.body, self.draining]
+        if now is not armed:
+            # A deadline that fired is disarmed already.
+            fired = DEADLINE_EVENTS.get(event)
+            actions.extend(
+                Disarm(d) for d in Deadline if d in armed and d not in now and d is not fired
+            )
+            actions.extend(Arm(d) for d in Deadline if d in now and d not in armed)
+        return actions
+
+    # The request side.
+
+    def _on_head_complete(self) -> list:
+        limit = self._max_body_bytes
+        if limit and self._length is not None and self._length > limit:
+            return self._end(_endings.BODY_TOO_LARGE)
+        self.state = S.RATE_LIMITING
+        return [Action.ASK_RATE_LIMITER]
+
+    def _on_rate_allowed(self) -> list:
+        if self.state is S.ENDED:
+            return []
+        self.state = S.QUEUED
+        return [Action.ASK_ADMISSION]
+
+    def _on_rate_limited(self, retry_after_s: float | None = None) -> list:
+        if self.state is S.ENDED:
+            return []
+        return self._end(_endings.RATE_LIMITED, retry_after_s=retry_after_s)
+
+    def _on_admitted(self) -> list:
+        if self.state is S.ENDED:
+            # The slot came after all: give it back.
+            return [Action.RELEASE_SLOT]
+        self.state = S.AWAITING_RESPONSE
+        return [Action.START_UPSTREAM_REQUEST]
+
+    def _on_not_admitted(self, ending: Ending) -> list:
+        return self._end(ending)
+
+    # The request body.
+
+    def _on_upstream_ready(self) -> list:
+        body = self.body
+        if body is B.DISCARDING:
+            return []
+        actions = [Action.SEND_CONTINUE, Action.FLUSH_HELD]
+        if body is B.COMPLETE:
+            actions.append(Action.FINISH_UPLOAD)
+        else:
+            self.body = B.STREAMING
+            actions.append(Action.RESUME_CLIENT)
+        return actions
+
+    def _on_body_chunk(self, size: int) -> list:
+        body = self.body
+        if body is B.DISCARDING:
+            return []
+        self.body_bytes += size
+        limit = self._max_body_bytes
+        if limit and self.body_bytes > limit:
+            # Not one byte past the limit reaches the upstream.
+            return self._end(_endings.BODY_TOO_LARGE)
+        if body is B.STREAMING:
+            return [Action.FORWARD_CHUNK]
+        if body is B.PAUSED:
+            # The channel resumes its transport on its own schedule (after
+            # writing a 100 Continue, for one); the upstream still wants a
+            # pause.
+            return [Action.FORWARD_CHUNK, Action.PAUSE_CLIENT]
+        return [Action.HOLD_CHUNK, Action.PAUSE_CLIENT]
+
+    def _on_body_end(self) -> list:
+        body = self.body
+        if body is not B.NONE:
+            self.body = B.COMPLETE
+        if body is B.STREAMING or body is B.PAUSED:
+            return [Action.RESTORE_CLIENT_TIMEOUT, Action.FINISH_UPLOAD]
+        return [Action.RESTORE_CLIENT_TIMEOUT]
+
+    def _on_upload_paused(self) -> list:
+        if self.body in _RECEIVING:
+            self.body = B.PAUSED
+            return [Action.PAUSE_CLIENT]
+        return []
+
+    def _on_upload_resumed(self) -> list:
+        if self.body in _RECEIVING:
+            self.body = B.STREAMING
+            return [Action.RESUME_CLIENT]
+        return []
+
+    def _on_upload_stopped(self) -> list:
+        if self.body in _RECEIVING:
+            self.body = B.DISCARDING
+            return [Action.STOP_UPLOAD]
+        return []
+
+    # The response.
+
+    def _on_response_head(self) -> list:
+        if self.state is S.ENDED:
+            return [Action.DISCARD_RESPONSE]
+        self.state = S.RELAYING
+        return [Action.RELAY_HEAD if self.body_complete else Action.RELAY_EARLY_HEAD]
+
+    def _on_response_data(self) -> list:
+        return [] if self.state is S.ENDED else [Action.RELAY_DATA]
+
+    def _on_response_end(self) -> list:
+        if self.state is S.ENDED:
+            return []
+        early = not self.body_complete
+        actions = self._end(_endings.COMPLETED)
+        actions.append(Action.FINISH_RESPONSE)
+        if early:
+            # The request body never finished: the upstream connection
+            # would wait for it.
+            actions.append(Action.ABORT_UPSTREAM_CONNECTION)
+        return actions
+
+    def _on_response_truncated(self, detail: str = "") -> list:
+        if self.state is S.ENDED:
+            return []
+        return self._end(_endings.UPSTREAM_TRUNCATED, detail=detail)
+
+    def _on_upstream_failed(self, ending: Ending, detail: str = "") -> list:
+        if self.state is S.ENDED:
+            # Cancelled by quayfront, which has answered already.
+            return []
+        return self._end(ending, detail=detail, upstream_over=True)
+
+    # The client.
+
+    def _on_client_gone(self) -> list:
+        if self.state is S.ENDED:
+            return []
+        return self._end(_endings.CLIENT_CLOSED)
+
+    def _on_client_misbehaved(self, ending: Ending) -> list:
+        if self.state is S.ENDED:
+            return []
+        if self.state is S.RELAYING:
+            return self._end(ending, abort_client=True)
+        return self._end(ending)
+
+    # Deadlines.
+
+    def _on_draining(self) -> list:
+        self.draining = True
+        return []
+
+    def _on_response_timeout(self) -> list:
+        return self._end(_endings.UPSTREAM_TIMEOUT)
+
+    def _on_upload_idle_timeout(self) -> list:
+        if self.body is B.PAUSED:
+            return self._end(_endings.UPSTREAM_STALLED)
+        return self._end(_endings.CLIENT_BODY_TIMEOUT)
+
+    def _on_download_idle_timeout(self) -> list:
+        return self._end(_endings.RESPONSE_IDLE_TIMEOUT)
+
+    def _on_drain_timeout(self) -> list:
+        return self._end(_endings.DRAIN_TIMEOUT)
+
+    # Endings.
+
+    def _end(
+        self,
+        ending: Ending,
+        detail: str = "",
+        retry_after_s: float | None = None,
+        abort_client: bool = False,
+        upstream_over: bool = False,
+    ) -> list:
+        """
+        End the exchange: whatever is under way upstream stops, the slot is
+        freed, the body stops, and the client is answered or aborted.
+        """
+        state = self.state
+        self.state = S.ENDED
+        self.ending = ending
+        actions: list = []
+        if state is S.QUEUED:
+            actions.append(Action.CANCEL_ADMISSION)
+        elif state is S.AWAITING_RESPONSE and not upstream_over:
+            actions.append(Action.CANCEL_UPSTREAM_REQUEST)
+        elif state is S.RELAYING and ending is not _endings.COMPLETED:
+            actions.append(Action.STOP_UPSTREAM_RESPONSE)
+        if state is S.AWAITING_RESPONSE or state is S.RELAYING:
+            actions.append(Action.RELEASE_SLOT)
+        if self.body in _RECEIVING:
+            self.body = B.DISCARDING
+            actions.append(Action.STOP_UPLOAD)
+        actions.append(Action.RESTORE_CLIENT_TIMEOUT)
+        if ending is _endings.CLIENT_CLOSED or ending is _endings.COMPLETED:
+            return actions
+        if abort_client or ending.aborts_client:
+            actions.append(AbortClient(ending, detail))
+        else:
+            actions.append(Answer(ending, detail, retry_after_s))
+        return actions
+
+
+_HANDLERS = {event: getattr(Exchange, "_on_" + event.name.lower()) for event in Event}
