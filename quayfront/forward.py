@@ -242,9 +242,10 @@ class Forwarding:
         self._client_ip = client_ip
         self._started_s = clock.seconds()
         self.upstream_response_time_s: float | None = None
-        # The Twisted objects the exchange's actions act on, as they come.
-        self._admission: Deferred = Deferred()
-        self._upstream: Deferred = Deferred()
+        # The Twisted objects the exchange's actions act on, set by the
+        # actions that make them (the exchange never asks for one before).
+        self._admission: Deferred
+        self._upstream: Deferred
         self._relay = ResponseRelay(self)
         self.upstream_transport = None
         self._client = _ClientReading(request)
@@ -401,7 +402,7 @@ class Forwarding:
 
     def _act(self, action, data) -> None:
         if type(action) is Action:
-            getattr(self, "_" + action.name.lower())(data)
+            _ACTIONS[action](self, data)
         elif type(action) is Arm:
             self._arm(action.deadline)
         elif type(action) is Disarm:
@@ -635,6 +636,8 @@ class Forwarding:
             return
         self._expired(deadline)
 
+
+_ACTIONS = {action: getattr(Forwarding, "_" + action.name.lower()) for action in Action}
 
 _DEADLINE_EVENTS = {
     Deadline.RESPONSE: Event.RESPONSE_TIMEOUT,

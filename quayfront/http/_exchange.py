@@ -552,8 +552,6 @@ class Exchange:
     def _on_client_misbehaved(self, ending: Ending) -> list:
         if self.state is S.ENDED:
             return []
-        if self.state is S.RELAYING:
-            return self._end(ending, abort_client=True)
         return self._end(ending)
 
     # Deadlines.
@@ -583,7 +581,6 @@ class Exchange:
         ending: Ending,
         detail: str = "",
         retry_after_s: float | None = None,
-        abort_client: bool = False,
         upstream_over: bool = False,
     ) -> list:
         """
@@ -608,7 +605,9 @@ class Exchange:
         actions.append(Action.RESTORE_CLIENT_TIMEOUT)
         if ending is _endings.CLIENT_CLOSED or ending is _endings.COMPLETED:
             return actions
-        if abort_client or ending.aborts_client:
+        if ending.aborts_client or state is S.RELAYING:
+            # The response has started (or must never look complete): the
+            # client can only be cut off.
             actions.append(AbortClient(ending, detail))
         else:
             actions.append(Answer(ending, detail, retry_after_s))
