@@ -12,9 +12,11 @@ An exchange has two sides, each with its own named states:
     client, its body follows), C{ENDED}.
   - L{BodyState}, the client's request body: C{NONE} (there is none),
     C{WAITING} (the upstream is not ready for it: a chunk that arrives is
-    held and the client paused), C{STREAMING}, C{PAUSED} (the upstream
-    asked for a pause), C{COMPLETE}, C{DISCARDING} (the exchange ended
-    first: what still arrives is dropped).
+    held and the client paused), C{WAITING_PAUSED} (the same, and the
+    upstream connection asked for a pause before asking for the body),
+    C{STREAMING}, C{PAUSED} (the upstream asked for a pause), C{COMPLETE},
+    C{DISCARDING} (the exchange ended first: what still arrives is
+    dropped).
 
 L{EXCHANGE_TRANSITIONS} and L{BODY_TRANSITIONS} list, for each state, the
 events it accepts and the states each may lead to (an event that concerns
@@ -71,6 +73,7 @@ class ExchangeState(enum.Enum):
 class BodyState(enum.Enum):
     NONE = "none"
     WAITING = "waiting"
+    WAITING_PAUSED = "waiting-paused"
     STREAMING = "streaming"
     PAUSED = "paused"
     COMPLETE = "complete"
@@ -200,7 +203,9 @@ B = BodyState
 E = Event
 
 _LIVE = (S.RATE_LIMITING, S.QUEUED, S.AWAITING_RESPONSE, S.RELAYING)
-_RECEIVING = (B.WAITING, B.STREAMING, B.PAUSED)
+_RECEIVING = (B.WAITING, B.WAITING_PAUSED, B.STREAMING, B.PAUSED)
+_WAITING = (B.WAITING, B.WAITING_PAUSED)
+_PAUSED = (B.WAITING_PAUSED, B.PAUSED)
 
 #: The events that concern the request body (checked against BODY_TRANSITIONS).
 BODY_EVENTS = frozenset(
@@ -293,6 +298,18 @@ BODY_TRANSITIONS: dict[BodyState, dict[Event, frozenset[BodyState]]] = {
         E.UPSTREAM_READY: frozenset({B.STREAMING}),
         E.BODY_CHUNK: frozenset({B.WAITING, B.DISCARDING}),
         E.BODY_END: frozenset({B.COMPLETE}),
+        # A connection may push back before it asks for the body (a TLS
+        # one whose write waits on a read, say).
+        E.UPLOAD_PAUSED: frozenset({B.WAITING_PAUSED}),
+        E.UPLOAD_RESUMED: frozenset({B.WAITING}),
+        E.UPLOAD_STOPPED: frozenset({B.DISCARDING}),
+    },
+    B.WAITING_PAUSED: {
+        E.UPSTREAM_READY: frozenset({B.PAUSED}),
+        E.BODY_CHUNK: frozenset({B.WAITING_PAUSED, B.DISCARDING}),
+        E.BODY_END: frozenset({B.COMPLETE}),
+        E.UPLOAD_PAUSED: frozenset({B.WAITING_PAUSED}),
+        E.UPLOAD_RESUMED: frozenset({B.WAITING}),
         E.UPLOAD_STOPPED: frozenset({B.DISCARDING}),
     },
     B.STREAMING: {
@@ -459,6 +476,9 @@ class Exchange:
         actions = [Action.SEND_CONTINUE, Action.FLUSH_HELD]
         if body is B.COMPLETE:
             actions.append(Action.FINISH_UPLOAD)
+        elif body is B.WAITING_PAUSED:
+            # The client stays paused until the upstream resumes.
+            self.body = B.PAUSED
         else:
             self.body = B.STREAMING
             actions.append(Action.RESUME_CLIENT)
@@ -480,6 +500,7 @@ class Exchange:
             # writing a 100 Continue, for one); the upstream still wants a
             # pause.
             return [Action.FORWARD_CHUNK, Action.PAUSE_CLIENT]
+        # Held until the upstream asks for the body.
         return [Action.HOLD_CHUNK, Action.PAUSE_CLIENT]
 
     def _on_body_end(self) -> list:
@@ -491,13 +512,20 @@ class Exchange:
         return [Action.RESTORE_CLIENT_TIMEOUT]
 
     def _on_upload_paused(self) -> list:
-        if self.body in _RECEIVING:
+        body = self.body
+        if body in _WAITING:
+            # The client is paused anyway once a chunk is held.
+            self.body = B.WAITING_PAUSED
+        elif body in _RECEIVING:
             self.body = B.PAUSED
             return [Action.PAUSE_CLIENT]
         return []
 
     def _on_upload_resumed(self) -> list:
-        if self.body in _RECEIVING:
+        body = self.body
+        if body in _WAITING:
+            self.body = B.WAITING
+        elif body in _RECEIVING:
             self.body = B.STREAMING
             return [Action.RESUME_CLIENT]
         return []
@@ -564,7 +592,7 @@ class Exchange:
         return self._end(_endings.UPSTREAM_TIMEOUT)
 
     def _on_upload_idle_timeout(self) -> list:
-        if self.body is B.PAUSED:
+        if self.body in _PAUSED:
             return self._end(_endings.UPSTREAM_STALLED)
         return self._end(_endings.CLIENT_BODY_TIMEOUT)
 

@@ -39,6 +39,7 @@ S = ExchangeState
 B = BodyState
 E = Event
 A = Action
+RECEIVING = (B.WAITING, B.WAITING_PAUSED, B.STREAMING, B.PAUSED)
 
 #: A payload for each event that takes one.
 PAYLOADS = {
@@ -209,7 +210,7 @@ def assert_ending_actions(before: tuple, exchange: Exchange, actions: list) -> N
     plain = [a for a in actions if isinstance(a, Action)]
     assert (A.CANCEL_ADMISSION in plain) == (state is S.QUEUED)
     assert (A.RELEASE_SLOT in plain) == (state in (S.AWAITING_RESPONSE, S.RELAYING))
-    assert (A.STOP_UPLOAD in plain) == (body in (B.WAITING, B.STREAMING, B.PAUSED))
+    assert (A.STOP_UPLOAD in plain) == (body in RECEIVING)
     assert A.RESTORE_CLIENT_TIMEOUT in plain
     if state is S.RELAYING:
         assert (A.STOP_UPSTREAM_RESPONSE in plain) == (ending is not endings.COMPLETED)
@@ -222,7 +223,7 @@ def assert_ending_actions(before: tuple, exchange: Exchange, actions: list) -> N
     else:
         assert len(told) == 1 and told[0].ending is ending
         assert isinstance(told[0], AbortClient) == (ending.aborts_client or state is S.RELAYING)
-    assert exchange.body not in (B.WAITING, B.STREAMING, B.PAUSED)
+    assert exchange.body not in RECEIVING
 
 
 # Event orders that matter, with their exact actions.
@@ -282,6 +283,16 @@ def test_upload_held_until_the_upstream_is_ready_then_streamed() -> None:
         Arm(Deadline.RESPONSE),
     ]
     assert exchange.body_bytes == 8
+
+
+def test_upstream_pushing_back_before_it_asks_for_the_body() -> None:
+    """A pause before the upstream asks for the body keeps the client paused after it does, until resumed."""
+    exchange = admitted(has_body=True, length=8)
+    assert handle(exchange, E.UPLOAD_PAUSED) == []
+    assert exchange.handle(E.BODY_CHUNK, size=4) == [A.HOLD_CHUNK, A.PAUSE_CLIENT]
+    assert handle(exchange, E.UPSTREAM_READY) == [A.SEND_CONTINUE, A.FLUSH_HELD]
+    assert exchange.body is B.PAUSED
+    assert handle(exchange, E.UPLOAD_IDLE_TIMEOUT)[-1] == Answer(endings.UPSTREAM_STALLED)
 
 
 def test_body_complete_before_the_upstream_is_ready() -> None:
