@@ -21,6 +21,13 @@ closed after it rather than reading the rest of the body.  For the same
 reason a client's C{Expect: 100-continue} is answered only once the upstream
 has the request head, so a client that asked first never sends a body the
 upstream has already refused.
+
+What happens when is decided by the exchange model
+(L{quayfront.http.Exchange}): L{Forwarding} only turns callbacks into its
+events and its actions into calls, and how a request ended (status,
+registry error code, log reason) comes from the table of endings
+(L{quayfront.http.ENDINGS}).  The upstream is reached only through
+C{IAgent}, C{IResponse} and C{IBodyProducer}.
 """
 
 from __future__ import annotations

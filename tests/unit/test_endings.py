@@ -323,3 +323,29 @@ def test_an_unknown_reason_keeps_its_status_and_counts_as_upstream_error() -> No
     ending = endings.ending_for("upstream-something-new", 502)
     assert (ending.status, ending.reason, ending.counter) == (502, "upstream-something-new", "upstream_errors")
     assert endings.ending_for("body-too-large") is endings.BODY_TOO_LARGE
+
+
+def test_pause_before_the_upstream_asks_for_the_body_holds_the_client() -> None:
+    """An upstream connection pushing back before startProducing leaves the client paused after it, until resumed."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    body = agent.requests[0]["body"]
+    body.pauseProducing()
+    upstream = StringTransport()
+    body.startProducing(upstream)
+    assert upstream.value() == b"abc"
+    assert client.producerState == "paused"
+    body.resumeProducing()
+    assert client.producerState == "producing"
+
+
+def test_misuse_through_forwarding_is_loud() -> None:
+    """A body chunk for a request announced without a body raises, naming state and event, rather than vanish."""
+    from quayfront.http import ExchangeMisused
+
+    site, agent, _, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(GET)
+    with pytest.raises(ExchangeMisused, match="BODY_CHUNK .* BodyState.NONE"):
+        forwarding_of(channel).body_chunk(b"x")
