@@ -79,6 +79,37 @@ from quayfront.twistedadapter import (
 )
 from quayfront.upstream import upstream_uri
 
+# The events and deadlines Forwarding uses, as module-level names: on
+# Python 3.11 reading an Enum member through its class costs a descriptor
+# call, on every event.
+_ADMITTED = Event.ADMITTED
+_BODY_CHUNK = Event.BODY_CHUNK
+_BODY_END = Event.BODY_END
+_CLIENT_GONE = Event.CLIENT_GONE
+_CLIENT_MISBEHAVED = Event.CLIENT_MISBEHAVED
+_DOWNLOAD_IDLE_TIMEOUT = Event.DOWNLOAD_IDLE_TIMEOUT
+_DRAINING = Event.DRAINING
+_DRAIN_TIMEOUT = Event.DRAIN_TIMEOUT
+_HEAD_COMPLETE = Event.HEAD_COMPLETE
+_NOT_ADMITTED = Event.NOT_ADMITTED
+_RATE_ALLOWED = Event.RATE_ALLOWED
+_RATE_LIMITED = Event.RATE_LIMITED
+_RESPONSE_DATA = Event.RESPONSE_DATA
+_RESPONSE_END = Event.RESPONSE_END
+_RESPONSE_HEAD = Event.RESPONSE_HEAD
+_RESPONSE_TIMEOUT = Event.RESPONSE_TIMEOUT
+_RESPONSE_TRUNCATED = Event.RESPONSE_TRUNCATED
+_UPLOAD_IDLE_TIMEOUT = Event.UPLOAD_IDLE_TIMEOUT
+_UPLOAD_PAUSED = Event.UPLOAD_PAUSED
+_UPLOAD_RESUMED = Event.UPLOAD_RESUMED
+_UPLOAD_STOPPED = Event.UPLOAD_STOPPED
+_UPSTREAM_FAILED = Event.UPSTREAM_FAILED
+_UPSTREAM_READY = Event.UPSTREAM_READY
+_DOWNLOAD_IDLE_DEADLINE = Deadline.DOWNLOAD_IDLE
+_DRAIN_DEADLINE = Deadline.DRAIN
+_RESPONSE_DEADLINE = Deadline.RESPONSE
+_UPLOAD_IDLE_DEADLINE = Deadline.UPLOAD_IDLE
+
 # Paths whose clients (docker, podman, skopeo, containerd) expect registry
 # errors as JSON and retry 502/503/504.
 REGISTRY_API_PREFIXES = (b"/v1/", b"/v2/")
@@ -139,19 +170,19 @@ class RequestBodyStream:
     def startProducing(self, consumer) -> Deferred:
         self._consumer = consumer
         producing = self._producing
-        self._forwarding.feed(Event.UPSTREAM_READY)
+        self._forwarding.feed(_UPSTREAM_READY)
         return producing
 
     def pauseProducing(self) -> None:
-        self._forwarding.feed(Event.UPLOAD_PAUSED)
+        self._forwarding.feed(_UPLOAD_PAUSED)
 
     def resumeProducing(self) -> None:
-        self._forwarding.feed(Event.UPLOAD_RESUMED)
+        self._forwarding.feed(_UPLOAD_RESUMED)
 
     def stopProducing(self) -> None:
         # The upstream request is over on the agent's side (answered early,
         # failed, cancelled).
-        self._forwarding.feed(Event.UPLOAD_STOPPED)
+        self._forwarding.feed(_UPLOAD_STOPPED)
 
 
 class ResponseRelay(Protocol):
@@ -288,7 +319,7 @@ class Forwarding:
             else None
         )
         request.notifyFinish().addErrback(self._client_gone)
-        self.feed(Event.HEAD_COMPLETE)
+        self.feed(_HEAD_COMPLETE)
 
     # What site.py and the access log read.
 
@@ -316,25 +347,32 @@ class Forwarding:
         Hand C{event} to the exchange and carry out its actions; C{data} is
         what the actions carry (a body chunk, a response).
         """
-        self._events.append((event, data, payload))
         if self._handling:
+            self._events.append((event, data, payload))
             return
         self._handling = True
+        handle = self.exchange.handle
+        events = self._events
         try:
-            while self._events:
-                event, data, payload = self._events.popleft()
-                for action in self.exchange.handle(event, **payload):
-                    self._act(action, data)
+            while True:
+                for action in handle(event, **payload):
+                    if type(action) is Action:
+                        _ACTIONS[action](self, data)
+                    else:
+                        self._act(action)
+                if not events:
+                    break
+                event, data, payload = events.popleft()
         finally:
             self._handling = False
             self._events.clear()
 
     def body_chunk(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
-        self.feed(Event.BODY_CHUNK, data, size=len(data))
+        self.feed(_BODY_CHUNK, data, size=len(data))
 
     def body_done(self) -> None:
-        self.feed(Event.BODY_END)
+        self.feed(_BODY_END)
 
     def client_misbehaved(self, status: int, reason: str) -> None:
         """
@@ -342,7 +380,7 @@ class Forwarding:
         request is aborted (incomplete) and the client answered C{status}
         and closed, or only closed if its response has started.
         """
-        self.feed(Event.CLIENT_MISBEHAVED, ending=ending_for(reason, status))
+        self.feed(_CLIENT_MISBEHAVED, ending=ending_for(reason, status))
 
     def drain_started(self, timeout_s: float) -> None:
         """
@@ -350,35 +388,35 @@ class Forwarding:
         aborted) if it is still under way in C{timeout_s}.
         """
         self._drain_timeout_s = timeout_s
-        self.feed(Event.DRAINING)
+        self.feed(_DRAINING)
 
     def _client_gone(self, reason: Failure) -> None:
-        self.feed(Event.CLIENT_GONE)
+        self.feed(_CLIENT_GONE)
 
     def _rate_limit_decided(self, wait_s: float | None) -> None:
         if wait_s is None:
-            self.feed(Event.RATE_ALLOWED)
+            self.feed(_RATE_ALLOWED)
         else:
-            self.feed(Event.RATE_LIMITED, retry_after_s=wait_s)
+            self.feed(_RATE_LIMITED, retry_after_s=wait_s)
 
     def _admitted(self, _: object) -> None:
-        self.feed(Event.ADMITTED)
+        self.feed(_ADMITTED)
 
     def _not_admitted(self, failure: Failure) -> None:
         if failure.check(CancelledError):
             # Cancelled by the exchange's own ending.
             return
         failure.trap(Overloaded)
-        self.feed(Event.NOT_ADMITTED, ending=ending_for(failure.value.reason, 503))
+        self.feed(_NOT_ADMITTED, ending=ending_for(failure.value.reason, 503))
 
     def _got_response(self, response) -> None:
         self.upstream_response_time_s = self._clock.seconds() - self._started_s
         self._last_activity_s = self._clock.seconds()
-        self.feed(Event.RESPONSE_HEAD, response)
+        self.feed(_RESPONSE_HEAD, response)
 
     def response_data(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
-        self.feed(Event.RESPONSE_DATA, data)
+        self.feed(_RESPONSE_DATA, data)
 
     def response_ended(self, reason: Failure) -> None:
         request = self.request
@@ -387,9 +425,9 @@ class Forwarding:
         # PotentialDataLoss: a body delimited by the upstream closing the
         # connection, complete by HTTP's own definition.
         if reason.check(ResponseDone, PotentialDataLoss):
-            self.feed(Event.RESPONSE_END)
+            self.feed(_RESPONSE_END)
         else:
-            self.feed(Event.RESPONSE_TRUNCATED, detail=reason.getErrorMessage())
+            self.feed(_RESPONSE_TRUNCATED, detail=reason.getErrorMessage())
 
     def _upstream_failed(self, failure: Failure) -> None:
         misbehaved = _upstream_misbehaved(failure)
@@ -403,14 +441,12 @@ class Forwarding:
             # A cancelled request among them: the exchange ended already
             # and takes no notice.
             ending = endings.UPSTREAM_ERROR
-        self.feed(Event.UPSTREAM_FAILED, ending=ending, detail=_describe(failure))
+        self.feed(_UPSTREAM_FAILED, ending=ending, detail=_describe(failure))
 
     # Actions out.
 
-    def _act(self, action, data) -> None:
-        if type(action) is Action:
-            _ACTIONS[action](self, data)
-        elif type(action) is Arm:
+    def _act(self, action: Arm | Disarm | Answer | AbortClient) -> None:
+        if type(action) is Arm:
             self._arm(action.deadline)
         elif type(action) is Disarm:
             self._timers.pop(action.deadline).cancel()
@@ -449,7 +485,7 @@ class Forwarding:
             # The agent refuses some requests synchronously (an invalid URI);
             # the request must still end and give its slot back.
             self.feed(
-                Event.UPSTREAM_FAILED,
+                _UPSTREAM_FAILED,
                 ending=endings.UPSTREAM_REQUEST_REFUSED,
                 detail=str(error),
             )
@@ -615,11 +651,11 @@ class Forwarding:
     # Deadlines.
 
     def _arm(self, deadline: Deadline) -> None:
-        if deadline is Deadline.RESPONSE:
+        if deadline is _RESPONSE_DEADLINE:
             self._timers[deadline] = self._clock.callLater(
                 self._limits.response_timeout_s, self._expired, deadline
             )
-        elif deadline is Deadline.DRAIN:
+        elif deadline is _DRAIN_DEADLINE:
             self._timers[deadline] = self._clock.callLater(
                 self._drain_timeout_s, self._expired, deadline
             )
@@ -647,10 +683,10 @@ class Forwarding:
 _ACTIONS = {action: getattr(Forwarding, "_" + action.name.lower()) for action in Action}
 
 _DEADLINE_EVENTS = {
-    Deadline.RESPONSE: Event.RESPONSE_TIMEOUT,
-    Deadline.UPLOAD_IDLE: Event.UPLOAD_IDLE_TIMEOUT,
-    Deadline.DOWNLOAD_IDLE: Event.DOWNLOAD_IDLE_TIMEOUT,
-    Deadline.DRAIN: Event.DRAIN_TIMEOUT,
+    _RESPONSE_DEADLINE: _RESPONSE_TIMEOUT,
+    _UPLOAD_IDLE_DEADLINE: _UPLOAD_IDLE_TIMEOUT,
+    _DOWNLOAD_IDLE_DEADLINE: _DOWNLOAD_IDLE_TIMEOUT,
+    _DRAIN_DEADLINE: _DRAIN_TIMEOUT,
 }
 
 

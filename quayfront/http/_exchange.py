@@ -22,6 +22,7 @@ L{EXCHANGE_TRANSITIONS} and L{BODY_TRANSITIONS} list, for each state, the
 events it accepts and the states each may lead to (an event that concerns
 the body is checked against the body's table, every other against the
 exchange's; a deadline event is legal only where that deadline is armed).
+The handlers are held to these tables by tests generated from them.
 Anything else raises L{ExchangeMisused}, naming the state and the event:
 quayfront itself misused the model, as opposed to a peer misbehaving
 (L{quayfront.http.PeerMisbehaved}, L{quayfront.http.UpstreamMisbehaved}),
@@ -47,6 +48,12 @@ from . import _endings
 from ._endings import Ending
 
 
+# Members are looked up in dicts on every event: hashed by identity (in C)
+# rather than by Enum's own __hash__ (in Python); equality is identity
+# either way.
+_identity_hash = object.__hash__
+
+
 class ExchangeMisused(RuntimeError):
     """
     An event the current state does not accept: a bug in the caller, not
@@ -62,6 +69,8 @@ class ExchangeMisused(RuntimeError):
 
 
 class ExchangeState(enum.Enum):
+    __hash__ = _identity_hash
+
     NEW = "new"
     RATE_LIMITING = "rate-limiting"
     QUEUED = "queued"
@@ -71,6 +80,8 @@ class ExchangeState(enum.Enum):
 
 
 class BodyState(enum.Enum):
+    __hash__ = _identity_hash
+
     NONE = "none"
     WAITING = "waiting"
     WAITING_PAUSED = "waiting-paused"
@@ -85,6 +96,8 @@ class Event(enum.Enum):
     What happens to an exchange.  Payloads, where an event has one, are
     keyword arguments of L{Exchange.handle}.
     """
+
+    __hash__ = _identity_hash
 
     HEAD_COMPLETE = "head-complete"
     RATE_ALLOWED = "rate-allowed"
@@ -121,6 +134,8 @@ class Event(enum.Enum):
 
 
 class Deadline(enum.Enum):
+    __hash__ = _identity_hash
+
     RESPONSE = "response"
     UPLOAD_IDLE = "upload-idle"
     DOWNLOAD_IDLE = "download-idle"
@@ -131,6 +146,8 @@ class Action(enum.Enum):
     """
     What the adapter does, in the order given.
     """
+
+    __hash__ = _identity_hash
 
     ASK_RATE_LIMITER = "ask-rate-limiter"
     ASK_ADMISSION = "ask-admission"
@@ -204,8 +221,8 @@ E = Event
 
 _LIVE = (S.RATE_LIMITING, S.QUEUED, S.AWAITING_RESPONSE, S.RELAYING)
 _RECEIVING = (B.WAITING, B.WAITING_PAUSED, B.STREAMING, B.PAUSED)
-_WAITING = (B.WAITING, B.WAITING_PAUSED)
-_PAUSED = (B.WAITING_PAUSED, B.PAUSED)
+_BODY_WAITING = (B.WAITING, B.WAITING_PAUSED)
+_BODY_PAUSED = (B.WAITING_PAUSED, B.PAUSED)
 
 #: The events that concern the request body (checked against BODY_TRANSITIONS).
 BODY_EVENTS = frozenset(
@@ -387,6 +404,48 @@ def accepts(state: ExchangeState, body: BodyState, draining: bool, event: Event)
     return event in EXCHANGE_TRANSITIONS[state]
 
 
+# On Python 3.11 reading an Enum member through its class runs a descriptor
+# (about a quarter of a microsecond); the handlers, run on every event,
+# read these module-level names instead.
+_NEW = ExchangeState.NEW
+_RATE_LIMITING = ExchangeState.RATE_LIMITING
+_QUEUED = ExchangeState.QUEUED
+_AWAITING_RESPONSE = ExchangeState.AWAITING_RESPONSE
+_RELAYING = ExchangeState.RELAYING
+_ENDED = ExchangeState.ENDED
+_NONE = BodyState.NONE
+_WAITING = BodyState.WAITING
+_WAITING_PAUSED = BodyState.WAITING_PAUSED
+_STREAMING = BodyState.STREAMING
+_PAUSED = BodyState.PAUSED
+_COMPLETE = BodyState.COMPLETE
+_DISCARDING = BodyState.DISCARDING
+_ASK_RATE_LIMITER = Action.ASK_RATE_LIMITER
+_ASK_ADMISSION = Action.ASK_ADMISSION
+_CANCEL_ADMISSION = Action.CANCEL_ADMISSION
+_START_UPSTREAM_REQUEST = Action.START_UPSTREAM_REQUEST
+_CANCEL_UPSTREAM_REQUEST = Action.CANCEL_UPSTREAM_REQUEST
+_STOP_UPSTREAM_RESPONSE = Action.STOP_UPSTREAM_RESPONSE
+_ABORT_UPSTREAM_CONNECTION = Action.ABORT_UPSTREAM_CONNECTION
+_RELEASE_SLOT = Action.RELEASE_SLOT
+_SEND_CONTINUE = Action.SEND_CONTINUE
+_FLUSH_HELD = Action.FLUSH_HELD
+_HOLD_CHUNK = Action.HOLD_CHUNK
+_FORWARD_CHUNK = Action.FORWARD_CHUNK
+_FINISH_UPLOAD = Action.FINISH_UPLOAD
+_STOP_UPLOAD = Action.STOP_UPLOAD
+_PAUSE_CLIENT = Action.PAUSE_CLIENT
+_RESUME_CLIENT = Action.RESUME_CLIENT
+_RESTORE_CLIENT_TIMEOUT = Action.RESTORE_CLIENT_TIMEOUT
+_RELAY_HEAD = Action.RELAY_HEAD
+_RELAY_EARLY_HEAD = Action.RELAY_EARLY_HEAD
+_DISCARD_RESPONSE = Action.DISCARD_RESPONSE
+_RELAY_DATA = Action.RELAY_DATA
+_FINISH_RESPONSE = Action.FINISH_RESPONSE
+_COMPLETED = _endings.COMPLETED
+_CLIENT_CLOSED = _endings.CLIENT_CLOSED
+
+
 class Exchange:
     """
     One request's exchange.  L{handle} takes an event and answers the
@@ -399,8 +458,8 @@ class Exchange:
     def __init__(
         self, *, has_body: bool, length: int | None = None, max_body_bytes: int = 0
     ) -> None:
-        self.state = S.NEW
-        self.body = B.WAITING if has_body else B.NONE
+        self.state = _NEW
+        self.body = _WAITING if has_body else _NONE
         self.draining = False
         self.ending: Ending | None = None
         self.body_bytes = 0
@@ -409,197 +468,192 @@ class Exchange:
 
     @property
     def body_complete(self) -> bool:
-        return self.body is B.NONE or self.body is B.COMPLETE
+        return self.body is _NONE or self.body is _COMPLETE
 
     @property
     def armed(self) -> frozenset[Deadline]:
         return deadlines_for(self.state, self.body, self.draining)
 
-    def handle(self, event: Event, **payload) -> list:
-        state, body = self.state, self.body
-        if not accepts(state, body, self.draining, event):
+    def handle(self, event: Event, **payload) -> tuple:
+        """
+        Take C{event} (with its payload) and answer the actions, in order.
+
+        @raise ExchangeMisused: the current state does not accept C{event}.
+        """
+        state, body, draining = self.state, self.body, self.draining
+        accepted, armed = _CONFIGURATIONS[state, body, draining]
+        if event not in accepted:
             raise ExchangeMisused(body if event in BODY_EVENTS else state, event)
-        armed = _DEADLINES[state, body, self.draining]
-        actions = _HANDLERS[event](self, **payload)
-        # Checked against the tables: a handler may only take the
-        # exchange where they allow.
-        if event in BODY_EVENTS:
-            assert self.body in BODY_TRANSITIONS[body][event], (body, event, self.body)
-        elif event not in DEADLINE_EVENTS:
-            assert self.state in EXCHANGE_TRANSITIONS[state][event], (state, event, self.state)
-        now = _DEADLINES[self.state, self.body, self.draining]
-        if now is not armed:
-            # A deadline that fired is disarmed already.
-            fired = DEADLINE_EVENTS.get(event)
-            actions.extend(
-                Disarm(d) for d in Deadline if d in armed and d not in now and d is not fired
-            )
-            actions.extend(Arm(d) for d in Deadline if d in now and d not in armed)
+        actions = _HANDLERS[event](self, **payload) if payload else _HANDLERS[event](self)
+        if self.state is not state or self.body is not body or self.draining is not draining:
+            now = _DEADLINES[self.state, self.body, self.draining]
+            if now is not armed:
+                actions += _deadline_actions(armed, now, DEADLINE_EVENTS.get(event))
         return actions
 
     # The request side.
 
-    def _on_head_complete(self) -> list:
+    def _on_head_complete(self) -> tuple:
         limit = self._max_body_bytes
         if limit and self._length is not None and self._length > limit:
             return self._end(_endings.BODY_TOO_LARGE)
-        self.state = S.RATE_LIMITING
-        return [Action.ASK_RATE_LIMITER]
+        self.state = _RATE_LIMITING
+        return (_ASK_RATE_LIMITER,)
 
-    def _on_rate_allowed(self) -> list:
-        if self.state is S.ENDED:
-            return []
-        self.state = S.QUEUED
-        return [Action.ASK_ADMISSION]
+    def _on_rate_allowed(self) -> tuple:
+        if self.state is _ENDED:
+            return ()
+        self.state = _QUEUED
+        return (_ASK_ADMISSION,)
 
-    def _on_rate_limited(self, retry_after_s: float | None = None) -> list:
-        if self.state is S.ENDED:
-            return []
+    def _on_rate_limited(self, retry_after_s: float | None = None) -> tuple:
+        if self.state is _ENDED:
+            return ()
         return self._end(_endings.RATE_LIMITED, retry_after_s=retry_after_s)
 
-    def _on_admitted(self) -> list:
-        if self.state is S.ENDED:
+    def _on_admitted(self) -> tuple:
+        if self.state is _ENDED:
             # The slot came after all: give it back.
-            return [Action.RELEASE_SLOT]
-        self.state = S.AWAITING_RESPONSE
-        return [Action.START_UPSTREAM_REQUEST]
+            return (_RELEASE_SLOT,)
+        self.state = _AWAITING_RESPONSE
+        return (_START_UPSTREAM_REQUEST,)
 
-    def _on_not_admitted(self, ending: Ending) -> list:
+    def _on_not_admitted(self, ending: Ending) -> tuple:
         return self._end(ending)
 
     # The request body.
 
-    def _on_upstream_ready(self) -> list:
+    def _on_upstream_ready(self) -> tuple:
         body = self.body
-        if body is B.DISCARDING:
-            return []
-        actions = [Action.SEND_CONTINUE, Action.FLUSH_HELD]
-        if body is B.COMPLETE:
-            actions.append(Action.FINISH_UPLOAD)
-        elif body is B.WAITING_PAUSED:
+        if body is _DISCARDING:
+            return ()
+        if body is _COMPLETE:
+            return (_SEND_CONTINUE, _FLUSH_HELD, _FINISH_UPLOAD)
+        if body is _WAITING_PAUSED:
             # The client stays paused until the upstream resumes.
-            self.body = B.PAUSED
-        else:
-            self.body = B.STREAMING
-            actions.append(Action.RESUME_CLIENT)
-        return actions
+            self.body = _PAUSED
+            return (_SEND_CONTINUE, _FLUSH_HELD)
+        self.body = _STREAMING
+        return (_SEND_CONTINUE, _FLUSH_HELD, _RESUME_CLIENT)
 
-    def _on_body_chunk(self, size: int) -> list:
+    def _on_body_chunk(self, size: int) -> tuple:
         body = self.body
-        if body is B.DISCARDING:
-            return []
+        if body is _DISCARDING:
+            return ()
         self.body_bytes += size
         limit = self._max_body_bytes
         if limit and self.body_bytes > limit:
             # Not one byte past the limit reaches the upstream.
             return self._end(_endings.BODY_TOO_LARGE)
-        if body is B.STREAMING:
-            return [Action.FORWARD_CHUNK]
-        if body is B.PAUSED:
+        if body is _STREAMING:
+            return (_FORWARD_CHUNK,)
+        if body is _PAUSED:
             # The channel resumes its transport on its own schedule (after
             # writing a 100 Continue, for one); the upstream still wants a
             # pause.
-            return [Action.FORWARD_CHUNK, Action.PAUSE_CLIENT]
+            return (_FORWARD_CHUNK, _PAUSE_CLIENT)
         # Held until the upstream asks for the body.
-        return [Action.HOLD_CHUNK, Action.PAUSE_CLIENT]
+        return (_HOLD_CHUNK, _PAUSE_CLIENT)
 
-    def _on_body_end(self) -> list:
+    def _on_body_end(self) -> tuple:
         body = self.body
-        if body is not B.NONE:
-            self.body = B.COMPLETE
-        if body is B.STREAMING or body is B.PAUSED:
-            return [Action.RESTORE_CLIENT_TIMEOUT, Action.FINISH_UPLOAD]
-        return [Action.RESTORE_CLIENT_TIMEOUT]
+        if body is _NONE:
+            # Without a body the client was never paused.
+            return ()
+        self.body = _COMPLETE
+        if body is _STREAMING or body is _PAUSED:
+            return (_RESTORE_CLIENT_TIMEOUT, _FINISH_UPLOAD)
+        return (_RESTORE_CLIENT_TIMEOUT,)
 
-    def _on_upload_paused(self) -> list:
+    def _on_upload_paused(self) -> tuple:
         body = self.body
-        if body in _WAITING:
+        if body in _BODY_WAITING:
             # The client is paused anyway once a chunk is held.
-            self.body = B.WAITING_PAUSED
+            self.body = _WAITING_PAUSED
         elif body in _RECEIVING:
-            self.body = B.PAUSED
-            return [Action.PAUSE_CLIENT]
-        return []
+            self.body = _PAUSED
+            return (_PAUSE_CLIENT,)
+        return ()
 
-    def _on_upload_resumed(self) -> list:
+    def _on_upload_resumed(self) -> tuple:
         body = self.body
-        if body in _WAITING:
-            self.body = B.WAITING
+        if body in _BODY_WAITING:
+            self.body = _WAITING
         elif body in _RECEIVING:
-            self.body = B.STREAMING
-            return [Action.RESUME_CLIENT]
-        return []
+            self.body = _STREAMING
+            return (_RESUME_CLIENT,)
+        return ()
 
-    def _on_upload_stopped(self) -> list:
+    def _on_upload_stopped(self) -> tuple:
         if self.body in _RECEIVING:
-            self.body = B.DISCARDING
-            return [Action.STOP_UPLOAD]
-        return []
+            self.body = _DISCARDING
+            return (_STOP_UPLOAD,)
+        return ()
 
     # The response.
 
-    def _on_response_head(self) -> list:
-        if self.state is S.ENDED:
-            return [Action.DISCARD_RESPONSE]
-        self.state = S.RELAYING
-        return [Action.RELAY_HEAD if self.body_complete else Action.RELAY_EARLY_HEAD]
+    def _on_response_head(self) -> tuple:
+        if self.state is _ENDED:
+            return (_DISCARD_RESPONSE,)
+        self.state = _RELAYING
+        return (_RELAY_HEAD,) if self.body_complete else (_RELAY_EARLY_HEAD,)
 
-    def _on_response_data(self) -> list:
-        return [] if self.state is S.ENDED else [Action.RELAY_DATA]
+    def _on_response_data(self) -> tuple:
+        return () if self.state is _ENDED else (_RELAY_DATA,)
 
-    def _on_response_end(self) -> list:
-        if self.state is S.ENDED:
-            return []
-        early = not self.body_complete
-        actions = self._end(_endings.COMPLETED)
-        actions.append(Action.FINISH_RESPONSE)
-        if early:
-            # The request body never finished: the upstream connection
-            # would wait for it.
-            actions.append(Action.ABORT_UPSTREAM_CONNECTION)
-        return actions
+    def _on_response_end(self) -> tuple:
+        if self.state is _ENDED:
+            return ()
+        if self.body_complete:
+            return self._end(_COMPLETED) + (_FINISH_RESPONSE,)
+        # The request body never finished: the upstream connection would
+        # wait for it.
+        return self._end(_COMPLETED) + (
+            _FINISH_RESPONSE,
+            _ABORT_UPSTREAM_CONNECTION,
+        )
 
-    def _on_response_truncated(self, detail: str = "") -> list:
-        if self.state is S.ENDED:
-            return []
+    def _on_response_truncated(self, detail: str = "") -> tuple:
+        if self.state is _ENDED:
+            return ()
         return self._end(_endings.UPSTREAM_TRUNCATED, detail=detail)
 
-    def _on_upstream_failed(self, ending: Ending, detail: str = "") -> list:
-        if self.state is S.ENDED:
+    def _on_upstream_failed(self, ending: Ending, detail: str = "") -> tuple:
+        if self.state is _ENDED:
             # Cancelled by quayfront, which has answered already.
-            return []
+            return ()
         return self._end(ending, detail=detail, upstream_over=True)
 
     # The client.
 
-    def _on_client_gone(self) -> list:
-        if self.state is S.ENDED:
-            return []
-        return self._end(_endings.CLIENT_CLOSED)
+    def _on_client_gone(self) -> tuple:
+        if self.state is _ENDED:
+            return ()
+        return self._end(_CLIENT_CLOSED)
 
-    def _on_client_misbehaved(self, ending: Ending) -> list:
-        if self.state is S.ENDED:
-            return []
+    def _on_client_misbehaved(self, ending: Ending) -> tuple:
+        if self.state is _ENDED:
+            return ()
         return self._end(ending)
 
     # Deadlines.
 
-    def _on_draining(self) -> list:
+    def _on_draining(self) -> tuple:
         self.draining = True
-        return []
+        return ()
 
-    def _on_response_timeout(self) -> list:
+    def _on_response_timeout(self) -> tuple:
         return self._end(_endings.UPSTREAM_TIMEOUT)
 
-    def _on_upload_idle_timeout(self) -> list:
-        if self.body in _PAUSED:
+    def _on_upload_idle_timeout(self) -> tuple:
+        if self.body in _BODY_PAUSED:
             return self._end(_endings.UPSTREAM_STALLED)
         return self._end(_endings.CLIENT_BODY_TIMEOUT)
 
-    def _on_download_idle_timeout(self) -> list:
+    def _on_download_idle_timeout(self) -> tuple:
         return self._end(_endings.RESPONSE_IDLE_TIMEOUT)
 
-    def _on_drain_timeout(self) -> list:
+    def _on_drain_timeout(self) -> tuple:
         return self._end(_endings.DRAIN_TIMEOUT)
 
     # Endings.
@@ -610,36 +664,68 @@ class Exchange:
         detail: str = "",
         retry_after_s: float | None = None,
         upstream_over: bool = False,
-    ) -> list:
+    ) -> tuple:
         """
         End the exchange: whatever is under way upstream stops, the slot is
         freed, the body stops, and the client is answered or aborted.
         """
         state = self.state
-        self.state = S.ENDED
+        self.state = _ENDED
         self.ending = ending
         actions: list = []
-        if state is S.QUEUED:
-            actions.append(Action.CANCEL_ADMISSION)
-        elif state is S.AWAITING_RESPONSE and not upstream_over:
-            actions.append(Action.CANCEL_UPSTREAM_REQUEST)
-        elif state is S.RELAYING and ending is not _endings.COMPLETED:
-            actions.append(Action.STOP_UPSTREAM_RESPONSE)
-        if state is S.AWAITING_RESPONSE or state is S.RELAYING:
-            actions.append(Action.RELEASE_SLOT)
+        if state is _QUEUED:
+            actions.append(_CANCEL_ADMISSION)
+        elif state is _AWAITING_RESPONSE and not upstream_over:
+            actions.append(_CANCEL_UPSTREAM_REQUEST)
+        elif state is _RELAYING and ending is not _COMPLETED:
+            actions.append(_STOP_UPSTREAM_RESPONSE)
+        if state is _AWAITING_RESPONSE or state is _RELAYING:
+            actions.append(_RELEASE_SLOT)
         if self.body in _RECEIVING:
-            self.body = B.DISCARDING
-            actions.append(Action.STOP_UPLOAD)
-        actions.append(Action.RESTORE_CLIENT_TIMEOUT)
-        if ending is _endings.CLIENT_CLOSED or ending is _endings.COMPLETED:
-            return actions
-        if ending.aborts_client or state is S.RELAYING:
+            self.body = _DISCARDING
+            actions.append(_STOP_UPLOAD)
+        if self.body is not _NONE:
+            # The client may have been paused for its body.
+            actions.append(_RESTORE_CLIENT_TIMEOUT)
+        if ending is _CLIENT_CLOSED or ending is _COMPLETED:
+            return tuple(actions)
+        if ending.aborts_client or state is _RELAYING:
             # The response has started (or must never look complete): the
             # client can only be cut off.
             actions.append(AbortClient(ending, detail))
         else:
             actions.append(Answer(ending, detail, retry_after_s))
-        return actions
+        return tuple(actions)
 
 
 _HANDLERS = {event: getattr(Exchange, "_on_" + event.name.lower()) for event in Event}
+
+# The events each configuration accepts, computed once from the tables.
+# What each configuration accepts and has armed, computed once from the
+# tables: one lookup per event.
+_CONFIGURATIONS = {
+    (state, body, draining): (
+        frozenset(event for event in Event if accepts(state, body, draining, event)),
+        _DEADLINES[state, body, draining],
+    )
+    for state in ExchangeState
+    for body in BodyState
+    for draining in (False, True)
+}
+
+_DEADLINE_ACTIONS: dict[tuple, tuple] = {}
+
+
+def _deadline_actions(
+    armed: frozenset[Deadline], now: frozenset[Deadline], fired: Deadline | None
+) -> tuple:
+    """
+    The Disarm and Arm actions that take the armed deadlines from C{armed}
+    to C{now}; a deadline that fired is disarmed already.
+    """
+    found = _DEADLINE_ACTIONS.get((armed, now, fired))
+    if found is None:
+        found = _DEADLINE_ACTIONS[armed, now, fired] = tuple(
+            Disarm(d) for d in Deadline if d in armed and d not in now and d is not fired
+        ) + tuple(Arm(d) for d in Deadline if d in now and d not in armed)
+    return found

@@ -62,8 +62,8 @@ STARTS = {
 }
 
 
-def handle(exchange: Exchange, event: Event) -> list:
-    return exchange.handle(event, **PAYLOADS.get(event, {}))
+def handle(exchange: Exchange, event: Event, **payload) -> list:
+    return list(exchange.handle(event, **(payload or PAYLOADS.get(event, {}))))
 
 
 def replay(start: str, path: tuple[Event, ...]) -> Exchange:
@@ -211,7 +211,8 @@ def assert_ending_actions(before: tuple, exchange: Exchange, actions: list) -> N
     assert (A.CANCEL_ADMISSION in plain) == (state is S.QUEUED)
     assert (A.RELEASE_SLOT in plain) == (state in (S.AWAITING_RESPONSE, S.RELAYING))
     assert (A.STOP_UPLOAD in plain) == (body in RECEIVING)
-    assert A.RESTORE_CLIENT_TIMEOUT in plain
+    # Only a body can have had the client paused.
+    assert (A.RESTORE_CLIENT_TIMEOUT in plain) == (body is not B.NONE)
     if state is S.RELAYING:
         assert (A.STOP_UPSTREAM_RESPONSE in plain) == (ending is not endings.COMPLETED)
     if state is S.AWAITING_RESPONSE:
@@ -232,7 +233,7 @@ def assert_ending_actions(before: tuple, exchange: Exchange, actions: list) -> N
 def run(exchange: Exchange, *events, **payload) -> list:
     actions = []
     for event in events:
-        actions.extend(exchange.handle(event, **payload) if payload else handle(exchange, event))
+        actions.extend(handle(exchange, event, **payload))
     return actions
 
 
@@ -248,7 +249,7 @@ def test_get_from_head_to_end() -> None:
     assert handle(exchange, E.HEAD_COMPLETE) == [A.ASK_RATE_LIMITER]
     assert handle(exchange, E.RATE_ALLOWED) == [A.ASK_ADMISSION]
     assert handle(exchange, E.ADMITTED) == [A.START_UPSTREAM_REQUEST, Arm(Deadline.RESPONSE)]
-    assert handle(exchange, E.BODY_END) == [A.RESTORE_CLIENT_TIMEOUT]
+    assert handle(exchange, E.BODY_END) == []
     assert handle(exchange, E.RESPONSE_HEAD) == [
         A.RELAY_HEAD,
         Disarm(Deadline.RESPONSE),
@@ -257,7 +258,6 @@ def test_get_from_head_to_end() -> None:
     assert handle(exchange, E.RESPONSE_DATA) == [A.RELAY_DATA]
     assert handle(exchange, E.RESPONSE_END) == [
         A.RELEASE_SLOT,
-        A.RESTORE_CLIENT_TIMEOUT,
         A.FINISH_RESPONSE,
         Disarm(Deadline.DOWNLOAD_IDLE),
     ]
@@ -268,14 +268,14 @@ def test_upload_held_until_the_upstream_is_ready_then_streamed() -> None:
     """Chunks before the upstream is ready are held (client paused), then flushed with the held 100-continue."""
     exchange = Exchange(has_body=True, length=8)
     run(exchange, E.HEAD_COMPLETE)
-    assert exchange.handle(E.BODY_CHUNK, size=4) == [A.HOLD_CHUNK, A.PAUSE_CLIENT]
+    assert handle(exchange, E.BODY_CHUNK, size=4) == [A.HOLD_CHUNK, A.PAUSE_CLIENT]
     run(exchange, E.RATE_ALLOWED)
     assert handle(exchange, E.ADMITTED) == [A.START_UPSTREAM_REQUEST, Arm(Deadline.UPLOAD_IDLE)]
     assert handle(exchange, E.UPSTREAM_READY) == [A.SEND_CONTINUE, A.FLUSH_HELD, A.RESUME_CLIENT]
     assert handle(exchange, E.UPLOAD_PAUSED) == [A.PAUSE_CLIENT]
-    assert exchange.handle(E.BODY_CHUNK, size=2) == [A.FORWARD_CHUNK, A.PAUSE_CLIENT]
+    assert handle(exchange, E.BODY_CHUNK, size=2) == [A.FORWARD_CHUNK, A.PAUSE_CLIENT]
     assert handle(exchange, E.UPLOAD_RESUMED) == [A.RESUME_CLIENT]
-    assert exchange.handle(E.BODY_CHUNK, size=2) == [A.FORWARD_CHUNK]
+    assert handle(exchange, E.BODY_CHUNK, size=2) == [A.FORWARD_CHUNK]
     assert handle(exchange, E.BODY_END) == [
         A.RESTORE_CLIENT_TIMEOUT,
         A.FINISH_UPLOAD,
@@ -289,7 +289,7 @@ def test_upstream_pushing_back_before_it_asks_for_the_body() -> None:
     """A pause before the upstream asks for the body keeps the client paused after it does, until resumed."""
     exchange = admitted(has_body=True, length=8)
     assert handle(exchange, E.UPLOAD_PAUSED) == []
-    assert exchange.handle(E.BODY_CHUNK, size=4) == [A.HOLD_CHUNK, A.PAUSE_CLIENT]
+    assert handle(exchange, E.BODY_CHUNK, size=4) == [A.HOLD_CHUNK, A.PAUSE_CLIENT]
     assert handle(exchange, E.UPSTREAM_READY) == [A.SEND_CONTINUE, A.FLUSH_HELD]
     assert exchange.body is B.PAUSED
     assert handle(exchange, E.UPLOAD_IDLE_TIMEOUT)[-1] == Answer(endings.UPSTREAM_STALLED)
@@ -299,7 +299,7 @@ def test_body_complete_before_the_upstream_is_ready() -> None:
     """A small body that arrived whole while queued goes up, and ends, when the upstream asks for it."""
     exchange = Exchange(has_body=True, length=4)
     run(exchange, E.HEAD_COMPLETE)
-    exchange.handle(E.BODY_CHUNK, size=4)
+    handle(exchange, E.BODY_CHUNK, size=4)
     run(exchange, E.BODY_END, E.RATE_ALLOWED)
     assert handle(exchange, E.ADMITTED) == [A.START_UPSTREAM_REQUEST, Arm(Deadline.RESPONSE)]
     assert handle(exchange, E.UPSTREAM_READY) == [A.SEND_CONTINUE, A.FLUSH_HELD, A.FINISH_UPLOAD]
@@ -309,7 +309,7 @@ def test_early_answer_mid_body() -> None:
     """An answer before the body ends is relayed as early; its end aborts the upstream connection."""
     exchange = admitted(has_body=True, length=100)
     run(exchange, E.UPSTREAM_READY)
-    exchange.handle(E.BODY_CHUNK, size=3)
+    handle(exchange, E.BODY_CHUNK, size=3)
     assert handle(exchange, E.RESPONSE_HEAD) == [
         A.RELAY_EARLY_HEAD,
         Disarm(Deadline.UPLOAD_IDLE),
@@ -332,12 +332,12 @@ def test_client_gone_while_rate_limited_queued_connecting_uploading_downloading(
     """A client leaving at each phase stops exactly what that phase has under way."""
     exchange = Exchange(has_body=False)
     run(exchange, E.HEAD_COMPLETE)
-    assert handle(exchange, E.CLIENT_GONE) == [A.RESTORE_CLIENT_TIMEOUT]
+    assert handle(exchange, E.CLIENT_GONE) == []
     assert handle(exchange, E.RATE_ALLOWED) == []  # the decision, late
 
     exchange = Exchange(has_body=False)
     run(exchange, E.HEAD_COMPLETE, E.RATE_ALLOWED)
-    assert handle(exchange, E.CLIENT_GONE) == [A.CANCEL_ADMISSION, A.RESTORE_CLIENT_TIMEOUT]
+    assert handle(exchange, E.CLIENT_GONE) == [A.CANCEL_ADMISSION]
     assert handle(exchange, E.ADMITTED) == [A.RELEASE_SLOT]  # the slot, late
 
     exchange = admitted(has_body=True, length=10)  # connecting: body still waiting
@@ -352,7 +352,7 @@ def test_client_gone_while_rate_limited_queued_connecting_uploading_downloading(
 
     exchange = admitted(has_body=True, length=10)
     run(exchange, E.UPSTREAM_READY)
-    exchange.handle(E.BODY_CHUNK, size=3)
+    handle(exchange, E.BODY_CHUNK, size=3)
     assert handle(exchange, E.CLIENT_GONE)[:3] == [
         A.CANCEL_UPSTREAM_REQUEST,
         A.RELEASE_SLOT,
@@ -365,7 +365,6 @@ def test_client_gone_while_rate_limited_queued_connecting_uploading_downloading(
     assert handle(exchange, E.CLIENT_GONE) == [
         A.STOP_UPSTREAM_RESPONSE,
         A.RELEASE_SLOT,
-        A.RESTORE_CLIENT_TIMEOUT,
         Disarm(Deadline.DOWNLOAD_IDLE),
     ]
     assert run(exchange, E.RESPONSE_DATA, E.RESPONSE_TRUNCATED) == []
@@ -379,7 +378,6 @@ def test_timeouts_in_each_phase() -> None:
     assert actions == [
         A.CANCEL_UPSTREAM_REQUEST,
         A.RELEASE_SLOT,
-        A.RESTORE_CLIENT_TIMEOUT,
         Answer(endings.UPSTREAM_TIMEOUT),
     ]
 
@@ -396,7 +394,6 @@ def test_timeouts_in_each_phase() -> None:
     assert handle(exchange, E.DOWNLOAD_IDLE_TIMEOUT) == [
         A.STOP_UPSTREAM_RESPONSE,
         A.RELEASE_SLOT,
-        A.RESTORE_CLIENT_TIMEOUT,
         AbortClient(endings.RESPONSE_IDLE_TIMEOUT),
     ]
     # The upstream's close, processed after the abort, does not finish it.
@@ -424,7 +421,6 @@ def test_drain_deadline() -> None:
     assert handle(exchange, E.DRAIN_TIMEOUT) == [
         A.CANCEL_UPSTREAM_REQUEST,
         A.RELEASE_SLOT,
-        A.RESTORE_CLIENT_TIMEOUT,
         AbortClient(endings.DRAIN_TIMEOUT),
         Disarm(Deadline.RESPONSE),
     ]
@@ -443,11 +439,11 @@ def test_body_over_the_limit() -> None:
     ]
     exchange = admitted(has_body=True, length=None, max_body_bytes=6)
     run(exchange, E.UPSTREAM_READY)
-    assert exchange.handle(E.BODY_CHUNK, size=6) == [A.FORWARD_CHUNK]
-    actions = exchange.handle(E.BODY_CHUNK, size=1)
+    assert handle(exchange, E.BODY_CHUNK, size=6) == [A.FORWARD_CHUNK]
+    actions = handle(exchange, E.BODY_CHUNK, size=1)
     assert A.FORWARD_CHUNK not in actions and A.CANCEL_UPSTREAM_REQUEST in actions
     assert actions[-2] == Answer(endings.BODY_TOO_LARGE)
-    assert exchange.handle(E.BODY_CHUNK, size=5) == []  # dropped, not counted
+    assert handle(exchange, E.BODY_CHUNK, size=5) == []  # dropped, not counted
     assert exchange.body_bytes == 7
     # The channel read the rest of the body: the answer may keep the connection.
     run(exchange, E.BODY_END)
@@ -458,15 +454,13 @@ def test_rate_limited_and_not_admitted() -> None:
     """A rate-limited request is answered with its retry delay; a full queue with its reason."""
     exchange = Exchange(has_body=False)
     run(exchange, E.HEAD_COMPLETE)
-    assert exchange.handle(E.RATE_LIMITED, retry_after_s=2.0) == [
-        A.RESTORE_CLIENT_TIMEOUT,
+    assert handle(exchange, E.RATE_LIMITED, retry_after_s=2.0) == [
         Answer(endings.RATE_LIMITED, retry_after_s=2.0),
     ]
     exchange = Exchange(has_body=False)
     run(exchange, E.HEAD_COMPLETE, E.RATE_ALLOWED)
-    assert exchange.handle(E.NOT_ADMITTED, ending=endings.QUEUE_TIMEOUT) == [
+    assert handle(exchange, E.NOT_ADMITTED, ending=endings.QUEUE_TIMEOUT) == [
         A.CANCEL_ADMISSION,
-        A.RESTORE_CLIENT_TIMEOUT,
         Answer(endings.QUEUE_TIMEOUT),
     ]
 
@@ -475,7 +469,7 @@ def test_truncated_response() -> None:
     """A response that ends early aborts the client with the upstream's reason."""
     exchange = admitted(has_body=False)
     run(exchange, E.RESPONSE_HEAD, E.RESPONSE_DATA)
-    assert exchange.handle(E.RESPONSE_TRUNCATED, detail="lost")[-2] == AbortClient(
+    assert handle(exchange, E.RESPONSE_TRUNCATED, detail="lost")[-2] == AbortClient(
         endings.UPSTREAM_TRUNCATED, "lost"
     )
     assert exchange.ending is endings.UPSTREAM_TRUNCATED
@@ -486,10 +480,10 @@ def test_client_misbehaving_before_and_after_the_response_started() -> None:
     refusal = endings.ending_for("bad-chunk-size", 400)
     exchange = admitted(has_body=True, length=None)
     run(exchange, E.UPSTREAM_READY)
-    assert exchange.handle(E.CLIENT_MISBEHAVED, ending=refusal)[-2] == Answer(refusal)
+    assert handle(exchange, E.CLIENT_MISBEHAVED, ending=refusal)[-2] == Answer(refusal)
     exchange = admitted(has_body=True, length=None)
     run(exchange, E.UPSTREAM_READY, E.RESPONSE_HEAD)
-    assert exchange.handle(E.CLIENT_MISBEHAVED, ending=refusal)[-2] == AbortClient(refusal)
+    assert handle(exchange, E.CLIENT_MISBEHAVED, ending=refusal)[-2] == AbortClient(refusal)
 
 
 def test_upstream_stopping_the_body_drops_the_rest() -> None:
@@ -501,7 +495,7 @@ def test_upstream_stopping_the_body_drops_the_rest() -> None:
         Disarm(Deadline.UPLOAD_IDLE),
         Arm(Deadline.RESPONSE),
     ]
-    assert exchange.handle(E.BODY_CHUNK, size=3) == []
+    assert handle(exchange, E.BODY_CHUNK, size=3) == []
 
 
 def test_misuse_names_state_and_event() -> None:
