@@ -350,12 +350,19 @@ class Forwarding:
         if self._handling:
             self._events.append((event, data, payload))
             return
+        handle = self.exchange.handle
+        self._carry_out(handle(event, **payload) if payload else handle(event), data)
+
+    def _carry_out(self, actions: tuple, data: object) -> None:
+        """
+        Carry out C{actions}, then the actions of the events they raised.
+        """
         self._handling = True
         handle = self.exchange.handle
         events = self._events
         try:
             while True:
-                for action in handle(event, **payload):
+                for action in actions:
                     if type(action) is Action:
                         _ACTIONS[action](self, data)
                     else:
@@ -363,13 +370,17 @@ class Forwarding:
                 if not events:
                     break
                 event, data, payload = events.popleft()
+                actions = handle(event, **payload)
         finally:
             self._handling = False
-            self._events.clear()
+            events.clear()
 
     def body_chunk(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
-        self.feed(_BODY_CHUNK, data, size=len(data))
+        if self._handling:
+            self.feed(_BODY_CHUNK, data, size=len(data))
+        else:
+            self._carry_out(self.exchange.body_chunk(len(data)), data)
 
     def body_done(self) -> None:
         self.feed(_BODY_END)
@@ -416,7 +427,10 @@ class Forwarding:
 
     def response_data(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
-        self.feed(_RESPONSE_DATA, data)
+        if self._handling:
+            self.feed(_RESPONSE_DATA, data)
+        elif self.exchange.response_data():
+            self.request.write(data)
 
     def response_ended(self, reason: Failure) -> None:
         request = self.request

@@ -505,3 +505,32 @@ def test_misuse_names_state_and_event() -> None:
         handle(exchange, E.HEAD_COMPLETE)
     with pytest.raises(ExchangeMisused, match="BODY_CHUNK .* BodyState.NONE"):
         handle(exchange, E.BODY_CHUNK)
+
+
+@pytest.mark.parametrize("start, path", sorted(set(REACHABLE.values()), key=str))
+def test_data_shortcuts_equal_handle(start: str, path: tuple[Event, ...]) -> None:
+    """body_chunk() and response_data(), the per-chunk paths, answer and change exactly what handle() does."""
+    for size in (1, 4, 100):
+        by_table, shortcut = replay(start, path), replay(start, path)
+        try:
+            expected = handle(by_table, E.BODY_CHUNK, size=size)
+        except ExchangeMisused as error:
+            with pytest.raises(ExchangeMisused, match=str(error)):
+                shortcut.body_chunk(size)
+        else:
+            assert list(shortcut.body_chunk(size)) == expected
+        assert (key(shortcut), shortcut.body_bytes, shortcut.ending) == (
+            key(by_table),
+            by_table.body_bytes,
+            by_table.ending,
+        )
+    by_table, shortcut = replay(start, path), replay(start, path)
+    try:
+        expected = handle(by_table, E.RESPONSE_DATA)
+    except ExchangeMisused as error:
+        with pytest.raises(ExchangeMisused, match=str(error)):
+            shortcut.response_data()
+    else:
+        assert shortcut.response_data() == (expected == [A.RELAY_DATA])
+        assert expected in ([A.RELAY_DATA], [])
+    assert key(shortcut) == key(by_table)
