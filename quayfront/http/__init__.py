@@ -2,12 +2,28 @@
 HTTP/1.1 as quayfront speaks it, free of I/O and of Twisted: the request
 framing rules (L{RequestFramer}, raising L{PeerMisbehaved} with the status
 to answer), the normalised request target routes are chosen on
-(L{normalise_target}), and an upstream's response read strictly and
-within bounds (L{ResponseReader}).  The rules and their reason codes are
-documented in L{quayfront.http._framing}, L{quayfront.http._target},
+(L{normalise_target}), an upstream's response read strictly and within
+bounds (L{ResponseReader}), the model of one proxied exchange
+(L{Exchange}: states, events, actions, deadlines) and the table of the ways
+a request can end (L{Ending}, L{ENDINGS}).  The rules and their reason codes
+are documented in L{quayfront.http._framing}, L{quayfront.http._target},
 L{quayfront.http._response} and L{quayfront.http._upstream}.
 """
 
+from ._endings import ENDINGS, Ending, ending_for, registry_code_for
+from ._exchange import (
+    AbortClient,
+    Action,
+    Answer,
+    Arm,
+    BodyState,
+    Deadline,
+    Disarm,
+    Event,
+    Exchange,
+    ExchangeMisused,
+    ExchangeState,
+)
 from ._framing import (
     MAX_BODY_LENGTH,
     MAX_CHUNK_LINE_BYTES,
@@ -38,6 +54,21 @@ from ._upstream import (
 )
 
 __all__ = [
+    "ENDINGS",
+    "AbortClient",
+    "Action",
+    "Answer",
+    "Arm",
+    "BodyState",
+    "Deadline",
+    "Disarm",
+    "Ending",
+    "Event",
+    "Exchange",
+    "ExchangeMisused",
+    "ExchangeState",
+    "ending_for",
+    "registry_code_for",
     "MAX_BODY_LENGTH",
     "MAX_CHUNK_LINE_BYTES",
     "MAX_HEAD_BYTES",
