@@ -366,6 +366,14 @@ class RequestFramer:
         return self._state is _State.HEAD and len(self._buffer) > 0
 
     @property
+    def buffered_bytes(self) -> int:
+        """
+        How many bytes have been fed and not yet framed into events (for an
+        adapter that stops reading while it holds a pipelined request).
+        """
+        return len(self._buffer) + (len(self._direct) if self._direct is not None else 0)
+
+    @property
     def closed(self) -> bool:
         """
         Whether a request that ends the connection has been framed.
