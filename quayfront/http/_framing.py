@@ -521,6 +521,10 @@ class RequestFramer:
 
     def _next_head(self) -> RequestHead | _NeedData:
         buffer = self._buffer
+        if self._line_start == 0 and self._request_line is None:
+            head = self._whole_head()
+            if head is not None:
+                return head
         while True:
             start = self._line_start
             if self._request_line is None:
@@ -555,6 +559,37 @@ class RequestFramer:
                 self._headers.append(parse_field_line(line))
                 continue
             return self._head_complete(end + 2)
+
+    def _whole_head(self) -> RequestHead | None:
+        """
+        The common case in one pass: a whole head at the start of the
+        buffer, within every limit and valid.  None whenever the line by
+        line path below might decide otherwise (an incomplete or oversized
+        head, a stray CR or LF, any line it would refuse): that path then
+        runs and finds the same verdict, or the error with its reason.
+        """
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
+        if end <= 0:
+            return None
+        head = bytes(buffer[:end])
+        lines = head.split(b"\r\n")
+        crlfs = len(lines) - 1
+        if (
+            head.count(b"\n") != crlfs
+            or head.count(b"\r") != crlfs
+            or len(lines[0]) > MAX_REQUEST_LINE_BYTES
+            or crlfs > MAX_HEADER_COUNT
+        ):
+            return None
+        try:
+            request_line = parse_request_line(lines[0])
+            headers = [parse_field_line(line) for line in lines[1:]]
+        except PeerMisbehaved:
+            return None
+        self._request_line = request_line
+        self._headers = headers
+        return self._head_complete(end + 4)
 
     def _head_complete(self, head_end: int) -> RequestHead:
         method, target, version = self._request_line
