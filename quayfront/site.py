@@ -168,6 +168,7 @@ class FrontChannel(TimeoutMixin, Protocol):
         self._producer_registered = False
         self._head_out: bytes | None = None
         self._aborting_call: IDelayedCall | None = None
+        self._connection_facts: tuple | None = None
 
     # Protocol.
 
@@ -229,6 +230,20 @@ class FrontChannel(TimeoutMixin, Protocol):
         self._aborting_call = None
         self._log.info("Forcibly timing out client: {peer}", peer=str(self.transport.getPeer()))
         self.transport.abortConnection()
+
+    def connection_facts(self) -> tuple[ConnectionOrigin, dict[str, str], dict[str, str]]:
+        """
+        Where the connection comes from, its TLS fields (when the site logs
+        or forwards them) and its PROXY TLVs: read once per connection, for
+        every request on it.
+        """
+        facts = self._connection_facts
+        if facts is None:
+            transport = self.transport
+            origin = origin_of(transport) or _socket_origin(transport)
+            tls = tls_fields(transport) if self.site.wants_tls_fields else {}
+            facts = self._connection_facts = (origin, tls, tlv_fields(origin.proxy_header))
+        return facts
 
     # Framer events.
 
@@ -558,9 +573,8 @@ class FrontRequest(server.Request):
                 self._target_refused = refused.reason
         self.site = site = channel.site
         self._received_s = site.clock.seconds()
-        self.origin = origin_of(channel.transport) or _socket_origin(channel.transport)
         # Read now: the channel is gone by the time an aborted request logs.
-        self._tls = tls_fields(channel.transport) if site.wants_tls_fields else {}
+        self.origin, self._tls, self.tlvs = channel.connection_facts()
         self._head_length = (
             len(self.method) + len(self.uri) + len(self.clientproto) + 4
             + sum(
@@ -570,7 +584,6 @@ class FrontRequest(server.Request):
             )
             + 2
         )
-        self.tlvs = tlv_fields(self.origin.proxy_header)
         # The load balancer's UNIQUE_ID names the request where it has one,
         # so its logs and the registry's can be joined.
         self.request_id = self.tlvs.get("unique_id") or os.urandom(16).hex()
