@@ -177,7 +177,7 @@ class FrontChannel(TimeoutMixin, Protocol):
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
         self.setTimeout(self.timeOut)
-        if IPushProducer.providedBy(transport) or hasattr(transport, "registerProducer"):
+        if IPushProducer.providedBy(transport):
             transport.registerProducer(self, True)
             self._producer_registered = True
         # A site that drains tracks its connections (stand-ins may not).

@@ -23,6 +23,10 @@ loudly when a Twisted release removes or changes it.
     parser's line buffer (C{LineReceiver.MAX_LENGTH}, public).  An error
     raised there makes C{HTTP11ClientProtocol.dataReceived} close the
     connection and fail the response with L{ResponseFailed}.
+
+L{hand_back_idle_timeout} and L{waiting_for_client} name no private Twisted
+state any more (the client channel is quayfront's own); they stay here for
+the forwarding, which calls them.
 """
 
 from __future__ import annotations
