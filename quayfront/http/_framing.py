@@ -91,6 +91,10 @@ _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 _VALUE_BAD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _DIGITS = re.compile(rb"[0-9]+\Z")
+# Field lines, each with its CRLF, all valid (what parse_field_line
+# accepts); and one field line's name and value without surrounding OWS.
+_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_FIELD_PAIR = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 # Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name
 # (which also covers IPv4 addresses), RFC 3986 section 3.2.2.
 _HOST = re.compile(
@@ -572,23 +576,24 @@ class RequestFramer:
         end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
         if end <= 0:
             return None
-        head = bytes(buffer[:end])
-        lines = head.split(b"\r\n")
-        crlfs = len(lines) - 1
+        # The request line and the field lines, each with its CRLF.
+        lines = bytes(buffer[: end + 2])
+        line_end = lines.find(b"\r\n")
+        crlfs = lines.count(b"\r\n")
         if (
-            head.count(b"\n") != crlfs
-            or head.count(b"\r") != crlfs
-            or len(lines[0]) > MAX_REQUEST_LINE_BYTES
-            or crlfs > MAX_HEADER_COUNT
+            lines.count(b"\n") != crlfs
+            or lines.count(b"\r") != crlfs
+            or line_end > MAX_REQUEST_LINE_BYTES
+            or crlfs - 1 > MAX_HEADER_COUNT
+            or _FIELD_LINES.fullmatch(lines, line_end + 2) is None
         ):
             return None
         try:
-            request_line = parse_request_line(lines[0])
-            headers = [parse_field_line(line) for line in lines[1:]]
+            request_line = parse_request_line(lines[:line_end])
         except PeerMisbehaved:
             return None
         self._request_line = request_line
-        self._headers = headers
+        self._headers = _FIELD_PAIR.findall(lines, line_end + 2)
         return self._head_complete(end + 4)
 
     def _head_complete(self, head_end: int) -> RequestHead:

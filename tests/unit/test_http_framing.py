@@ -375,6 +375,7 @@ _FIELD_LINE = st.sampled_from([
     b"Content-Length: 99999999999999999999", b"Transfer-Encoding: chunked",
     b"Transfer-Encoding: identity", b"Connection: close", b"X-A: 1", b"X_B: 2", b" folded",
     b"\tfolded", b"Bad Name: x", b"X-C: a\x00b", b"X-D: a\rb", b"NoColon", b"X-E: " + b"e" * 8000,
+    b"X-F: \t v w \t", b"X-G:v", b"X-H: \x80\xff", b"X-I:  ", b"X-J: a:b", b":x", b"X-K : v",
 ])
 
 
@@ -384,6 +385,10 @@ _FIELD_LINE = st.sampled_from([
          last_eol=b"\r\n", repeat=60)  # too many headers
 @example(request_line=b"GET /v2/ HTTP/1.1", fields=[(b"X-E: " + b"e" * 8000, b"\r\n")] * 3,
          first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # head too large
+@example(request_line=b"GET /" + b"a" * 9000 + b" HTTP/1.1", fields=[(b"Host: h", b"\r\n")],
+         first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # request line too long
+@example(request_line=b"GET /v2/ HTTP/1.1", fields=[(b"Host: h", b"\r\n"), (b"X-F: \t v \t", b"\r\n")],
+         first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # whitespace around a value
 def test_whole_head_path_agrees_with_line_by_line(request_line, fields, first_eol, last_eol,
                                                   repeat) -> None:
     """A head fed whole is framed (or refused) exactly as the line-by-line path frames it."""
