@@ -13,8 +13,9 @@ L{FrontChannel} is the connection: every client byte goes to quayfront's
 own strict framer (L{quayfront.http.RequestFramer}) and requests are built
 from its events alone (Twisted's C{HTTPChannel} and its line parser are not
 used); it answers what the framer refuses itself, and bounds each request
-head with C{http.header_timeout_s}.  Requests are routed on their normalised path
-(L{quayfront.http.normalise_target}) and sent upstream as routed.
+head with C{http.header_timeout_s}.  Requests are routed on their
+normalised path (L{quayfront.http.normalise_target}) and sent upstream as
+routed.
 """
 
 from __future__ import annotations

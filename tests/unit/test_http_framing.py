@@ -387,7 +387,8 @@ _FIELD_LINE = st.sampled_from([
          first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # head too large
 @example(request_line=b"GET /" + b"a" * 9000 + b" HTTP/1.1", fields=[(b"Host: h", b"\r\n")],
          first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # request line too long
-@example(request_line=b"GET /v2/ HTTP/1.1", fields=[(b"Host: h", b"\r\n"), (b"X-F: \t v \t", b"\r\n")],
+@example(request_line=b"GET /v2/ HTTP/1.1",
+         fields=[(b"Host: h", b"\r\n"), (b"X-F: \t v \t", b"\r\n")],
          first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # whitespace around a value
 def test_whole_head_path_agrees_with_line_by_line(request_line, fields, first_eol, last_eol,
                                                   repeat) -> None:
