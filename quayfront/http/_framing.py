@@ -53,6 +53,17 @@ The rules, each with its reason code (L{PeerMisbehaved.reason}) and status:
     followed by CRLF.  C{bad-trailer} (400): a malformed trailer line;
     C{trailer-too-large} (431): trailers over L{MAX_HEAD_BYTES}.
 
+A head that arrived whole is framed in one pass (two regular expressions
+over its field lines); anything the one-pass path is not sure of goes line
+by line, which gives the same verdict and names the error.  Bodies are
+handed on without being copied when nothing is buffered before them.
+
+Not httptools (llhttp): it parses a small head several times faster, but
+by itself accepts C{Transfer-Encoding} on HTTP/1.0, a missing or repeated
+C{Host} and a C{#} in the target, so the header rules here would still run
+over its output, and its errors would have to be mapped onto the reason
+codes above.
+
 A request with neither C{Content-Length} nor C{Transfer-Encoding} has no
 body (RFC 9112 section 6.3).  One empty line before a request line is
 skipped (section 2.2; Twisted's channel does the same).  After a request
