@@ -7,8 +7,8 @@ answers L{NEED_DATA} or the next L{RequestHead}, L{BodyData} or
 L{MessageEnd}, or raises L{PeerMisbehaved} (carrying the status to answer
 with) as soon as the bytes seen so far prove the input is not a request this
 framer accepts.  Each event carries C{raw}, the exact wire bytes it was
-framed from, so an adapter can hand validated bytes to another parser
-unchanged; the verdict does not depend on how the input was split.
+framed from (the framer is the only parser of client bytes; nothing else
+re-reads them); the verdict does not depend on how the input was split.
 
 The rules, each with its reason code (L{PeerMisbehaved.reason}) and status:
 
@@ -66,7 +66,7 @@ codes above.
 
 A request with neither C{Content-Length} nor C{Transfer-Encoding} has no
 body (RFC 9112 section 6.3).  One empty line before a request line is
-skipped (section 2.2; Twisted's channel does the same).  After a request
+skipped (section 2.2; as Twisted's channel did).  After a request
 that ends its connection (HTTP/1.0, or C{Connection: close}) the framer
 accepts nothing more: later bytes are dropped without events.
 """
@@ -79,13 +79,13 @@ from dataclasses import dataclass, field
 
 #: Longest request line (without CRLF): nginx's large_client_header_buffers.
 MAX_REQUEST_LINE_BYTES = 8192
-#: Longest request head, request line to the empty line, CRLFs included; no
-#: more than Twisted's channel takes (16 KiB), so it never rejects first.
+#: Longest request head, request line to the empty line, CRLFs included: the
+#: 16 KiB Twisted's channel took, so clients meet the bound they always met.
 MAX_HEAD_BYTES = 16384
-#: Most field lines in one head (Twisted's channel takes 500).
+#: Most field lines in one head (Twisted's channel took 500).
 MAX_HEADER_COUNT = 100
 #: Longest chunk-size line, extensions included, without its CRLF: below
-#: the 1024 bytes at which Twisted's decoder refuses it.
+#: the 1024 bytes at which Twisted's decoder refused it.
 MAX_CHUNK_LINE_BYTES = 1023
 #: Largest Content-Length or chunk size: what a signed 64-bit integer holds.
 MAX_BODY_LENGTH = 2**63 - 1
