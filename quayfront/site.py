@@ -128,8 +128,8 @@ class FrontChannel(TimeoutMixin, Protocol):
     Towards its requests the channel is what C{twisted.web.http.Request}
     uses of C{HTTPChannel}: C{writeHeaders}, C{write}, C{writeSequence},
     C{registerProducer}, C{unregisterProducer}, C{requestDone}, C{getPeer},
-    C{getHost}, C{isSecure}, C{loseConnection}, C{transport}, C{site} and
-    C{factory}.  Towards its transport it is the registered push producer:
+    C{getHost}, C{isSecure}, C{loseConnection}, C{transport}, C{site},
+    C{factory} and C{_respondToBadRequestAndDisconnect}.  Towards its transport it is the registered push producer:
     a client that does not read pauses the request's producer (the
     upstream) and, between requests, reading from the client.
     """
@@ -387,6 +387,22 @@ class FrontChannel(TimeoutMixin, Protocol):
         self.transport.write(b"\r\n".join(headers) + b"\r\n\r\n" + body)
         site.log_refusal(origin, refusal, len(body), self._framer.refused_request_line)
         self.loseConnection()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        What C{twisted.web.http.Request} calls on its channel when it finds
+        a request bad itself (a malformed multipart body in
+        C{requestReceived}, which quayfront's requests do not call): answered
+        like the framer's refusals, as C{400 bad-request}.
+        """
+        refusal = PeerMisbehaved(400, "bad-request", "refused by twisted.web's request")
+        request = self.request
+        if request is not None and getattr(request, "origin", None) is not None:
+            # Its head was complete (the request has started): a body error.
+            self._refused = True
+            request.client_misbehaved(refusal)
+        else:
+            self._refuse(refusal)
 
     # 100 Continue.
 

@@ -9,6 +9,10 @@ loudly when a Twisted release removes or changes it.
     same (L{pull_to_push}).
   - C{Request._disconnected}: whether the client connection is gone
     (L{client_gone}).
+  - C{HTTPChannel._respondToBadRequestAndDisconnect}: not called but
+    implemented: what C{twisted.web.http.Request} calls on its channel
+    when it refuses a request itself; quayfront's channel answers it as
+    the framer's refusals (C{FrontChannel._respondToBadRequestAndDisconnect}).
   - C{TransportProxyProducer._producer}: the upstream socket behind the
     agent's proxy producer, to abort an exchange that ended early
     (L{proxied_transport}).

@@ -138,6 +138,14 @@ def test_bad_chunk_on_a_local_request_answers_400() -> None:
     assert client.disconnecting
 
 
+def test_request_refusal_is_a_real_response() -> None:
+    """The channel's answer to a twisted.web request refusing itself is answered like the framer's."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel._respondToBadRequestAndDisconnect()
+    assert_refused(client, agent, 400, "bad-request")
+
+
 # The request-head deadline.
 
 
@@ -325,6 +333,20 @@ def test_upstream_head_refused_is_502_with_its_reason() -> None:
     status, _, body = parse(client.value())
     assert status == 502 and b"upstream-bad-status-line" in body
     assert log.entries[-1].outcome == "upstream-bad-status-line"
+
+
+def test_request_refusal_mid_body_goes_through_the_request() -> None:
+    """A refusal during a forwarded body aborts the upstream request and answers 400."""
+    site, agent, _, clock = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    [sent] = agent.requests
+    channel._respondToBadRequestAndDisconnect()
+    clock.advance(0)
+    assert sent["cancelled"] == [True]
+    status, headers, _ = parse(client.value())
+    assert status == 400 and headers[b"connection"] == b"close"
+    assert client.disconnecting
 
 
 def test_refusal_is_access_logged_with_its_request_line() -> None:

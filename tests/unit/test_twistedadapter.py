@@ -30,6 +30,12 @@ from quayfront.upstream import upstream_agent, upstream_uri
 # Canaries, one per private name.
 
 
+def test_canary_request_refuses_through_its_channel() -> None:
+    """twisted.web's Request still refuses a bad request through channel._respondToBadRequestAndDisconnect()."""
+    source = inspect.getsource(http.Request.requestReceived)
+    assert "self.channel._respondToBadRequestAndDisconnect()" in source
+
+
 def test_canary_pool_factory() -> None:
     """HTTPConnectionPool builds protocols through _factory(quiescentCallback, metadata)."""
     assert isinstance(HTTPConnectionPool._factory, type)
