@@ -9,26 +9,37 @@ C{gotLength}, which the channel calls once the request head is parsed, and
 hands each body chunk on in C{handleContentChunk}; it never calls the
 spooling parts.
 
-L{FrontChannel} feeds every client byte to quayfront's own strict framer
-(L{quayfront.http.RequestFramer}) before Twisted's parser sees it, answers
-what the framer refuses itself, and bounds each request head with
-C{http.header_timeout_s}.  Requests are routed on their normalised path
-(L{quayfront.http.normalise_target}) and sent upstream as routed.
+L{FrontChannel} is the connection: every client byte goes to quayfront's
+own strict framer (L{quayfront.http.RequestFramer}) and requests are built
+from its events alone (Twisted's C{HTTPChannel} and its line parser are not
+used); it answers what the framer refuses itself, and bounds each request
+head with C{http.header_timeout_s}.  Requests are routed on their
+normalised path (L{quayfront.http.normalise_target}) and sent upstream as
+routed.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from io import BytesIO
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IPushProducer,
+    IReactorTime,
+    ISSLTransport,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server, static
+from twisted.web.http import parse_qs
 from twisted.web.resource import IResource, Resource
+from zope.interface import implementer
 
 from quayfront.accesslog import (
     CLIENT_CLOSED_REQUEST,
@@ -45,7 +56,8 @@ from quayfront.forward import (
 )
 from quayfront.headers import underscored_names
 from quayfront.http import (
-    NEED_DATA,
+    BodyData,
+    MessageEnd,
     PeerMisbehaved,
     RequestFramer,
     RequestHead,
@@ -55,14 +67,11 @@ from quayfront.http import (
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ConnectionOrigin, origin_of
 from quayfront.routing import Route, Router
-from quayfront.twistedadapter import (
-    ChannelBadRequestHook,
-    ChannelContinueHook,
-    client_gone,
-    request_line,
-    send_continue,
-    wrap_channel,
-)
+from quayfront.twistedadapter import client_gone, pull_to_push
+
+#: Bytes of pipelined requests read while a response is under way before
+#: the client stops being read (Twisted's channel reads as much).
+MAX_HELD_BYTES = 16384
 
 
 def _host(address) -> str:
@@ -92,112 +101,222 @@ def _socket_origin(transport) -> ConnectionOrigin:
     )
 
 
-class FrontChannel(ChannelBadRequestHook, ChannelContinueHook, http.HTTPChannel):
+@implementer(IPushProducer)
+class FrontChannel(TimeoutMixin, Protocol):
     """
-    An HTTP/1.1 channel that only ever parses what quayfront's strict
-    framer (L{RequestFramer}) has accepted, bounds each request head with a
-    deadline, and whose automatic C{100 Continue} a request can hold back
-    until its upstream is ready for the body.
+    One client connection: every byte goes to quayfront's strict framer
+    (L{RequestFramer}) and only its events make requests.
 
-    Bytes go through the framer first and only the bytes of complete, valid
-    heads and of well-framed bodies reach Twisted's parser.  What the framer
-    refuses is answered with a real response (a short body, C{Connection:
-    close}) and a close: in a head, once every earlier request on the
-    connection has been answered; in a body, through the request it belongs
-    to, which also aborts its upstream request.
+    A L{RequestHead} becomes a request of the site's C{requestFactory},
+    built from the parsed head (no second parser); each L{BodyData} is
+    handed to the request's C{handleContentChunk}, L{MessageEnd} to its
+    C{requestReceived}, the calls a C{twisted.web} request expects of its
+    channel.  One request at a time: bytes of a pipelined request wait in
+    the framer, unparsed, until the response before it has ended (and the
+    client stops being read once they exceed L{MAX_HELD_BYTES}).
+
+    What the framer refuses is answered with a real response (a short
+    body, C{Connection: close}) and a close: in a head, once every earlier
+    request on the connection has been answered; in a body, through the
+    request it belongs to, which also aborts its upstream request.
 
     The head deadline (C{header_timeout_s}) runs from the first byte of a
     head, or from the end of the previous response if the head had started
-    arriving before it; every byte still resets the idle timeout.
+    arriving before it; every byte resets the idle timeout (C{timeOut}),
+    which is off from the end of a request body to the end of its response.
+
+    Towards its requests the channel is what C{twisted.web.http.Request}
+    uses of C{HTTPChannel}: C{writeHeaders}, C{write}, C{writeSequence},
+    C{registerProducer}, C{unregisterProducer}, C{requestDone}, C{getPeer},
+    C{getHost}, C{isSecure}, C{loseConnection}, C{transport}, C{site},
+    C{factory} and C{_respondToBadRequestAndDisconnect}.  Towards its transport it is the registered push producer:
+    a client that does not read pauses the request's producer (the
+    upstream) and, between requests, reading from the client.
     """
 
     _log = Logger()
 
+    # Set on each channel by the site's buildProtocol.
+    site = None
+    factory = None
+    requestFactory = None
+    timeOut: float | None = None
+    #: After an idle timeout's clean close, how long to wait before aborting
+    #: a connection that does not go (Twisted's channel waits as long).
+    abortTimeout = 15
+
     def __init__(self) -> None:
-        super().__init__()
         self._framer = RequestFramer()
-        # Whether each head passed on (in order) lets the connection persist.
-        self._keep_alive: deque[bool] = deque()
+        #: The request being received or answered, or None between requests.
+        self.request = None
+        #: Whether the connection may carry another request after this one.
+        self.persistent = True
+        #: Whether the request's body is complete and its response under
+        #: way: the idle timeout is off until it ends.
+        self.handling_request = False
+        #: The idle timeout to restore when the response ends.
+        self.saved_timeout: float | None = None
+        #: Whether the client has stopped reading (the transport paused us).
+        self.waiting_for_client = False
+        self._receiving_body = False
+        self._request_producer = None
+        self._request_producer_streaming: bool | None = None
         self._head_deadline: IDelayedCall | None = None
-        # A refusal found behind requests still being answered.
-        self._pending_refusal: PeerMisbehaved | None = None
         self._refused = False
-        # Inside Twisted's own requestDone (nested ones included).
-        self._replaying = 0
+        self._closing = False
+        self._driving = False
+        self._holding_paused = False
+        self._producer_registered = False
+        self._head_out: bytes | None = None
+        self._aborting_call: IDelayedCall | None = None
+        self._connection_facts: tuple | None = None
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._replaying:
-            # Twisted handing itself pipelined bytes it had buffered: the
-            # framer passed them already.
-            http.HTTPChannel.dataReceived(self, data)
-            return
-        if self._refused or self._pending_refusal is not None:
-            return
-        framer = self._framer
-        framer.feed(data)
-        released = []
-        refusal = None
-        try:
-            while (event := framer.next_event()) is not NEED_DATA:
-                released.append(event.raw)
-                if isinstance(event, RequestHead):
-                    self._keep_alive.append(event.keep_alive)
-                    self._cancel_head_deadline()
-        except PeerMisbehaved as error:
-            refusal = error
-        if released:
-            super().dataReceived(released[0] if len(released) == 1 else b"".join(released))
-        else:
-            self.resetTimeout()
-        if refusal is not None:
-            self._misbehaved(refusal)
-        else:
-            self._watch_head()
-
-    def checkPersistence(self, request, version) -> bool:
-        persistent = super().checkPersistence(request, version)
-        # Twisted reads only the first Connection header, split on spaces;
-        # the framer's verdict (every token of every Connection header)
-        # decides too, so both agree on where the connection ends.
-        keep_alive = self._keep_alive.popleft() if self._keep_alive else True
-        if persistent and not keep_alive:
-            request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
-            return False
-        return persistent
-
-    def requestDone(self, request) -> None:
-        # The channel replays the pipelined bytes it buffered through
-        # self.dataReceived (see twistedadapter).
-        self._replaying += 1
-        try:
-            super().requestDone(request)
-        finally:
-            self._replaying -= 1
-        if self.requests or not self.persistent or self.transport is None:
-            return
-        if self._pending_refusal is not None:
-            refusal, self._pending_refusal = self._pending_refusal, None
-            self._refuse(refusal)
-        else:
-            # A head that started arriving during the response: its
-            # deadline runs from now.
-            self._watch_head()
+    # Protocol.
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        transport = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+        self.setTimeout(self.timeOut)
+        if IPushProducer.providedBy(transport):
+            transport.registerProducer(self, True)
+            self._producer_registered = True
         # A site that drains tracks its connections (stand-ins may not).
         opened = getattr(self.site, "channel_opened", None)
         if opened is not None:
             opened(self)
 
-    def connectionLost(self, reason) -> None:
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused or self._closing:
+            return
+        self.resetTimeout()
+        framer = self._framer
+        framer.feed(data)
+        if self.handling_request:
+            # A pipelined request waits for the response before it; past a
+            # bound, so does the client (as Twisted's channel does).
+            if (
+                framer.buffered_bytes > MAX_HELD_BYTES
+                and not self._holding_paused
+                and not self.waiting_for_client
+            ):
+                self._holding_paused = True
+                self.transport.pauseProducing()
+            return
+        self._drive()
+
+    def connectionLost(self, reason=connectionDone) -> None:
         self._cancel_head_deadline()
-        super().connectionLost(reason)
+        self.setTimeout(None)
+        request, self.request = self.request, None
+        if request is not None:
+            request.connectionLost(reason)
+        if self._aborting_call is not None:
+            if self._aborting_call.active():
+                self._aborting_call.cancel()
+            self._aborting_call = None
         # Only now has the last byte left quayfront (TLS and socket buffers
         # flushed): a drain waits for this, not for the response's finish().
         closed = getattr(self.site, "channel_closed", None)
         if closed is not None:
             closed(self)
+
+    def timeoutConnection(self) -> None:
+        self._log.info("Timing out client: {peer}", peer=str(self.transport.getPeer()))
+        if self.abortTimeout is not None:
+            self._aborting_call = self.callLater(self.abortTimeout, self._force_abort)
+        self.loseConnection()
+
+    def _force_abort(self) -> None:
+        self._aborting_call = None
+        self._log.info("Forcibly timing out client: {peer}", peer=str(self.transport.getPeer()))
+        self.transport.abortConnection()
+
+    def connection_facts(self) -> tuple[ConnectionOrigin, dict[str, str], dict[str, str]]:
+        """
+        Where the connection comes from, its TLS fields (when the site logs
+        or forwards them) and its PROXY TLVs: read once per connection, for
+        every request on it.
+        """
+        facts = self._connection_facts
+        if facts is None:
+            transport = self.transport
+            origin = origin_of(transport) or _socket_origin(transport)
+            tls = tls_fields(transport) if self.site.wants_tls_fields else {}
+            facts = self._connection_facts = (origin, tls, tlv_fields(origin.proxy_header))
+        return facts
+
+    # Framer events.
+
+    def _drive(self) -> None:
+        """
+        Act on the framer's events until it needs data, the current request
+        has all its body (its response comes first), or the connection is
+        being refused or closed.
+        """
+        if self._driving:
+            # Re-entered from a request that finished inside the loop
+            # below: the loop goes on with the next events.
+            return
+        self._driving = True
+        framer = self._framer
+        try:
+            while not self.handling_request and not self._refused and not self._closing:
+                event = framer.next_event()
+                kind = type(event)
+                if kind is BodyData:
+                    request = self.request
+                    if event.data and request is not None:
+                        request.handleContentChunk(event.data)
+                elif kind is RequestHead:
+                    self._head_received(event)
+                elif kind is MessageEnd:
+                    self._body_received()
+                else:
+                    break
+        except PeerMisbehaved as refusal:
+            self._misbehaved(refusal)
+        finally:
+            self._driving = False
+        self._watch_head()
+
+    def _head_received(self, head: RequestHead) -> None:
+        self._cancel_head_deadline()
+        request = self.requestFactory(self)
+        self.request = request
+        self._receiving_body = True
+        target = head.target
+        request.method = head.method
+        request.uri = target
+        request.clientproto = version = head.version
+        path, question, query = target.partition(b"?")
+        request.path = path
+        request.args = parse_qs(query, 1) if question else {}
+        headers = request.requestHeaders
+        for name, value in head.headers:
+            headers.addRawHeader(name, value)
+        if not head.keep_alive:
+            # The framer reads every token of every Connection header.
+            self.persistent = False
+            if version == b"HTTP/1.1":
+                request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
+        request.gotLength(head.content_length)
+        if self.request is not request or self._refused or self._closing:
+            return
+        expect = headers.getRawHeaders(b"expect")
+        # As Twisted's channel: the first Expect header, on HTTP/1.1.
+        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+            if not self.hold_continue():
+                self.send_continue()
+
+    def _body_received(self) -> None:
+        request = self.request
+        self._receiving_body = False
+        self.handling_request = True
+        # The response may take long to produce: no idle timeout meanwhile.
+        if self.timeOut:
+            self.saved_timeout = self.setTimeout(None)
+        request.requestReceived(request.method, request.uri, request.clientproto)
 
     # The head deadline.
 
@@ -205,8 +324,9 @@ class FrontChannel(ChannelBadRequestHook, ChannelContinueHook, http.HTTPChannel)
         if (
             self._head_deadline is None
             and not self._refused
+            and not self._closing
+            and self.request is None
             and self._framer.head_in_progress
-            and not self.requests
         ):
             site = self.site
             self._head_deadline = site.clock.callLater(
@@ -220,34 +340,19 @@ class FrontChannel(ChannelBadRequestHook, ChannelContinueHook, http.HTTPChannel)
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
-        if self._framer.head_in_progress and not self.requests and not self._refused:
+        if self._framer.head_in_progress and self.request is None and not self._refused:
             self._refuse(PeerMisbehaved(408, "request-head-timeout"))
 
     # Refusals.
 
     def _misbehaved(self, refusal: PeerMisbehaved) -> None:
-        if not refusal.in_head and self.requests:
+        request = self.request
+        self._refused = True
+        if request is None:
+            self._refuse(refusal)
+        else:
             # The body of the request being received: it answers.
-            self._refused = True
-            self.requests[-1].client_misbehaved(refusal)
-        elif self.requests:
-            self._pending_refusal = refusal
-        else:
-            self._refuse(refusal)
-
-    def twisted_refused_request(self) -> None:
-        """
-        Twisted's own parser refused a request the framer passed (a
-        backstop: it should never happen).
-        """
-        refusal = PeerMisbehaved(400, "bad-request", "refused by Twisted's parser")
-        request = self.requests[-1] if self.requests else None
-        if request is not None and getattr(request, "origin", None) is not None:
-            # Its head was complete (the request has started): a body error.
-            self._refused = True
             request.client_misbehaved(refusal)
-        else:
-            self._refuse(refusal)
 
     def _refuse(self, refusal: PeerMisbehaved) -> None:
         """
@@ -283,16 +388,175 @@ class FrontChannel(ChannelBadRequestHook, ChannelContinueHook, http.HTTPChannel)
         site.log_refusal(origin, refusal, len(body), self._framer.refused_request_line)
         self.loseConnection()
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """
+        What C{twisted.web.http.Request} calls on its channel when it finds
+        a request bad itself (a malformed multipart body in
+        C{requestReceived}, which quayfront's requests do not call): answered
+        like the framer's refusals, as C{400 bad-request}.
+        """
+        refusal = PeerMisbehaved(400, "bad-request", "refused by twisted.web's request")
+        request = self.request
+        if request is not None and getattr(request, "origin", None) is not None:
+            # Its head was complete (the request has started): a body error.
+            self._refused = True
+            request.client_misbehaved(refusal)
+        else:
+            self._refuse(refusal)
+
+    # 100 Continue.
+
     def hold_continue(self) -> bool:
         """
         Whether to hold back the automatic C{100 Continue}: a forwarded
         request's until its upstream is ready for the body.
         """
-        request = self.requests[-1]
+        request = self.request
         if getattr(request, "forwarding", None) is not None and not request.upstream_ready:
             request.continue_held = True
             return True
         return False
+
+    def send_continue(self) -> None:
+        """
+        Send C{100 Continue}: the client may send the body now.
+        """
+        self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # What the request uses of its channel.
+
+    def requestDone(self, request) -> None:
+        """
+        The response to C{request} has been written: read the next request,
+        or close.
+        """
+        if request is not self.request:
+            raise TypeError(f"{request!r} is not the request of this channel")
+        self.flush_head()
+        self.request = None
+        self.handling_request = False
+        if self._receiving_body:
+            # Answered before its body was read: what follows cannot be
+            # told apart from the rest of that body.
+            self._receiving_body = False
+            self.persistent = False
+        if not self.waiting_for_client:
+            self._holding_paused = False
+            self.transport.resumeProducing()
+        if not self.persistent:
+            self._closing = True
+            self.loseConnection()
+            return
+        saved, self.saved_timeout = self.saved_timeout, None
+        if saved:
+            self.setTimeout(saved)
+        # A pipelined request (or the start of one) that waited.
+        self._drive()
+
+    def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers) -> None:
+        parts = [version, b" ", code, b" ", reason, b"\r\n"]
+        for name, values in headers.getAllRawHeaders():
+            for value in values:
+                parts.extend((name, b": ", value, b"\r\n"))
+        parts.append(b"\r\n")
+        # Held until the request's write returns, so that a head and the
+        # first body bytes written with it leave in one piece.
+        self.flush_head()
+        self._head_out = b"".join(parts)
+
+    def flush_head(self) -> None:
+        """
+        Send a response head held back by L{writeHeaders}.
+        """
+        head, self._head_out = self._head_out, None
+        if head is not None and self.transport is not None:
+            self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        head, self._head_out = self._head_out, None
+        if head is not None:
+            self.transport.writeSequence([head, data])
+        else:
+            self.transport.write(data)
+
+    def writeSequence(self, iovec) -> None:
+        head, self._head_out = self._head_out, None
+        if head is not None:
+            iovec = [head, *iovec]
+        self.transport.writeSequence(iovec)
+
+    def getPeer(self):
+        return self.transport.getPeer()
+
+    def getHost(self):
+        return self.transport.getHost()
+
+    def isSecure(self) -> bool:
+        return ISSLTransport(self.transport, None) is not None
+
+    def loseConnection(self) -> None:
+        """
+        Close once what has been written is sent.
+        """
+        self.flush_head()
+        if self._producer_registered:
+            self._producer_registered = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        if self._request_producer is not None:
+            raise RuntimeError(
+                f"Cannot register producer {producer}, because producer"
+                f" {self._request_producer} was never unregistered."
+            )
+        if not streaming:
+            producer = pull_to_push(producer, self)
+        self._request_producer = producer
+        self._request_producer_streaming = streaming
+        if not streaming:
+            producer.startStreaming()
+
+    def unregisterProducer(self) -> None:
+        producer = self._request_producer
+        if producer is None:
+            return
+        if not self._request_producer_streaming:
+            producer.stopStreaming()
+        self._request_producer = None
+        self._request_producer_streaming = None
+
+    def hand_back_idle_timeout(self, timeout_s: float | None) -> None:
+        """
+        Give the connection back an idle timeout: at once, or, while a
+        response is under way, as the one to restore when it ends.
+        """
+        if self.handling_request:
+            self.saved_timeout = timeout_s
+        else:
+            self.setTimeout(timeout_s)
+
+    # IPushProducer, for the transport: the client reads or does not.
+
+    def pauseProducing(self) -> None:
+        self.waiting_for_client = True
+        if self._request_producer is not None:
+            self._request_producer.pauseProducing()
+        if not self.handling_request:
+            # Between requests too: do not read requests whose responses
+            # the client does not read.
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.waiting_for_client = False
+        if self._request_producer is not None:
+            self._request_producer.resumeProducing()
+        if not self.handling_request:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self._request_producer is not None:
+            self._request_producer.stopProducing()
 
 
 class FrontRequest(server.Request):
@@ -312,11 +576,9 @@ class FrontRequest(server.Request):
     _log = Logger()
 
     def gotLength(self, length: int | None) -> None:
+        # The channel has set method, uri, clientproto, path, args and the
+        # headers from the parsed head.
         channel = self.channel
-        # The request line is only on the channel until the body has been
-        # read; the access log and the forwarding need it now.
-        self.method, self.uri, self.clientproto = request_line(channel)
-        self.path = self.uri.split(b"?", 1)[0]
         # Routed on the normalised path and sent upstream as routed; the
         # access log keeps the target as the client sent it.
         self.upstream_target = self.uri
@@ -328,9 +590,8 @@ class FrontRequest(server.Request):
                 self._target_refused = refused.reason
         self.site = site = channel.site
         self._received_s = site.clock.seconds()
-        self.origin = origin_of(channel.transport) or _socket_origin(channel.transport)
         # Read now: the channel is gone by the time an aborted request logs.
-        self._tls = tls_fields(channel.transport) if site.wants_tls_fields else {}
+        self.origin, self._tls, self.tlvs = channel.connection_facts()
         self._head_length = (
             len(self.method) + len(self.uri) + len(self.clientproto) + 4
             + sum(
@@ -340,7 +601,6 @@ class FrontRequest(server.Request):
             )
             + 2
         )
-        self.tlvs = tlv_fields(self.origin.proxy_header)
         # The load balancer's UNIQUE_ID names the request where it has one,
         # so its logs and the registry's can be joined.
         self.request_id = self.tlvs.get("unique_id") or os.urandom(16).hex()
@@ -426,7 +686,7 @@ class FrontRequest(server.Request):
         self.upstream_ready = True
         if self.continue_held and not self.startedWriting and not client_gone(self):
             self.continue_held = False
-            send_continue(self.channel)
+            self.channel.send_continue()
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
@@ -436,6 +696,10 @@ class FrontRequest(server.Request):
             if site.draining:
                 close_after_response(self)
         super().write(data)
+        channel = self.channel
+        if channel is not None:
+            # The head goes out with the first body bytes, not later.
+            channel.flush_head()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.forwarding is not None:
@@ -445,7 +709,9 @@ class FrontRequest(server.Request):
         if self.forwarding is not None:
             self.forwarding.body_done()
         else:
-            super().requestReceived(command, path, version)
+            # The channel has set the request line, path and query
+            # arguments; the body was dropped, so no form is parsed.
+            self.process()
 
     def process(self) -> None:
         local = self.site.local_resource(self.path)
@@ -612,7 +878,7 @@ class FrontSite(server.Site):
         """
         self.draining = True
         for channel in self.channels:
-            if channel.requests:
+            if channel.request is not None:
                 channel.persistent = False
         if self.in_flight == 0 and not self.channels:
             return succeed(None)
@@ -625,13 +891,13 @@ class FrontSite(server.Site):
         Close (after flushing) every connection with no request under way;
         return how many.
         """
-        idle = [channel for channel in self.channels if not channel.requests]
+        idle = [channel for channel in self.channels if channel.request is None]
         for channel in idle:
             channel.loseConnection()
         return len(idle)
 
     def protocol(self):
-        return wrap_channel(FrontChannel())
+        return FrontChannel()
 
     def vouched_headers(
         self, request_id: str, tlvs: dict[str, str], tls: dict[str, str] | None = None

@@ -7,8 +7,8 @@ answers L{NEED_DATA} or the next L{RequestHead}, L{BodyData} or
 L{MessageEnd}, or raises L{PeerMisbehaved} (carrying the status to answer
 with) as soon as the bytes seen so far prove the input is not a request this
 framer accepts.  Each event carries C{raw}, the exact wire bytes it was
-framed from, so an adapter can hand validated bytes to another parser
-unchanged; the verdict does not depend on how the input was split.
+framed from (the framer is the only parser of client bytes; nothing else
+re-reads them); the verdict does not depend on how the input was split.
 
 The rules, each with its reason code (L{PeerMisbehaved.reason}) and status:
 
@@ -53,9 +53,20 @@ The rules, each with its reason code (L{PeerMisbehaved.reason}) and status:
     followed by CRLF.  C{bad-trailer} (400): a malformed trailer line;
     C{trailer-too-large} (431): trailers over L{MAX_HEAD_BYTES}.
 
+A head that arrived whole is framed in one pass (two regular expressions
+over its field lines); anything the one-pass path is not sure of goes line
+by line, which gives the same verdict and names the error.  Bodies are
+handed on without being copied when nothing is buffered before them.
+
+Not httptools (llhttp): it parses a small head several times faster, but
+by itself accepts C{Transfer-Encoding} on HTTP/1.0, a missing or repeated
+C{Host} and a C{#} in the target, so the header rules here would still run
+over its output, and its errors would have to be mapped onto the reason
+codes above.
+
 A request with neither C{Content-Length} nor C{Transfer-Encoding} has no
 body (RFC 9112 section 6.3).  One empty line before a request line is
-skipped (section 2.2; Twisted's channel does the same).  After a request
+skipped (section 2.2; as Twisted's channel did).  After a request
 that ends its connection (HTTP/1.0, or C{Connection: close}) the framer
 accepts nothing more: later bytes are dropped without events.
 """
@@ -68,13 +79,13 @@ from dataclasses import dataclass, field
 
 #: Longest request line (without CRLF): nginx's large_client_header_buffers.
 MAX_REQUEST_LINE_BYTES = 8192
-#: Longest request head, request line to the empty line, CRLFs included; no
-#: more than Twisted's channel takes (16 KiB), so it never rejects first.
+#: Longest request head, request line to the empty line, CRLFs included: the
+#: 16 KiB Twisted's channel took, so clients meet the bound they always met.
 MAX_HEAD_BYTES = 16384
-#: Most field lines in one head (Twisted's channel takes 500).
+#: Most field lines in one head (Twisted's channel took 500).
 MAX_HEADER_COUNT = 100
 #: Longest chunk-size line, extensions included, without its CRLF: below
-#: the 1024 bytes at which Twisted's decoder refuses it.
+#: the 1024 bytes at which Twisted's decoder refused it.
 MAX_CHUNK_LINE_BYTES = 1023
 #: Largest Content-Length or chunk size: what a signed 64-bit integer holds.
 MAX_BODY_LENGTH = 2**63 - 1
@@ -91,6 +102,10 @@ _VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])\Z")
 _VALUE_BAD_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _DIGITS = re.compile(rb"[0-9]+\Z")
+# Field lines, each with its CRLF, all valid (what parse_field_line
+# accepts); and one field line's name and value without surrounding OWS.
+_FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*")
+_FIELD_PAIR = re.compile(rb"([^:\r\n]+):[ \t]*([^\r\n]*?)[ \t]*\r\n")
 # Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name
 # (which also covers IPv4 addresses), RFC 3986 section 3.2.2.
 _HOST = re.compile(
@@ -366,6 +381,14 @@ class RequestFramer:
         return self._state is _State.HEAD and len(self._buffer) > 0
 
     @property
+    def buffered_bytes(self) -> int:
+        """
+        How many bytes have been fed and not yet framed into events (for an
+        adapter that stops reading while it holds a pipelined request).
+        """
+        return len(self._buffer) + (len(self._direct) if self._direct is not None else 0)
+
+    @property
     def closed(self) -> bool:
         """
         Whether a request that ends the connection has been framed.
@@ -513,6 +536,10 @@ class RequestFramer:
 
     def _next_head(self) -> RequestHead | _NeedData:
         buffer = self._buffer
+        if self._line_start == 0 and self._request_line is None:
+            head = self._whole_head()
+            if head is not None:
+                return head
         while True:
             start = self._line_start
             if self._request_line is None:
@@ -547,6 +574,38 @@ class RequestFramer:
                 self._headers.append(parse_field_line(line))
                 continue
             return self._head_complete(end + 2)
+
+    def _whole_head(self) -> RequestHead | None:
+        """
+        The common case in one pass: a whole head at the start of the
+        buffer, within every limit and valid.  None whenever the line by
+        line path below might decide otherwise (an incomplete or oversized
+        head, a stray CR or LF, any line it would refuse): that path then
+        runs and finds the same verdict, or the error with its reason.
+        """
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
+        if end <= 0:
+            return None
+        # The request line and the field lines, each with its CRLF.
+        lines = bytes(buffer[: end + 2])
+        line_end = lines.find(b"\r\n")
+        crlfs = lines.count(b"\r\n")
+        if (
+            lines.count(b"\n") != crlfs
+            or lines.count(b"\r") != crlfs
+            or line_end > MAX_REQUEST_LINE_BYTES
+            or crlfs - 1 > MAX_HEADER_COUNT
+            or _FIELD_LINES.fullmatch(lines, line_end + 2) is None
+        ):
+            return None
+        try:
+            request_line = parse_request_line(lines[:line_end])
+        except PeerMisbehaved:
+            return None
+        self._request_line = request_line
+        self._headers = _FIELD_PAIR.findall(lines, line_end + 2)
+        return self._head_complete(end + 4)
 
     def _head_complete(self, head_end: int) -> RequestHead:
         method, target, version = self._request_line

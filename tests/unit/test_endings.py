@@ -14,7 +14,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.web import http
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 
 from quayfront.config import RateLimitConfig, RouteConfig
@@ -29,7 +28,7 @@ PUT = b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc"
 
 
 def forwarding_of(channel):
-    return channel._channel.requests[-1].forwarding
+    return channel.request.forwarding
 
 
 def completed():
@@ -198,7 +197,7 @@ def sent(data: bytes, advance_s: float = 0.0):
 def twisted_refused():
     site, _, log, _ = make_site()
     channel, client = connect(site)
-    http.HTTPChannel.dataReceived(channel._channel, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    channel._respondToBadRequestAndDisconnect()
     return site, client, log
 
 

@@ -176,7 +176,7 @@ def test_response_streams_back_with_upstream_as_producer() -> None:
     r = response(200, {b"Docker-Content-Digest": [b"sha256:ab"], b"Connection": [b"close"]}, 6)
     agent.requests[0]["d"].callback(r)
     # The upstream transport (behind the agent's proxy producer) drives the download.
-    assert channel._channel._requestProducer is r._transport
+    assert channel._request_producer is r._transport
     r._bodyDataReceived(b"abc")
     r._bodyDataReceived(b"def")
     r._bodyDataFinished(Failure(ResponseDone()))

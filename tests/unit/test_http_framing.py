@@ -355,3 +355,59 @@ def test_several_feeds_before_reading_events() -> None:
         ("end", ()),
     ]
     assert b"".join(e.raw for e in events) == b"abcdef" + GET
+
+
+# The one-pass path for a whole head and the line-by-line path agree.
+
+from hypothesis import example, given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_EOL = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b"\r\r\n"])
+_REQUEST_LINE = st.tuples(
+    st.sampled_from([b"GET", b"POST", b"G T", b"", b"GET\x00"]),
+    st.sampled_from([b" ", b"  ", b"\t"]),
+    st.sampled_from([b"/v2/", b"/v2/?a=b", b"/a#b", b"/a\x7f", b"/a\x80", b"*",
+                     b"/" + b"a" * 8170, b"/" + b"a" * 9000]),
+    st.sampled_from([b" HTTP/1.1", b" HTTP/1.0", b" HTTP/2.0", b" HTTP/1.1 ", b" http/1.1"]),
+).map(b"".join)
+_FIELD_LINE = st.sampled_from([
+    b"Host: h", b"Host:", b"host: a b", b"Host: h", b"Content-Length: 3",
+    b"Content-Length: 99999999999999999999", b"Transfer-Encoding: chunked",
+    b"Transfer-Encoding: identity", b"Connection: close", b"X-A: 1", b"X_B: 2", b" folded",
+    b"\tfolded", b"Bad Name: x", b"X-C: a\x00b", b"X-D: a\rb", b"NoColon", b"X-E: " + b"e" * 8000,
+    b"X-F: \t v w \t", b"X-G:v", b"X-H: \x80\xff", b"X-I:  ", b"X-J: a:b", b":x", b"X-K : v",
+])
+
+
+@given(request_line=_REQUEST_LINE, fields=st.lists(st.tuples(_FIELD_LINE, _EOL), max_size=6),
+       first_eol=_EOL, last_eol=_EOL, repeat=st.sampled_from([1, 1, 1, 20, 60]))
+@example(request_line=b"GET /v2/ HTTP/1.1", fields=[(b"X-A: 1", b"\r\n")] * 2, first_eol=b"\r\n",
+         last_eol=b"\r\n", repeat=60)  # too many headers
+@example(request_line=b"GET /v2/ HTTP/1.1", fields=[(b"X-E: " + b"e" * 8000, b"\r\n")] * 3,
+         first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # head too large
+@example(request_line=b"GET /" + b"a" * 9000 + b" HTTP/1.1", fields=[(b"Host: h", b"\r\n")],
+         first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # request line too long
+@example(request_line=b"GET /v2/ HTTP/1.1",
+         fields=[(b"Host: h", b"\r\n"), (b"X-F: \t v \t", b"\r\n")],
+         first_eol=b"\r\n", last_eol=b"\r\n", repeat=1)  # whitespace around a value
+def test_whole_head_path_agrees_with_line_by_line(request_line, fields, first_eol, last_eol,
+                                                  repeat) -> None:
+    """A head fed whole is framed (or refused) exactly as the line-by-line path frames it."""
+    data = request_line + first_eol + b"".join(line + eol for line, eol in fields) * repeat
+    data += last_eol + b"abc"
+
+    def run(one_pass: bool):
+        framer = RequestFramer()
+        if not one_pass:
+            framer._whole_head = lambda: None
+        framer.feed(data)
+        events = []
+        try:
+            while (event := framer.next_event()) is not NEED_DATA:
+                events.append(event)
+        except PeerMisbehaved as error:
+            return summary(events), (error.status, error.reason, error.in_head), \
+                framer.refused_request_line
+        return summary(events), None, b"".join(e.raw for e in events)
+
+    assert run(True) == run(False)

@@ -353,7 +353,7 @@ def test_idle_timeout_survives_a_pause_at_the_end_of_the_body() -> None:
     """A body that completes while the upstream has the client paused leaves the keep-alive timeout in place."""
     site, agent, _, _ = make_site()
     channel, _ = connect(site)
-    inner = channel._channel
+    inner = channel
     assert inner.timeOut == 60
     channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nabc")
     body = agent.requests[0]["body"]
@@ -375,7 +375,7 @@ def test_idle_timeout_restored_after_answering_a_paused_client() -> None:
     body.startProducing(StringTransport())
     body.pauseProducing()
     clock.advance(20)
-    assert channel._channel.timeOut == 60
+    assert channel.timeOut == 60
 
 
 def test_pipelined_response_starts_paused_when_client_is_not_reading() -> None:
@@ -386,7 +386,7 @@ def test_pipelined_response_starts_paused_when_client_is_not_reading() -> None:
     first = response(200, {}, 3)
     agent.requests[0]["d"].callback(first)
     first._bodyDataReceived(b"abc")
-    channel._channel.pauseProducing()  # the client's socket buffer is full
+    channel.pauseProducing()  # the client's socket buffer is full
     first._bodyDataFinished(Failure(ResponseDone()))
     second = response(200, {}, 10)
     agent.requests[1]["d"].callback(second)

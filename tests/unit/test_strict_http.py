@@ -138,12 +138,11 @@ def test_bad_chunk_on_a_local_request_answers_400() -> None:
     assert client.disconnecting
 
 
-def test_twisted_parser_refusal_is_a_real_response() -> None:
-    """The channel's own refusal (the backstop behind the framer) is answered like the framer's."""
+def test_request_refusal_is_a_real_response() -> None:
+    """The channel's answer to a twisted.web request refusing itself is answered like the framer's."""
     site, agent, _, _ = make_site()
     channel, client = connect(site)
-    front = channel._channel
-    http.HTTPChannel.dataReceived(front, b"GET / HTTP/1.1\r\nBad Header\r\n\r\n")
+    channel._respondToBadRequestAndDisconnect()
     assert_refused(client, agent, 400, "bad-request")
 
 
@@ -336,13 +335,13 @@ def test_upstream_head_refused_is_502_with_its_reason() -> None:
     assert log.entries[-1].outcome == "upstream-bad-status-line"
 
 
-def test_twisted_refusal_mid_body_goes_through_the_request() -> None:
-    """A backstop refusal during a forwarded body aborts the upstream request and answers 400."""
+def test_request_refusal_mid_body_goes_through_the_request() -> None:
+    """A refusal during a forwarded body aborts the upstream request and answers 400."""
     site, agent, _, clock = make_site()
     channel, client = connect(site)
     channel.dataReceived(b"PUT /v2/b HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
     [sent] = agent.requests
-    channel._channel._respondToBadRequestAndDisconnect()
+    channel._respondToBadRequestAndDisconnect()
     clock.advance(0)
     assert sent["cancelled"] == [True]
     status, headers, _ = parse(client.value())
@@ -361,7 +360,8 @@ def test_refusal_is_access_logged_with_its_request_line() -> None:
     assert entry.outcome == "bad-request-target"
 
 
-# The framer and Twisted's parser agree on every valid request.
+# Every valid request the framer passes becomes the same request Twisted's
+# parser would have made of it.
 
 from dataclasses import dataclass as _dataclass  # noqa: E402
 
@@ -440,7 +440,7 @@ _GET = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
 
 
 @given(requests=st.lists(_request(), min_size=1, max_size=3), cuts=st.lists(st.integers(0, 400)))
-@example(  # Twisted replays pipelined bytes through dataReceived: once found double-framed.
+@example(  # Pipelined bytes held during a response: once found double-framed.
     requests=[
         (b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\n\x00",
          (b"GET", b"/", b"HTTP/1.1", b"\x00")),
@@ -450,7 +450,7 @@ _GET = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
     cuts=[52 + len(_GET) + 3],
 )
 def test_framer_and_twisted_agree_on_valid_requests(requests, cuts) -> None:
-    """Every valid request reaches Twisted's parser whole and unchanged, however it is split."""
+    """Every valid request reaches its request object whole and unchanged, however it is split."""
     data = b"".join(raw for raw, _ in requests)
     channel = FrontChannel()
     channel.requestFactory = _Recorded
