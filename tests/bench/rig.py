@@ -76,13 +76,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Concurrent keep-alive connections of the small-request load.
 CONNECTIONS = _env_int("BENCH_RIG_CONNECTIONS", 32)
 #: Seconds of each wrk run (after its warm-up run).
-SECONDS = _env_int("BENCH_RIG_SECONDS", 6)
+SECONDS = _env_int("BENCH_RIG_SECONDS", 5)
 #: Rounds of every measurement; the fronts' order alternates.
 ROUNDS = _env_int("BENCH_ROUNDS", 3)
 #: Idle connections held to measure memory per connection.
 HELD_CONNECTIONS = _env_int("BENCH_HELD_CONNECTIONS", 400)
 #: Download and upload size.
-BYTES = _env_int("BENCH_BYTES", 1 << 30)
+BYTES = _env_int("BENCH_BYTES", 512 << 20)
 #: Seconds of wrk warm-up before a front's first measurement.
 WARMUP_SECONDS = 2
 MB = 1e6
@@ -192,8 +192,11 @@ def start_balancer(workdir: Path, front_port: int) -> harness.Process:
 
 
 def start_quayfront(workdir: Path, name: str, upstream_port: int, cert: Path, key: Path,
-                    workers: str) -> Front:
-    """quayfront under twistd with the bench config and C{workers} workers."""
+                    workers: str, twistd_args: tuple[str, ...] = ()) -> Front:
+    """
+    quayfront under twistd with the bench config and C{workers} workers;
+    C{twistd_args} go to twistd before the plugin name (e.g. C{--reactor}).
+    """
     proxy_port, tls_port, metrics_port = free_ports(3)
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / f"{name}.toml"
@@ -203,7 +206,8 @@ def start_quayfront(workdir: Path, name: str, upstream_port: int, cert: Path, ke
         "CERT": str(cert), "KEY": str(key), "ACCESS_LOG": str(workdir / f"{name}-access.log"),
         "WORKERS": '"auto"' if workers == "auto" else workers,
     }))
-    argv = [*harness.twistd_command(), "-n", "--pidfile=", "quayfront", "--config", str(config)]
+    argv = [*harness.twistd_command(), "-n", "--pidfile=", *twistd_args, "quayfront",
+            "--config", str(config)]
     proc = spawn(name, argv, workdir, env=harness.quayfront_env(), cwd=REPO_ROOT)
     expected = cores() if workers == "auto" else int(workers)
     try:
@@ -396,33 +400,50 @@ def upload(subject: Subject, upstream: Upstream, source: Path, into: Transfers) 
 # --- held connections ----------------------------------------------------------------
 
 
+def _settled_rss(pids: list[int]) -> int:
+    """
+    The summed RSS of C{pids} once it stops moving (the front has finished
+    the last handshakes), bounded by a deadline.
+    """
+    deadline = time.monotonic() + 5
+    rss = rss_bytes_of(pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = rss_bytes_of(pids)
+        if now == rss:
+            break
+        rss = now
+    return rss
+
+
 def held_connection_bytes(subject: Subject) -> float:
     """
-    Growth of the front's summed RSS per idle connection held through the
-    balancer, with the PROXY header read and the TLS handshake done.
+    Memory per idle connection held through the balancer, with the PROXY
+    header read and the TLS handshake done: the growth of the front's
+    summed RSS from holding half of BENCH_HELD_CONNECTIONS to holding all
+    of them, divided by the other half.  The first half takes up whatever
+    the allocators kept free from earlier load (which would otherwise hide
+    the cost of a connection); the second is what connections cost.
     """
     ctx = harness.unverified_tls_context()
     held = []
     pids = subject.front.all_pids
-    before = rss_bytes_of(pids)
-    try:
-        for _ in range(HELD_CONNECTIONS):
+    half = max(1, HELD_CONNECTIONS // 2)
+
+    def hold(count: int) -> None:
+        for _ in range(count):
             raw = socket.create_connection((LOOPBACK, subject.port), timeout=10)
             held.append(ctx.wrap_socket(raw, server_hostname="localhost"))
-        # The front has finished with the last handshake once its RSS stops
-        # moving; bounded by a deadline.
-        deadline = time.monotonic() + 5
-        after = rss_bytes_of(pids)
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            now = rss_bytes_of(pids)
-            if now == after:
-                break
-            after = now
+
+    try:
+        hold(half)
+        before = _settled_rss(pids)
+        hold(half)
+        after = _settled_rss(pids)
     finally:
         for s in held:
             s.close()
-    return (after - before) / HELD_CONNECTIONS
+    return (after - before) / half
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -564,9 +585,10 @@ def _notes(labels: list[str]) -> str:
         "  must be 2xx (wrk's non-2xx and socket-error counts abort the run).",
         "Front CPU: utime + stime of the front's processes only (quayfront main + workers,",
         "  nginx master + workers), from /proc.  Transfers: curl, one connection, median",
-        "  round.  Memory per held connection: summed RSS growth over "
-        f"{HELD_CONNECTIONS} idle",
-        "  connections (PROXY header read, TLS handshake done), through HAProxy.",
+        "  round.  Memory per held connection: summed RSS growth from "
+        f"{HELD_CONNECTIONS // 2} to {HELD_CONNECTIONS} idle",
+        "  connections (PROXY header read, TLS handshake done), through HAProxy, per",
+        "  added connection.",
         "KiB = 1024 bytes, MB = 10^6 bytes.",
     ])
 
