@@ -498,3 +498,161 @@ def test_install_lean_reactor_keeps_an_installed_reactor(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "twisted.internet.reactor", sentinel)
     assert install_lean_reactor() is False
     assert sys.modules["twisted.internet.reactor"] is sentinel
+
+
+from twisted.protocols import tls as twisted_tls  # noqa: E402
+
+from quayfront.twistedadapter import (  # noqa: E402
+    LeanTLSProtocol,
+    lean_tls_server_factory,
+)
+
+
+def test_canary_tls_write_aggregation() -> None:
+    """BufferingTLSTransport still writes through _aggregator, an _AggregateSmallWrites(write, clock)."""
+    init = inspect.getsource(twisted_tls.BufferingTLSTransport.__init__)
+    assert "self._aggregator = _AggregateSmallWrites(actual_write, factory._clock)" in init
+    assert "self.write = self._aggregator.write" in init
+    aggregate = twisted_tls._AggregateSmallWrites
+    assert list(inspect.signature(aggregate).parameters) == ["write", "clock"]
+    written: list[bytes] = []
+    clock = MemoryReactorClock()
+    aggregator = aggregate(written.append, clock)
+    assert aggregator._write == written.append and aggregator._clock is clock
+    assert aggregator._buffer == [] and aggregator._scheduled is None
+    assert aggregator._bufferLeft == aggregate.MAX_BUFFER_SIZE
+    aggregator.write(b"a")
+    assert aggregator._scheduled is not None
+    aggregator._scheduledFlush()
+    assert written == [b"a"] and aggregator._scheduled is None
+    close = inspect.getsource(aggregate.close)
+    assert "self._scheduled.cancel()" in close
+    assert twisted_tls.TLSMemoryBIOFactory.protocol is twisted_tls.BufferingTLSTransport
+
+
+class _RecordingServerTLS:
+    """Hands out server-side connections on a fresh self-signed context."""
+
+    def __init__(self) -> None:
+        import datetime
+
+        from quayfront.config import TLSConfig
+        from quayfront.tls import CertificateStore, self_signed_certificate
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.store = CertificateStore(self_signed_certificate(now), [], TLSConfig(),
+                                      ticket_keys=[b"k" * 80])
+
+    def serverConnectionForTLS(self, protocol):
+        from OpenSSL import SSL
+
+        return SSL.Connection(self.store.default_context, None)
+
+
+def _tls_pair(reactor):
+    """A LeanTLSProtocol server and a plain pyOpenSSL client, in memory."""
+    from OpenSSL import SSL
+    from zope.interface import implementer
+    from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+
+    creator = implementer(IOpenSSLServerConnectionCreator)(_RecordingServerTLS)()
+    app = _Sink()
+    factory = lean_tls_server_factory(creator, Factory.forProtocol(lambda: app), reactor)
+    server = factory.buildProtocol(None)
+    wire = StringTransport()
+    server.makeConnection(wire)
+    client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    client = SSL.Connection(client_context, None)
+    client.set_connect_state()
+    for _ in range(20):
+        try:
+            client.do_handshake()
+        except SSL.WantReadError:
+            pass
+        try:
+            server.dataReceived(client.bio_read(1 << 16))
+        except SSL.WantReadError:
+            pass
+        if wire.value():
+            client.bio_write(wire.value())
+            wire.clear()
+        if server._handshakeDone and client.get_peer_finished() is not None:
+            break
+    return server, client, wire, app
+
+
+def _client_reads(client, wire) -> bytes:
+    from OpenSSL import SSL
+
+    client.bio_write(wire.value())
+    wire.clear()
+    out = b""
+    for _ in range(100):
+        try:
+            out += client.recv(1 << 16)
+        except SSL.WantReadError:
+            return out
+    raise AssertionError("client kept reading")
+
+
+def test_lean_tls_flushes_writes_after_the_event_on_the_lean_reactor() -> None:
+    """Writes made during an I/O event leave together as one TLS write when the event ends, not on a timer."""
+    reactor = LeanEPollReactor()
+    try:
+        server, client, wire, app = _tls_pair(reactor)
+        assert isinstance(server, LeanTLSProtocol)
+        reactor._in_event = True
+        server.write(b"HTTP/1.1 200 OK\r\n")
+        server.writeSequence([b"Content-Length: 2\r\n\r\n", b"ok"])
+        assert wire.value() == b""
+        assert reactor.getDelayedCalls() == []
+        reactor._in_event = False
+        reactor._run_after_event()
+        assert _client_reads(client, wire) == (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        # Outside an event (a timer's write) it falls back to the next iteration.
+        server.write(b"later")
+        assert len(reactor.getDelayedCalls()) == 1
+        reactor.getDelayedCalls()[0].func()
+        assert _client_reads(client, wire) == b"later"
+    finally:
+        for call in reactor.getDelayedCalls():
+            call.cancel()
+        reactor._poller.close()
+
+
+def test_lean_tls_on_another_clock_aggregates_as_twisted_does() -> None:
+    """On a clock without call_after_event (tests, other reactors), small writes go out on callLater(0)."""
+    clock = MemoryReactorClock()
+    server, client, wire, app = _tls_pair(clock)
+    server.write(b"a")
+    server.write(b"b")
+    assert wire.value() == b""
+    clock.advance(0)
+    assert _client_reads(client, wire) == b"ab"
+
+
+def test_lean_tls_lose_connection_flushes_and_closes() -> None:
+    """loseConnection sends what was written, then close_notify; a cancelled after-event flush is harmless."""
+    reactor = LeanEPollReactor()
+    try:
+        server, client, wire, app = _tls_pair(reactor)
+        reactor._in_event = True
+        server.write(b"bye")
+        server.loseConnection()
+        reactor._in_event = False
+        reactor._run_after_event()
+        from OpenSSL import SSL
+
+        client.bio_write(wire.value())
+        assert client.recv(100) == b"bye"
+        with pytest.raises(SSL.ZeroReturnError):
+            client.recv(100)
+        assert not wire.disconnecting
+        client.shutdown()
+        server.dataReceived(client.bio_read(1 << 16))
+        assert wire.disconnecting
+        server.connectionLost(Failure(ConnectionDone()))
+        reactor._run_after_event()
+    finally:
+        reactor._poller.close()
