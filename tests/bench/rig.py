@@ -42,6 +42,7 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,10 +193,10 @@ def start_balancer(workdir: Path, front_port: int) -> harness.Process:
 
 
 def start_quayfront(workdir: Path, name: str, upstream_port: int, cert: Path, key: Path,
-                    workers: str, twistd_args: tuple[str, ...] = ()) -> Front:
+                    workers: str, variant: str | None = None) -> Front:
     """
     quayfront under twistd with the bench config and C{workers} workers;
-    C{twistd_args} go to twistd before the plugin name (e.g. C{--reactor}).
+    C{variant}: on that reactor variant (L{tests.bench.variant_twistd}).
     """
     proxy_port, tls_port, metrics_port = free_ports(3)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -206,8 +207,10 @@ def start_quayfront(workdir: Path, name: str, upstream_port: int, cert: Path, ke
         "CERT": str(cert), "KEY": str(key), "ACCESS_LOG": str(workdir / f"{name}-access.log"),
         "WORKERS": '"auto"' if workers == "auto" else workers,
     }))
-    argv = [*harness.twistd_command(), "-n", "--pidfile=", *twistd_args, "quayfront",
-            "--config", str(config)]
+    twistd = harness.twistd_command()
+    if variant is not None:
+        twistd = [sys.executable, "-m", "tests.bench.variant_twistd", variant]
+    argv = [*twistd, "-n", "--pidfile=", "quayfront", "--config", str(config)]
     proc = spawn(name, argv, workdir, env=harness.quayfront_env(), cwd=REPO_ROOT)
     expected = cores() if workers == "auto" else int(workers)
     try:
