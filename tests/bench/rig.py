@@ -605,17 +605,29 @@ def _rig_note(r: Results, labels: list[str]) -> str:
         _split(r, labels),
     ]
     if "quayfront-auto" in labels and "quayfront-1" in labels:
-        qa = r.keepalive["quayfront-auto"]
+        q1, qa = r.keepalive["quayfront-1"], r.keepalive["quayfront-auto"]
         busy = qa.cpu.machine / qa.cpu.elapsed_s if qa.cpu.elapsed_s else 0.0
-        rig = (qa.cpu.client + qa.cpu.balancer + qa.cpu.upstream) / max(qa.cpu.elapsed_s, 1e-9)
+        rig_cores = (qa.cpu.client + qa.cpu.balancer + qa.cpu.upstream) / max(
+            qa.cpu.elapsed_s, 1e-9)
+        rig_us = qa.per_request_us(qa.cpu.client + qa.cpu.balancer + qa.cpu.upstream) or 0.0
+        front_us = q1.front_us or 0.0
+        # With every core busy and nothing else running, auto can serve at
+        # most cores / (front + rig CPU per request).
+        bound = cores() * 1e6 / (front_us + rig_us) if front_us + rig_us else None
         lines += [
             "",
-            f"quayfront-auto keep-alive: the machine was {busy:.2f} of {cores()} cores busy,"
+            f"quayfront-auto keep-alive: the machine was {busy:.2f} of {cores()} cores busy;"
             f" the rig (wrk, HAProxy,",
-            f"  upstream) took {rig:.2f} cores of it: "
-            + ("the 1 -> auto scaling is limited by the machine, not by quayfront"
-               if busy > 0.9 * cores() else
-               "cores were left idle, so the scaling is not limited by the rig"),
+            f"  upstream) used {rig_cores:.2f} cores ({rig_us:.0f} us per request).  With all"
+            f" {cores()} cores and the",
+            f"  1-worker front cost ({front_us:.0f} us), auto could serve at most"
+            f" {fmt(bound, 0)} req/s,",
+            f"  {ratio(bound, q1.requests_per_s)} the 1-worker rate; measured: "
+            f"{ratio(qa.requests_per_s, q1.requests_per_s)}.",
+            "  " + ("The machine was saturated: the scaling is bounded by the cores the rig and"
+                    " other load take, not by the workers."
+                    if busy > 0.9 * cores() else
+                    "Cores were left idle: the rig did not limit the scaling."),
         ]
     return "\n".join(lines)
 
