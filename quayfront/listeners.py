@@ -20,6 +20,7 @@ from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
+    wrapServerTLS,
 )
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -35,7 +36,6 @@ from zope.interface import implementer
 from quayfront.config import Config, ConfigError, ListenAddress
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ProxyHeaderFactory, ProxyHeaderPolicy
-from quayfront.twistedadapter import lean_tls_server_factory
 
 # Generous: a load balancer opens connections in bursts, and connections
 # that never send a header are closed on the header deadline anyway.  It is
@@ -486,23 +486,14 @@ class TLSListenerEndpoint:
     """
     TLS around the PROXY layer, keeping the PROXY layer reachable for its
     connection count.
-
-    @param tls_factory: wraps each listening factory in TLS, as
-        C{wrapServerTLS} does (C{(creator, factory, clock)}); the default
-        flushes small writes when the I/O event that made them ends.
     """
 
-    def __init__(self, proxy_layer: ProxyHeaderServerEndpoint, tls, reactor,
-                 tls_factory=lean_tls_server_factory) -> None:
+    def __init__(self, proxy_layer: ProxyHeaderServerEndpoint, tls, reactor) -> None:
         self.proxy_layer = proxy_layer
-        self._tls = tls
-        self._reactor = reactor
-        self._tls_factory = tls_factory
+        self._endpoint = wrapServerTLS(tls, proxy_layer, clock=reactor)
 
     def listen(self, protocolFactory):
-        return self.proxy_layer.listen(
-            self._tls_factory(self._tls, protocolFactory, self._reactor)
-        )
+        return self._endpoint.listen(protocolFactory)
 
     def open_connections(self) -> int:
         return self.proxy_layer.open_connections()

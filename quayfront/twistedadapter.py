@@ -324,8 +324,6 @@ class LeanEPollReactor(_EPollReactor):
 
     def __init__(self, log_context: bool = False, eager_writes: bool = True) -> None:
         super().__init__()
-        self._in_event = False
-        self._after_event: list = []
         self._log_context = log_context
         self._port_type = EagerWritePort if eager_writes else _tcp.Port
         self._connector_type = EagerWriteConnector if eager_writes else _tcp.Connector
@@ -347,41 +345,12 @@ class LeanEPollReactor(_EPollReactor):
             selectable = selectables.get(fd)
             if selectable is None:
                 continue
-            self._in_event = True
             try:
                 handle(selectable, fd, event)
             except KeyboardInterrupt:
                 raise
             except BaseException:
                 _log_escaped_error(selectable)
-            finally:
-                self._in_event = False
-            if self._after_event:
-                self._run_after_event()
-
-    def call_after_event(self, f) -> _AfterEvent:
-        """
-        Call C{f()} once the I/O event being handled is done (before the
-        next one), or on the next iteration (C{callLater(0)}) when no event
-        is being handled.  Returns a handle whose C{cancel()} prevents it.
-        """
-        if not self._in_event:
-            return self.callLater(0, f)
-        call = _AfterEvent(f)
-        self._after_event.append(call)
-        return call
-
-    def _run_after_event(self) -> None:
-        calls, self._after_event = self._after_event, []
-        for call in calls:
-            if call.cancelled:
-                continue
-            try:
-                call.f()
-            except KeyboardInterrupt:
-                raise
-            except BaseException:
-                _legacy_log.err(system="after-event call")
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
         listening = self._port_type(port, factory, backlog, interface, self)
@@ -399,19 +368,6 @@ class LeanEPollReactor(_EPollReactor):
         listening = adopt_port(self._port_type, self, fileDescriptor, addressFamily, factory)
         listening.startListening()
         return listening
-
-
-class _AfterEvent:
-    """A call L{LeanEPollReactor.call_after_event} will make."""
-
-    __slots__ = ("f", "cancelled")
-
-    def __init__(self, f) -> None:
-        self.f = f
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 def _log_escaped_error(selectable) -> None:
@@ -433,73 +389,3 @@ def install_lean_reactor() -> bool:
 
     installReactor(LeanEPollReactor())
     return True
-
-
-# TLS on the listener chain: Twisted's BufferingTLSTransport gathers small
-# writes and encrypts them together on the next reactor iteration
-# (C{_AggregateSmallWrites}, a C{callLater(0)} per response: a DelayedCall,
-# a heap push and pop, a pass through C{runUntilCurrent}).  On the lean
-# reactor, L{LeanTLSProtocol} flushes them instead when the I/O event that
-# made them is done (L{LeanEPollReactor.call_after_event}): the same
-# aggregation (everything one event writes leaves as one TLS write), without
-# the timer.  Private names: C{BufferingTLSTransport._aggregator} and its
-# C{write} bound over the instance's, C{_AggregateSmallWrites} (C{_write},
-# C{_buffer}, C{_bufferLeft}, C{_scheduled}, C{_scheduledFlush}, C{_clock}),
-# C{TLSMemoryBIOFactory._clock}.
-
-from twisted.protocols import tls as _tls
-
-
-class _AfterEventWrites(_tls._AggregateSmallWrites):
-    """
-    Twisted's small-write aggregation, flushed after the current I/O event
-    rather than on the next iteration when the clock can (else as before).
-    """
-
-    def __init__(self, write, clock) -> None:
-        super().__init__(write, clock)
-        after_event = getattr(clock, "call_after_event", None)
-        self._schedule = after_event if after_event is not None else self._call_later_0
-
-    def _call_later_0(self, f):
-        return self._clock.callLater(0, f)
-
-    def write(self, data: bytes) -> None:
-        self._buffer.append(data + b"")
-        self._bufferLeft -= len(data)
-        if self._bufferLeft < 0:
-            self.flush()
-            return
-        if self._scheduled:
-            return
-        self._scheduled = self._schedule(self._scheduledFlush)
-
-
-class LeanTLSProtocol(_tls.BufferingTLSTransport):
-    """
-    A server-side TLS connection whose small writes are flushed when the
-    I/O event that made them ends (see L{_AfterEventWrites}).
-    """
-
-    def __init__(self, factory, wrappedProtocol, _connectWrapped=True) -> None:
-        super().__init__(factory, wrappedProtocol, _connectWrapped)
-        self._aggregator = _AfterEventWrites(self._aggregator._write, factory._clock)
-        self.write = self._aggregator.write  # type: ignore[method-assign]
-
-
-def lean_tls_server_factory(creator, wrapped_factory, clock) -> _tls.TLSMemoryBIOFactory:
-    """
-    What C{wrapServerTLS} wraps each listening factory in, with
-    L{LeanTLSProtocol} connections.
-    """
-    factory = _tls.TLSMemoryBIOFactory(creator, False, wrapped_factory, clock)
-    factory.protocol = LeanTLSProtocol
-    return factory
-
-
-def stock_tls_server_factory(creator, wrapped_factory, clock) -> _tls.TLSMemoryBIOFactory:
-    """
-    Exactly what C{wrapServerTLS} wraps each listening factory in (for
-    measuring the difference).
-    """
-    return _tls.TLSMemoryBIOFactory(creator, False, wrapped_factory, clock)

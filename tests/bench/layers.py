@@ -124,8 +124,5 @@ def run(workdir: Path) -> str:
         f"{rig.ROUNDS} round(s), variants alternating;",
         "CPU per request = the server process's CPU over all rounds / all requests.",
         "no-log-context: without Twisted's per-event callWithLogger; eager-writes: send()",
-        "at once when nothing is buffered; lean-reactor: both; lean: both, and TLS writes",
-        "flushed when the I/O event that made them ends instead of by callLater(0) (what",
-        "quayfront runs).  quayfront's TLS layer flushes after the event only on the lean",
-        "reactor (else by callLater(0), as Twisted's): its 'lean' has all three changes.",
+        "at once when nothing is buffered; lean: both (what quayfront installs).",
     ])

@@ -10,13 +10,11 @@ The relay reads a request head from the client, sends a fixed
 writes the upstream's answer back when it is complete: per request, one
 read and one write on each of the two sockets, as a proxy does.
 
-VARIANT picks the reactor before anything imports one, and the TLS layer:
-  - C{stock}: Twisted's epoll reactor and TLS wrapper (C{wrapServerTLS});
+VARIANT picks the reactor before anything imports one:
+  - C{stock}: Twisted's epoll reactor;
   - C{no-log-context}: without the per-event log context only;
   - C{eager-writes}: with eager TCP writes only;
-  - C{lean-reactor}: both;
-  - C{lean}: both, and TLS writes flushed after the I/O event instead of on
-    the next iteration (what quayfront runs).
+  - C{lean}: both (what quayfront installs).
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 
-VARIANTS = ("stock", "no-log-context", "eager-writes", "lean-reactor", "lean")
+VARIANTS = ("stock", "no-log-context", "eager-writes", "lean")
 
 
 def install(variant: str) -> None:
@@ -40,7 +38,7 @@ def install(variant: str) -> None:
         installReactor(LeanEPollReactor(log_context=False, eager_writes=False))
     elif variant == "eager-writes":
         installReactor(LeanEPollReactor(log_context=True, eager_writes=True))
-    elif variant in ("lean-reactor", "lean"):
+    elif variant == "lean":
         installReactor(LeanEPollReactor())
     else:
         sys.exit(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
@@ -56,11 +54,10 @@ def main() -> None:
     from twisted.internet.protocol import ClientFactory, Factory, Protocol
 
     from quayfront.config import ListenAddress, TLSConfig
-    from quayfront.listeners import ProxyHeaderServerEndpoint, TLSListenerEndpoint, tcp_endpoint
+    from quayfront.listeners import listener_endpoint
     from quayfront.metrics import Counters
     from quayfront.proxylayer import ProxyHeaderPolicy
     from quayfront.tls import load_server_tls
-    from quayfront.twistedadapter import lean_tls_server_factory, stock_tls_server_factory
 
     class UpstreamLeg(Protocol):
         def __init__(self, front: Relay) -> None:
@@ -122,13 +119,8 @@ def main() -> None:
     tls = load_server_tls(TLSConfig(cert=cert, key=key), "bench")
     policy = ProxyHeaderPolicy(listener="proxy", required=True,
                                trusted=(ipaddress.ip_network("127.0.0.0/8"),))
-    # As quayfront.listeners.listener_endpoint composes it, with the TLS
-    # wrapper of the variant.
-    proxy_layer = ProxyHeaderServerEndpoint(
-        tcp_endpoint(reactor, ListenAddress("127.0.0.1", int(port))), policy, reactor,
-        Counters(), 10.0)
-    tls_factory = lean_tls_server_factory if variant == "lean" else stock_tls_server_factory
-    endpoint = TLSListenerEndpoint(proxy_layer, tls, reactor, tls_factory=tls_factory)
+    endpoint = listener_endpoint(reactor, ListenAddress("127.0.0.1", int(port)), policy, tls,
+                                 Counters(), handshake_timeout_s=10.0)
     factory = Factory.forProtocol(Relay)
     factory.noisy = False
     endpoint.listen(factory).addErrback(lambda f: (print(f, file=sys.stderr), reactor.stop()))
