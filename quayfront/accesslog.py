@@ -31,9 +31,12 @@ from typing import IO, Callable
 from twisted.application.service import Service
 from twisted.logger import Logger
 
+from quayfront.http._endings import CLIENT_CLOSED_STATUS
+
 # The status nginx logs for a request whose client went away before the
-# response started; operators' dashboards already know it.
-CLIENT_CLOSED_REQUEST = 499
+# response started; operators' dashboards already know it.  One entry of
+# the table of endings.
+CLIENT_CLOSED_REQUEST = CLIENT_CLOSED_STATUS
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,24 @@ closed after it rather than reading the rest of the body.  For the same
 reason a client's C{Expect: 100-continue} is answered only once the upstream
 has the request head, so a client that asked first never sends a body the
 upstream has already refused.
+
+What happens when is decided by the exchange model
+(L{quayfront.http.Exchange}): L{Forwarding} only turns callbacks into its
+events and its actions into calls, and how a request ended (status,
+registry error code, log reason) comes from the table of endings
+(L{quayfront.http.ENDINGS}).  The upstream is reached only through
+C{IAgent}, C{IResponse} and C{IBodyProducer}.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Callable
+from collections import deque
+from dataclasses import replace
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -47,7 +55,20 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from quayfront.headers import client_response_headers, upstream_request_headers
-from quayfront.http import UpstreamMisbehaved
+from quayfront.http import (
+    AbortClient,
+    Action,
+    Answer,
+    Arm,
+    Deadline,
+    Disarm,
+    Ending,
+    Event,
+    Exchange,
+    UpstreamMisbehaved,
+    ending_for,
+)
+from quayfront.http import _endings as endings
 from quayfront.limits import Overloaded
 from quayfront.routing import Route
 from quayfront.twistedadapter import (
@@ -57,6 +78,37 @@ from quayfront.twistedadapter import (
     waiting_for_client,
 )
 from quayfront.upstream import upstream_uri
+
+# The events and deadlines Forwarding uses, as module-level names: on
+# Python 3.11 reading an Enum member through its class costs a descriptor
+# call, on every event.
+_ADMITTED = Event.ADMITTED
+_BODY_CHUNK = Event.BODY_CHUNK
+_BODY_END = Event.BODY_END
+_CLIENT_GONE = Event.CLIENT_GONE
+_CLIENT_MISBEHAVED = Event.CLIENT_MISBEHAVED
+_DOWNLOAD_IDLE_TIMEOUT = Event.DOWNLOAD_IDLE_TIMEOUT
+_DRAINING = Event.DRAINING
+_DRAIN_TIMEOUT = Event.DRAIN_TIMEOUT
+_HEAD_COMPLETE = Event.HEAD_COMPLETE
+_NOT_ADMITTED = Event.NOT_ADMITTED
+_RATE_ALLOWED = Event.RATE_ALLOWED
+_RATE_LIMITED = Event.RATE_LIMITED
+_RESPONSE_DATA = Event.RESPONSE_DATA
+_RESPONSE_END = Event.RESPONSE_END
+_RESPONSE_HEAD = Event.RESPONSE_HEAD
+_RESPONSE_TIMEOUT = Event.RESPONSE_TIMEOUT
+_RESPONSE_TRUNCATED = Event.RESPONSE_TRUNCATED
+_UPLOAD_IDLE_TIMEOUT = Event.UPLOAD_IDLE_TIMEOUT
+_UPLOAD_PAUSED = Event.UPLOAD_PAUSED
+_UPLOAD_RESUMED = Event.UPLOAD_RESUMED
+_UPLOAD_STOPPED = Event.UPLOAD_STOPPED
+_UPSTREAM_FAILED = Event.UPSTREAM_FAILED
+_UPSTREAM_READY = Event.UPSTREAM_READY
+_DOWNLOAD_IDLE_DEADLINE = Deadline.DOWNLOAD_IDLE
+_DRAIN_DEADLINE = Deadline.DRAIN
+_RESPONSE_DEADLINE = Deadline.RESPONSE
+_UPLOAD_IDLE_DEADLINE = Deadline.UPLOAD_IDLE
 
 # Paths whose clients (docker, podman, skopeo, containerd) expect registry
 # errors as JSON and retry 502/503/504.
@@ -70,92 +122,67 @@ def header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
 @implementer(IBodyProducer)
 class RequestBodyStream:
     """
-    The client's request body as the agent's body producer: chunks are
-    pushed in by the HTTP channel as they arrive, and the agent's
-    pause/resume stop and restart reading from the client.
+    The client's request body as the agent's body producer.  What the agent
+    does to it (start, pause, resume, stop) goes to the exchange as events;
+    the exchange says when chunks are held, written or dropped.
     """
 
-    def __init__(
-        self,
-        length: int,
-        pause_client: Callable[[], None],
-        resume_client: Callable[[], None],
-        started: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, length: int, forwarding: Forwarding) -> None:
         self.length = length
-        self._pause_client = pause_client
-        self._resume_client = resume_client
-        self._started = started
+        self._forwarding = forwarding
         self._consumer = None
-        # Chunks that arrived before the upstream connection was ready; at
+        # Chunks that arrived before the upstream was ready for the body; at
         # most one read's worth, since the client is paused on the first.
-        self._backlog: list[bytes] = []
-        self._producing: Deferred | None = None
-        self._complete = False
-        self._stopped = False
-        self.upstream_paused = False
-        self.bytes_received = 0
+        self._held: list[bytes] = []
+        self._producing: Deferred = Deferred()
 
     @property
     def complete(self) -> bool:
-        return self._complete
+        return self._forwarding.body_complete
 
-    # Fed by the client side.
+    @property
+    def bytes_received(self) -> int:
+        return self._forwarding.body_bytes_received
 
-    def body_chunk(self, data: bytes) -> None:
-        self.bytes_received += len(data)
-        if self._stopped:
-            return
-        if self._consumer is None:
-            self._backlog.append(data)
-            self._pause_client()
-            return
+    # Actions of the exchange.
+
+    def hold(self, data: bytes) -> None:
+        self._held.append(data)
+
+    def flush(self) -> None:
+        held, self._held = self._held, []
+        for chunk in held:
+            self._consumer.write(chunk)
+
+    def write(self, data: bytes) -> None:
         self._consumer.write(data)
-        if self.upstream_paused:
-            # The channel resumes its transport on its own schedule (after
-            # writing a 100 Continue, for one); the upstream still wants a
-            # pause, and says so only once.
-            self._pause_client()
 
-    def body_complete(self) -> None:
-        self._complete = True
-        producing, self._producing = self._producing, None
-        if producing is not None:
-            producing.callback(None)
+    def finish(self) -> None:
+        self._producing.callback(None)
+
+    def stop(self) -> None:
+        # The agent no longer waits for the Deferred, and further client
+        # bytes have nowhere to go.
+        self._held = []
 
     # IBodyProducer, driven by the agent.
 
     def startProducing(self, consumer) -> Deferred:
         self._consumer = consumer
-        self._started()
-        backlog, self._backlog = self._backlog, []
-        for chunk in backlog:
-            consumer.write(chunk)
-        if self._complete:
-            return succeed(None)
-        self._producing = Deferred()
-        if not self.upstream_paused:
-            self._resume_client()
-        return self._producing
+        producing = self._producing
+        self._forwarding.feed(_UPSTREAM_READY)
+        return producing
 
     def pauseProducing(self) -> None:
-        self.upstream_paused = True
-        self._pause_client()
+        self._forwarding.feed(_UPLOAD_PAUSED)
 
     def resumeProducing(self) -> None:
-        self.upstream_paused = False
-        if not self._stopped:
-            self._resume_client()
+        self._forwarding.feed(_UPLOAD_RESUMED)
 
     def stopProducing(self) -> None:
-        # The upstream request is over (answered early, failed, cancelled):
-        # the agent no longer waits for the Deferred, and further client
-        # bytes have nowhere to go.
-        self._stopped = True
-        self._producing = None
-        self._backlog = []
-
-    stop = stopProducing
+        # The upstream request is over on the agent's side (answered early,
+        # failed, cancelled).
+        self._forwarding.feed(_UPLOAD_STOPPED)
 
 
 class ResponseRelay(Protocol):
@@ -169,14 +196,10 @@ class ResponseRelay(Protocol):
 
     def connectionMade(self) -> None:
         forwarding = self._forwarding
-        request = forwarding.request
         # The upstream socket itself, for aborting an exchange that ended
         # early (the proxy producer lets go of it when the body ends).
         forwarding.upstream_transport = proxied_transport(self.transport)
-        if client_gone(request):
-            self.transport.stopProducing()
-            return
-        request.registerProducer(self.transport, True)
+        forwarding.request.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
         self._forwarding.response_data(data)
@@ -185,9 +208,56 @@ class ResponseRelay(Protocol):
         self._forwarding.response_ended(reason)
 
 
+class DiscardedResponse(Protocol):
+    """
+    The body of a response that came for an exchange already over: the
+    upstream is stopped (its connection aborted) and nothing is relayed.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+class _ClientReading:
+    """
+    Pausing and resuming reading from the client connection.  A client
+    quayfront stopped reading from is not idle, so a pause also takes the
+    channel's idle timeout away, until it is given back.
+    """
+
+    def __init__(self, request) -> None:
+        self._request = request
+        self._saved_timeout: list[float | None] = []
+
+    def pause(self) -> None:
+        channel = getattr(self._request, "channel", None)
+        if channel is None:
+            return
+        channel.transport.pauseProducing()
+        if not self._saved_timeout:
+            self._saved_timeout.append(channel.setTimeout(None) or 0)
+
+    def resume(self) -> None:
+        channel = getattr(self._request, "channel", None)
+        if channel is None:
+            return
+        self.restore_timeout()
+        channel.transport.resumeProducing()
+
+    def restore_timeout(self) -> None:
+        channel = getattr(self._request, "channel", None)
+        if not self._saved_timeout or channel is None:
+            return
+        saved = self._saved_timeout.pop()
+        hand_back_idle_timeout(channel, saved or None)
+
+
 class Forwarding:
     """
-    One client request on its way to the upstream and back.
+    One client request on its way to the upstream and back: the Twisted
+    side of an L{Exchange}.  Callbacks (the channel's, the rate limiter's,
+    the concurrency cap's, the agent's, the timers') become events, and
+    the exchange's actions become calls; all the state is the exchange's.
     """
 
     _log = Logger()
@@ -207,24 +277,24 @@ class Forwarding:
         self.route = route
         self._limits = route.config
         self._clock = clock
+        self._client_ip = client_ip
         self._started_s = clock.seconds()
         self.upstream_response_time_s: float | None = None
-        self.failure_reason: str | None = None
-        self._relay: ResponseRelay | None = None
+        # The Twisted objects the exchange's actions act on, set by the
+        # actions that make them (the exchange never asks for one before).
+        self._admission: Deferred
+        self._upstream: Deferred
+        self._relay = ResponseRelay(self)
         self.upstream_transport = None
-        self._client_paused_timeout: object = None
-        self._admission: Deferred | None = None
-        self._upstream: Deferred | None = None
-        self._holding_slot = False
-        self._over = False
-        # Set once quayfront itself stops the upstream request, so the
-        # failure that cancelling produces is not answered a second time.
-        self._abandoned = False
-        # The client connection is being aborted: nothing may finish it.
-        self._aborting_client = False
-        self._response_timer: IDelayedCall | None = None
-        self._watchdog: IDelayedCall | None = None
+        self._client = _ClientReading(request)
+        self._timers: dict[Deadline, IDelayedCall] = {}
         self._last_activity_s = self._started_s
+        self._drain_timeout_s = 0.0
+        # Events raised while the actions of an earlier one run (an agent
+        # that starts the body inside request(), a cancel that fails a
+        # Deferred at once) wait their turn.
+        self._events: deque[tuple[Event, bytes | object, dict]] = deque()
+        self._handling = False
 
         self._headers = Headers()
         for name, value in upstream_request_headers(
@@ -239,61 +309,187 @@ class Forwarding:
         # The channel reports length None for a chunked body and 0 both for
         # "Content-Length: 0" and for no body at all; only the first two are
         # sent with a body (the agent writes the framing itself).
-        self.body: RequestBodyStream | None = None
-        if length is None or request.requestHeaders.hasHeader(b"content-length"):
-            self.body = RequestBodyStream(
-                UNKNOWN_LENGTH if length is None else length,
-                self._pause_client,
-                self._resume_client,
-                started=request.send_held_continue,
-            )
+        has_body = length is None or request.requestHeaders.hasHeader(b"content-length")
+        self.exchange = Exchange(
+            has_body=has_body, length=length, max_body_bytes=self._limits.max_body_bytes
+        )
+        self.body: RequestBodyStream | None = (
+            RequestBodyStream(UNKNOWN_LENGTH if length is None else length, self)
+            if has_body
+            else None
+        )
         request.notifyFinish().addErrback(self._client_gone)
+        self.feed(_HEAD_COMPLETE)
 
-        max_body = self._limits.max_body_bytes
-        too_large = bool(max_body and length is not None and length > max_body)
-        wait_s = None
-        if not too_large and route.rate_limiter is not None:
-            wait_s = route.rate_limiter.check(client_ip)
-        if too_large:
-            self._fail(413, "body-too-large")
-        elif isinstance(wait_s, Deferred):
-            # A zone in the shared store decides later (within its
-            # op_timeout_s); the Deferred never fails.
-            wait_s.addCallback(self._rate_limit_decided)
-        elif wait_s is not None:
-            self._fail(429, "rate-limited", retry_after_s=wait_s)
-        else:
-            self._request_admission()
-
-    def _request_admission(self) -> None:
-        self._arm_watchdog()
-        self._admission = self.route.upstream.limiter.acquire()
-        self._admission.addCallbacks(self._admitted, self._not_admitted)
-
-    def _rate_limit_decided(self, wait_s: float | None) -> None:
-        if self._over:
-            return
-        if wait_s is not None:
-            self._fail(429, "rate-limited", retry_after_s=wait_s)
-        else:
-            self._request_admission()
+    # What site.py and the access log read.
 
     @property
     def body_complete(self) -> bool:
-        return self.body is None or self.body.complete
+        return self.exchange.body_complete
 
     @property
     def body_bytes_received(self) -> int:
-        return 0 if self.body is None else self.body.bytes_received
+        return self.exchange.body_bytes
 
-    # Admission.
+    @property
+    def ending(self) -> Ending | None:
+        return self.exchange.ending
+
+    @property
+    def failure_reason(self) -> str | None:
+        ending = self.exchange.ending
+        return None if ending is None else ending.reason
+
+    # Events in.
+
+    def feed(self, event: Event, data: object = None, **payload) -> None:
+        """
+        Hand C{event} to the exchange and carry out its actions; C{data} is
+        what the actions carry (a body chunk, a response).
+        """
+        if self._handling:
+            self._events.append((event, data, payload))
+            return
+        handle = self.exchange.handle
+        self._carry_out(handle(event, **payload) if payload else handle(event), data)
+
+    def _carry_out(self, actions: tuple, data: object) -> None:
+        """
+        Carry out C{actions}, then the actions of the events they raised.
+        """
+        self._handling = True
+        handle = self.exchange.handle
+        events = self._events
+        try:
+            while True:
+                for action in actions:
+                    if type(action) is Action:
+                        _ACTIONS[action](self, data)
+                    else:
+                        self._act(action)
+                if not events:
+                    break
+                event, data, payload = events.popleft()
+                actions = handle(event, **payload)
+        finally:
+            self._handling = False
+            events.clear()
+
+    def body_chunk(self, data: bytes) -> None:
+        self._last_activity_s = self._clock.seconds()
+        if self._handling:
+            self.feed(_BODY_CHUNK, data, size=len(data))
+        else:
+            self._carry_out(self.exchange.body_chunk(len(data)), data)
+
+    def body_done(self) -> None:
+        self.feed(_BODY_END)
+
+    def client_misbehaved(self, status: int, reason: str) -> None:
+        """
+        The client broke the framing of its request body: the upstream
+        request is aborted (incomplete) and the client answered C{status}
+        and closed, or only closed if its response has started.
+        """
+        self.feed(_CLIENT_MISBEHAVED, ending=ending_for(reason, status))
+
+    def drain_started(self, timeout_s: float) -> None:
+        """
+        The process drains: the exchange is cut off (both connections
+        aborted) if it is still under way in C{timeout_s}.
+        """
+        self._drain_timeout_s = timeout_s
+        self.feed(_DRAINING)
+
+    def _client_gone(self, reason: Failure) -> None:
+        self.feed(_CLIENT_GONE)
+
+    def _rate_limit_decided(self, wait_s: float | None) -> None:
+        if wait_s is None:
+            self.feed(_RATE_ALLOWED)
+        else:
+            self.feed(_RATE_LIMITED, retry_after_s=wait_s)
 
     def _admitted(self, _: object) -> None:
-        self._admission = None
-        self._holding_slot = True
-        if self._over:
-            self._release_slot()
+        self.feed(_ADMITTED)
+
+    def _not_admitted(self, failure: Failure) -> None:
+        if failure.check(CancelledError):
+            # Cancelled by the exchange's own ending.
             return
+        failure.trap(Overloaded)
+        self.feed(_NOT_ADMITTED, ending=ending_for(failure.value.reason, 503))
+
+    def _got_response(self, response) -> None:
+        self.upstream_response_time_s = self._clock.seconds() - self._started_s
+        self._last_activity_s = self._clock.seconds()
+        self.feed(_RESPONSE_HEAD, response)
+
+    def response_data(self, data: bytes) -> None:
+        self._last_activity_s = self._clock.seconds()
+        if self._handling:
+            self.feed(_RESPONSE_DATA, data)
+        elif self.exchange.response_data():
+            self.request.write(data)
+
+    def response_ended(self, reason: Failure) -> None:
+        request = self.request
+        if request.producer is not None:
+            request.unregisterProducer()
+        # PotentialDataLoss: a body delimited by the upstream closing the
+        # connection, complete by HTTP's own definition.
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.feed(_RESPONSE_END)
+        else:
+            self.feed(_RESPONSE_TRUNCATED, detail=reason.getErrorMessage())
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        misbehaved = _upstream_misbehaved(failure)
+        if misbehaved is not None:
+            ending = ending_for(misbehaved.reason, 502)
+        elif failure.check(net_error.ConnectError, net_error.DNSLookupError):
+            ending = endings.UPSTREAM_UNREACHABLE
+        elif failure.check(ResponseNeverReceived, ResponseFailed, net_error.ConnectionLost):
+            ending = endings.UPSTREAM_RESET
+        else:
+            # A cancelled request among them: the exchange ended already
+            # and takes no notice.
+            ending = endings.UPSTREAM_ERROR
+        self.feed(_UPSTREAM_FAILED, ending=ending, detail=_describe(failure))
+
+    # Actions out.
+
+    def _act(self, action: Arm | Disarm | Answer | AbortClient) -> None:
+        if type(action) is Arm:
+            self._arm(action.deadline)
+        elif type(action) is Disarm:
+            self._timers.pop(action.deadline).cancel()
+        elif type(action) is Answer:
+            self._answer_with(action)
+        else:
+            self._abort_client(action)
+
+    def _ask_rate_limiter(self, _) -> None:
+        limiter = self.route.rate_limiter
+        wait_s = None if limiter is None else limiter.check(self._client_ip)
+        if isinstance(wait_s, Deferred):
+            # A zone in the shared store decides later (within its
+            # op_timeout_s); the Deferred never fails.
+            wait_s.addCallback(self._rate_limit_decided)
+        else:
+            self._rate_limit_decided(wait_s)
+
+    def _ask_admission(self, _) -> None:
+        self._admission = self.route.upstream.limiter.acquire()
+        self._admission.addCallbacks(self._admitted, self._not_admitted)
+
+    def _cancel_admission(self, _) -> None:
+        self._admission.cancel()
+
+    def _release_slot(self, _) -> None:
+        self.route.upstream.limiter.release()
+
+    def _start_upstream_request(self, _) -> None:
         request = self.request
         try:
             self._upstream = self.route.upstream.agent.request(
@@ -302,162 +498,78 @@ class Forwarding:
         except Exception as error:
             # The agent refuses some requests synchronously (an invalid URI);
             # the request must still end and give its slot back.
-            self._fail(502, "upstream-request-refused", detail=str(error))
-            return
-        self._upstream.addCallbacks(self._got_response, self._upstream_failed)
-        if self.body_complete and not self._over:
-            self._arm_response_timer()
-
-    def _not_admitted(self, failure: Failure) -> None:
-        self._admission = None
-        if failure.check(CancelledError):
-            return
-        failure.trap(Overloaded)
-        self._fail(503, failure.value.reason)
-
-    def _release_slot(self) -> None:
-        if self._holding_slot:
-            self._holding_slot = False
-            self.route.upstream.limiter.release()
-
-    # Timers.
-
-    def _arm_response_timer(self) -> None:
-        # Armed by whichever comes last of admission and the end of the
-        # body; both may ask for a body-less request.
-        if self._response_timer is not None:
-            return
-        self._response_timer = self._clock.callLater(
-            self._limits.response_timeout_s, self._response_timed_out
-        )
-
-    def _response_timed_out(self) -> None:
-        self._response_timer = None
-        self._abandon_upstream()
-        self._fail(504, "upstream-timeout")
-
-    def _arm_watchdog(self) -> None:
-        self._watchdog = self._clock.callLater(self._limits.idle_timeout_s, self._check_idle)
-
-    def _check_idle(self) -> None:
-        self._watchdog = None
-        if self._over:
-            return
-        idle_s = self._clock.seconds() - self._last_activity_s
-        if idle_s < self._limits.idle_timeout_s:
-            self._watchdog = self._clock.callLater(
-                self._limits.idle_timeout_s - idle_s, self._check_idle
+            self.feed(
+                _UPSTREAM_FAILED,
+                ending=endings.UPSTREAM_REQUEST_REFUSED,
+                detail=str(error),
             )
             return
-        if self._admission is not None:
-            # Waiting for an upstream slot: the queue's own timeout decides.
-            self._watchdog = self._clock.callLater(self._limits.idle_timeout_s, self._check_idle)
-        elif self._relay is not None:
-            # Mid-response: either side may be the one that stopped.
-            self._abort_exchange("response-idle-timeout")
-        elif not self.body_complete:
-            stalled_upstream = self.body is not None and self.body.upstream_paused
-            self._abandon_upstream()
-            if stalled_upstream:
-                self._fail(504, "upstream-stalled")
-            else:
-                self._fail(408, "client-body-timeout")
+        self._upstream.addCallbacks(self._got_response, self._upstream_failed)
 
-    def _touch(self) -> None:
-        self._last_activity_s = self._clock.seconds()
+    def _cancel_upstream_request(self, _) -> None:
+        # Also when the agent's Deferred has fired with the pooled
+        # connection and waits on the request: cancel() reaches the inner
+        # Deferred and aborts that connection.
+        self._upstream.cancel()
 
-    # Backpressure on the client connection.
+    def _stop_upstream_response(self, _) -> None:
+        if self._relay.transport is not None:
+            self._relay.transport.stopProducing()
 
-    def _pause_client(self) -> None:
-        channel = getattr(self.request, "channel", None)
-        if channel is None:
-            return
-        channel.transport.pauseProducing()
-        # A client we stopped reading from is not idle: do not time it out.
-        if self._client_paused_timeout is None:
-            self._client_paused_timeout = channel.setTimeout(None) or 0
+    def _abort_upstream_connection(self, _) -> None:
+        if self.upstream_transport is not None:
+            self.upstream_transport.abortConnection()
 
-    def _resume_client(self) -> None:
-        channel = getattr(self.request, "channel", None)
-        if channel is None:
-            return
-        self._restore_client_timeout()
-        channel.transport.resumeProducing()
+    def _send_continue(self, _) -> None:
+        self.request.send_held_continue()
 
-    def _restore_client_timeout(self) -> None:
-        """
-        Give the channel back the idle timeout a pause took away.
-        """
-        saved, self._client_paused_timeout = self._client_paused_timeout, None
-        channel = getattr(self.request, "channel", None)
-        if saved is None or channel is None:
-            return
-        hand_back_idle_timeout(channel, saved or None)
+    def _flush_held(self, _) -> None:
+        self.body.flush()
 
-    # The client's side of the exchange.
+    def _hold_chunk(self, data: bytes) -> None:
+        self.body.hold(data)
 
-    def body_chunk(self, data: bytes) -> None:
-        body = self.body
-        if body is None or self._over:
-            return
-        self._touch()
-        max_body = self._limits.max_body_bytes
-        if max_body and body.bytes_received + len(data) > max_body:
-            # Not one byte past the limit reaches the upstream.
-            body.bytes_received += len(data)
-            self._abandon_upstream()
-            self._fail(413, "body-too-large")
-            return
-        body.body_chunk(data)
+    def _forward_chunk(self, data: bytes) -> None:
+        self.body.write(data)
 
-    def body_done(self) -> None:
-        self._restore_client_timeout()
-        if self.body is not None:
-            self.body.body_complete()
-        if self._watchdog is not None and self._relay is None:
-            # Waiting for the response head is the response timer's job.
-            self._watchdog.cancel()
-            self._watchdog = None
-        if self._upstream is not None and self._relay is None and not self._over:
-            self._arm_response_timer()
+    def _finish_upload(self, _) -> None:
+        self.body.finish()
 
-    def client_misbehaved(self, status: int, reason: str) -> None:
-        """
-        The client broke the framing of its request body: the upstream
-        request is aborted (incomplete) and the client answered C{status}
-        and closed, or only closed if its response has started.
-        """
-        if self._over:
-            return
-        self._abandon_upstream()
-        if self.request.startedWriting:
-            self.failure_reason = reason
-            self._aborting_client = True
-            self._end()
-            channel = getattr(self.request, "channel", None)
-            if channel is not None:
-                channel.transport.abortConnection()
-            return
-        self._fail(status, reason)
+    def _stop_upload(self, _) -> None:
+        self.body.stop()
 
-    def _client_gone(self, reason: Failure) -> None:
-        if self.failure_reason is None:
-            self.failure_reason = "client-closed"
-        self._abandon_upstream()
-        self._end()
+    def _pause_client(self, _) -> None:
+        self._client.pause()
 
-    # The upstream's side.
+    def _resume_client(self, _) -> None:
+        self._client.resume()
 
-    def _got_response(self, response) -> None:
-        if self._response_timer is not None:
-            self._response_timer.cancel()
-            self._response_timer = None
-        self.upstream_response_time_s = self._clock.seconds() - self._started_s
+    def _restore_client_timeout(self, _) -> None:
+        self._client.restore_timeout()
+
+    def _relay_head(self, response) -> None:
         request = self.request
-        self._relay = ResponseRelay(self)
-        if client_gone(request) or self._over:
-            response.deliverBody(self._relay)
-            return
+        self._set_response_head(response)
+        if not self._limits.keepalive:
+            close_after_response(request)
+        self._deliver(response)
+
+    def _relay_early_head(self, response) -> None:
+        request = self.request
+        self._set_response_head(response)
+        # An early answer: the rest of the body is not read.
+        self._log.info(
+            "upstream answered {status} to {method} {uri} before the request body was"
+            " complete; closing the client connection after the answer",
+            status=response.code,
+            method=_text(request.method),
+            uri=_text(request.uri),
+        )
+        stop_reading_requests(request)
+        self._deliver(response)
+
+    def _set_response_head(self, response) -> None:
+        request = self.request
         request.setResponseCode(response.code, response.phrase)
         for name, value in client_response_headers(header_pairs(response.headers)):
             request.responseHeaders.addRawHeader(name, value)
@@ -467,23 +579,10 @@ class Forwarding:
             and response.code not in http.NO_BODY_CODES
         ):
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
-        if not self.body_complete:
-            # An early answer: the rest of the body is not read.
-            self._log.info(
-                "upstream answered {status} to {method} {uri} before the request body was"
-                " complete; closing the client connection after the answer",
-                status=response.code,
-                method=_text(request.method),
-                uri=_text(request.uri),
-            )
-            stop_reading_requests(request)
-        elif not self._limits.keepalive:
-            close_after_response(request)
-        self._touch()
-        if self._watchdog is None:
-            self._arm_watchdog()
+
+    def _deliver(self, response) -> None:
         response.deliverBody(self._relay)
-        channel = getattr(request, "channel", None)
+        channel = getattr(self.request, "channel", None)
         if self._relay.transport is not None and waiting_for_client(channel):
             # A pipelined response starting while the client has not read
             # the previous one: the channel pauses producers only when its
@@ -491,137 +590,118 @@ class Forwarding:
             # deliverBody, which resumes the upstream on its way out).
             self._relay.transport.pauseProducing()
 
-    def response_data(self, data: bytes) -> None:
-        self._last_activity_s = self._clock.seconds()
+    def _discard_response(self, response) -> None:
+        response.deliverBody(DiscardedResponse())
+
+    def _relay_data(self, data: bytes) -> None:
         self.request.write(data)
 
-    def response_ended(self, reason: Failure) -> None:
-        self._end()
+    def _finish_response(self, _) -> None:
+        self.request.finish()
+
+    def _abort_client(self, action: AbortClient) -> None:
         request = self.request
-        if request.producer is not None:
-            request.unregisterProducer()
-        if client_gone(request) or request.finished or self._aborting_client:
-            return
-        # PotentialDataLoss: a body delimited by the upstream closing the
-        # connection, complete by HTTP's own definition.
-        if reason.check(ResponseDone, PotentialDataLoss):
-            request.finish()
-            if not self.body_complete and self.upstream_transport is not None:
-                # An early answer: the request body never finished, and the
-                # agent's close would wait on a producer that will not end.
-                self.upstream_transport.abortConnection()
-            return
-        if self.failure_reason is None:
-            self.failure_reason = "upstream-truncated"
-        self._log.warn(
-            "upstream response to {method} {uri} ended early; aborting the client connection:"
-            " {error}",
-            method=_text(request.method),
-            uri=_text(request.uri),
-            error=reason.getErrorMessage(),
-        )
-        request.channel.transport.abortConnection()
+        ending = action.ending
+        if ending is endings.UPSTREAM_TRUNCATED:
+            self._log.warn(
+                "upstream response to {method} {uri} ended early; aborting the client"
+                " connection: {error}",
+                method=_text(request.method),
+                uri=_text(request.uri),
+                error=action.detail,
+            )
+        elif ending is endings.RESPONSE_IDLE_TIMEOUT:
+            self._log.warn(
+                "{reason}: {method} {uri}: no progress for {idle}s; aborting both connections",
+                reason=ending.reason,
+                method=_text(request.method),
+                uri=_text(request.uri),
+                idle=self._limits.idle_timeout_s,
+            )
+        elif ending is endings.DRAIN_TIMEOUT:
+            self._log.warn(
+                "{reason}: {method} {uri}: still under way when the drain ended;"
+                " aborting both connections",
+                reason=ending.reason,
+                method=_text(request.method),
+                uri=_text(request.uri),
+            )
+        channel = getattr(request, "channel", None)
+        if channel is not None:
+            channel.transport.abortConnection()
 
-    def _upstream_failed(self, failure: Failure) -> None:
-        if failure.check(CancelledError) or self._over or self._abandoned:
-            # Whoever cancelled it has answered the client already.
-            self._end()
-            return
-        misbehaved = _upstream_misbehaved(failure)
-        if misbehaved is not None:
-            status, reason = 502, misbehaved.reason
-        elif failure.check(net_error.ConnectError, net_error.DNSLookupError):
-            status, reason = 502, "upstream-unreachable"
-        elif failure.check(ResponseNeverReceived, ResponseFailed, net_error.ConnectionLost):
-            status, reason = 502, "upstream-reset"
-        else:
-            status, reason = 502, "upstream-error"
-        self._fail(status, reason, detail=_describe(failure))
-
-    # Endings.
-
-    def _abandon_upstream(self) -> None:
-        """
-        Stop whatever is under way upstream; an unfinished request is
-        aborted, so the upstream sees it end incomplete.
-        """
-        self._abandoned = True
-        if self._admission is not None:
-            admission, self._admission = self._admission, None
-            admission.cancel()
-        if self._relay is None:
-            if self._upstream is not None:
-                # Also when the agent's Deferred has fired with the pooled
-                # connection and waits on the request: cancel() reaches the
-                # inner Deferred and aborts that connection.
-                self._upstream.cancel()
-        elif self._relay.transport is not None:
-            self._relay.transport.stopProducing()
-
-    def _abort_exchange(self, reason: str) -> None:
-        self.failure_reason = reason
-        request = self.request
-        self._log.warn(
-            "{reason}: {method} {uri}: no progress for {idle}s; aborting both connections",
-            reason=reason,
-            method=_text(request.method),
-            uri=_text(request.uri),
-            idle=self._limits.idle_timeout_s,
-        )
-        self._aborting_client = True
-        self._abandon_upstream()
-        self._end()
-        if request.channel is not None:
-            request.channel.transport.abortConnection()
-
-    def _end(self) -> None:
-        """
-        The exchange is over: timers stop, the body stream stops, the client
-        gets its idle timeout back and the upstream slot is freed.
-        """
-        self._over = True
-        for timer in (self._response_timer, self._watchdog):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._response_timer = self._watchdog = None
-        if self.body is not None:
-            self.body.stop()
-        self._restore_client_timeout()
-        self._release_slot()
-
-    def _fail(
-        self, status: int, reason: str, detail: str = "", retry_after_s: float | None = None
-    ) -> None:
-        self._end()
-        self.failure_reason = reason
+    def _answer_with(self, action: Answer) -> None:
+        ending = action.ending
         request = self.request
         self._log.warn(
             "{status} for {method} {uri}: {reason}{detail}",
-            status=status,
+            status=ending.status,
             method=_text(request.method),
             uri=_text(request.uri),
-            reason=reason,
-            detail=f": {detail}" if detail else "",
+            reason=ending.reason,
+            detail=f": {action.detail}" if action.detail else "",
         )
-        extra = []
-        if retry_after_s is not None:
-            extra.append((b"Retry-After", b"%d" % max(1, math.ceil(retry_after_s))))
+        headers = []
+        if action.retry_after_s is not None:
+            headers.append(
+                (b"Retry-After", b"%d" % max(1, math.ceil(action.retry_after_s)))
+            )
         # Answered on the next reactor turn: a failure found while the
         # channel is parsing (the head, a body chunk) must not finish the
         # request under it; Twisted's channel cannot take that.
-        self._clock.callLater(0, self._answer, status, reason, extra)
+        self._clock.callLater(0, self._answer, ending, headers)
 
-    def _answer(self, status: int, reason: str, headers: list[tuple[bytes, bytes]]) -> None:
+    def _answer(self, ending: Ending, headers: list[tuple[bytes, bytes]]) -> None:
         request = self.request
         if client_gone(request) or request.startedWriting:
             return
-        respond_with_error(
+        respond_with_ending(
             request,
-            status,
-            reason,
-            close=not self.body_complete or not self._limits.keepalive,
+            ending,
+            close=not self.exchange.body_complete or not self._limits.keepalive,
             headers=headers,
         )
+
+    # Deadlines.
+
+    def _arm(self, deadline: Deadline) -> None:
+        if deadline is _RESPONSE_DEADLINE:
+            self._timers[deadline] = self._clock.callLater(
+                self._limits.response_timeout_s, self._expired, deadline
+            )
+        elif deadline is _DRAIN_DEADLINE:
+            self._timers[deadline] = self._clock.callLater(
+                self._drain_timeout_s, self._expired, deadline
+            )
+        else:
+            # An idle deadline: it runs from the last sign of progress.
+            self._last_activity_s = self._clock.seconds()
+            self._timers[deadline] = self._clock.callLater(
+                self._limits.idle_timeout_s, self._idle_check, deadline
+            )
+
+    def _expired(self, deadline: Deadline) -> None:
+        del self._timers[deadline]
+        self.feed(_DEADLINE_EVENTS[deadline])
+
+    def _idle_check(self, deadline: Deadline) -> None:
+        idle_s = self._clock.seconds() - self._last_activity_s
+        if idle_s < self._limits.idle_timeout_s:
+            self._timers[deadline] = self._clock.callLater(
+                self._limits.idle_timeout_s - idle_s, self._idle_check, deadline
+            )
+            return
+        self._expired(deadline)
+
+
+_ACTIONS = {action: getattr(Forwarding, "_" + action.name.lower()) for action in Action}
+
+_DEADLINE_EVENTS = {
+    _RESPONSE_DEADLINE: _RESPONSE_TIMEOUT,
+    _UPLOAD_IDLE_DEADLINE: _UPLOAD_IDLE_TIMEOUT,
+    _DOWNLOAD_IDLE_DEADLINE: _DOWNLOAD_IDLE_TIMEOUT,
+    _DRAIN_DEADLINE: _DRAIN_TIMEOUT,
+}
 
 
 def _text(value: bytes) -> str:
@@ -662,18 +742,6 @@ def stop_reading_requests(request) -> None:
         request.channel.dataReceived = lambda data: None
 
 
-_REGISTRY_ERROR_CODES = {
-    400: "BAD_REQUEST",
-    404: "NOT_FOUND",
-    408: "UNKNOWN",
-    413: "SIZE_INVALID",
-    429: "TOOMANYREQUESTS",
-    502: "UNAVAILABLE",
-    503: "UNAVAILABLE",
-    504: "UNAVAILABLE",
-}
-
-
 def respond_with_error(
     request,
     status: int,
@@ -682,17 +750,43 @@ def respond_with_error(
     headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
 ) -> None:
     """
-    Answer C{request} with an error quayfront makes itself: the registry's
-    JSON error shape on registry API paths, plain text elsewhere.
+    Answer C{request} with an error quayfront makes itself, the ending
+    logged as C{reason} (see L{respond_with_ending}).
+    """
+    ending = ending_for(reason, status)
+    if ending.status != status:
+        ending = replace(ending, status=status)
+    respond_with_ending(request, ending, close=close, headers=headers)
+
+
+def respond_with_ending(
+    request,
+    ending: Ending,
+    close: bool = False,
+    headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
+) -> None:
+    """
+    Answer C{request} with the status of C{ending}: the registry's JSON
+    error shape (with the ending's registry error code) on registry API
+    paths, plain text elsewhere; both name the ending's reason.
 
     @param close: the client may still be sending a body nobody will read,
         so close the connection after the answer instead of reading on.
     """
+    status = ending.status
+    reason = ending.reason
     message = http.RESPONSES.get(status, b"Error").decode("ascii")
     if request.path.startswith(REGISTRY_API_PREFIXES):
-        code = _REGISTRY_ERROR_CODES.get(status, "UNKNOWN")
         body = json.dumps(
-            {"errors": [{"code": code, "message": message.lower(), "detail": {"reason": reason}}]}
+            {
+                "errors": [
+                    {
+                        "code": ending.registry_code,
+                        "message": message.lower(),
+                        "detail": {"reason": reason},
+                    }
+                ]
+            }
         ).encode("ascii")
         content_type = b"application/json"
     else:

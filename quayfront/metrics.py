@@ -26,6 +26,8 @@ from OpenSSL import SSL
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 
+from quayfront.http._endings import UPSTREAM_COUNTER, ending_for
+
 # Counter name -> (label, help text).  Each is exported as
 # quayfront_<name>_total.
 COUNTERS = {
@@ -136,8 +138,8 @@ class Counters:
         self.request_duration.labels(route, f"{status // 100}xx").observe(duration_s)
         self.request_bytes.labels(route).inc(request_bytes)
         self.response_bytes.labels(route).inc(response_bytes)
-        if outcome and outcome.startswith("upstream-"):
-            self.increment("upstream_errors", outcome)
+        if outcome and ending_for(outcome).counter == UPSTREAM_COUNTER:
+            self.increment(UPSTREAM_COUNTER, outcome)
 
 
 # A gauge: name, help, label name, and a function giving (label, value) pairs.

@@ -2,12 +2,28 @@
 HTTP/1.1 as quayfront speaks it, free of I/O and of Twisted: the request
 framing rules (L{RequestFramer}, raising L{PeerMisbehaved} with the status
 to answer), the normalised request target routes are chosen on
-(L{normalise_target}), and the bounds an upstream's response head is held
-to (L{ResponseHeadChecker}).  The rules and their reason codes are documented in
+(L{normalise_target}), the bounds an upstream's response head is held
+to (L{ResponseHeadChecker}), the model of one proxied exchange
+(L{Exchange}: states, events, actions, deadlines) and the table of the ways
+a request can end (L{Ending}, L{ENDINGS}).  The rules and their reason codes are documented in
 L{quayfront.http._framing}, L{quayfront.http._target} and
 L{quayfront.http._response}.
 """
 
+from ._endings import ENDINGS, Ending, ending_for, registry_code_for
+from ._exchange import (
+    AbortClient,
+    Action,
+    Answer,
+    Arm,
+    BodyState,
+    Deadline,
+    Disarm,
+    Event,
+    Exchange,
+    ExchangeMisused,
+    ExchangeState,
+)
 from ._framing import (
     MAX_BODY_LENGTH,
     MAX_CHUNK_LINE_BYTES,
@@ -28,6 +44,21 @@ from ._response import ResponseHeadChecker, UpstreamMisbehaved
 from ._target import TargetRefused, normalise_path, normalise_target
 
 __all__ = [
+    "ENDINGS",
+    "AbortClient",
+    "Action",
+    "Answer",
+    "Arm",
+    "BodyState",
+    "Deadline",
+    "Disarm",
+    "Ending",
+    "Event",
+    "Exchange",
+    "ExchangeMisused",
+    "ExchangeState",
+    "ending_for",
+    "registry_code_for",
     "MAX_BODY_LENGTH",
     "MAX_CHUNK_LINE_BYTES",
     "MAX_HEAD_BYTES",
