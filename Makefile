@@ -16,7 +16,7 @@ help:
 	@echo "make unit         unit tests only (tests/unit)"
 	@echo "make integration  integration tests only (tests/integration)"
 	@echo "make fuzz         PROXY parser property tests with the long 'fuzz' profile"
-	@echo "make bench        benchmarks: quayfront vs nginx, PROXY parse vs TLS handshake"
+	@echo "make bench        benchmarks: quayfront vs nginx through HAProxy (BENCH_ONLY=... parts)"
 	@echo "make run          dev registry + quayfront in the foreground (Ctrl-C stops)"
 	@echo "make venv         create .venv and install quayfront[test] in it"
 	@echo "make deps         install missing system packages (apt-get)"

@@ -57,6 +57,7 @@ from quayfront.routing import Route, Router, Upstream, log_route_table
 from quayfront.sdnotify import add_systemd_notify
 from quayfront.site import FrontSite, RegistryPing, StaticDirectory
 from quayfront.tls import CertificateReloader, load_server_tls
+from quayfront.twistedadapter import install_lean_reactor
 from quayfront.upstream import upstream_agent, upstream_uri
 from quayfront.upstreamclient import UpstreamPool
 from quayfront.workers import SAMPLE_INTERVAL_S, WorkersService, worker_count
@@ -503,6 +504,10 @@ _ROLES = {
 
 
 def makeService(options: Options) -> Root:
+    # Before anything imports the default reactor: the epoll reactor without
+    # the per-event log context, with eager TCP writes (a reactor chosen
+    # with twistd --reactor is kept).
+    install_lean_reactor()
     from twisted.internet import reactor
 
     try:

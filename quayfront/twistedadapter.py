@@ -22,6 +22,11 @@ The upstream side uses no private Twisted name: quayfront's own client
 (L{quayfront.upstreamclient}) replaced C{Agent}, C{HTTPConnectionPool} and
 C{_newclient}.  L{proxied_transport} stays here, as the one way
 forwarding reaches the upstream socket behind a response's body transport.
+
+Below HTTP, the reactor (its last section): C{EPollReactor.doPoll} with
+C{_poller}, C{_selectables} and C{_doReadOrWrite}, and the TCP write
+buffer (C{dataBuffer}, C{offset}, C{_tempDataBuffer},
+C{_writeDisconnected}) with the places the reactor builds TCP transports.
 """
 
 from __future__ import annotations
@@ -70,3 +75,188 @@ def proxied_transport(transport):
     the connection went back to the pool.
     """
     return getattr(transport, "connection_transport", None)
+
+
+# --- The reactor and TCP transports: per-event log context, eager writes ---
+#
+# Below the HTTP layer, two per-request costs of Twisted's epoll reactor
+# that quayfront does not need (measured with `BENCH_ONLY=layers make
+# bench`, tests/bench/layers.py):
+#
+#   - C{EPollReactor.doPoll} runs every read or write event inside
+#     C{log.callWithLogger(selectable, ...)}, which asks the selectable for
+#     its C{logPrefix()} and pushes a legacy log context (a dict, the context
+#     tracker) around the call.  The context only names the connection in
+#     legacy C{log.msg}/C{log.err} lines; quayfront logs through
+#     C{twisted.logger.Logger} with named fields, which never reads it.
+#     L{LeanEPollReactor.doPoll} dispatches directly (C{_poller},
+#     C{_selectables}, C{_doReadOrWrite}), and still logs anything that
+#     escapes an event handler with the connection's log prefix, as
+#     C{callWithLogger} does.
+#   - C{FileDescriptor.write} always buffers and calls C{startWriting()};
+#     the bytes leave on the next poll, then C{stopWriting()}: two
+#     C{epoll_ctl} calls and a loop iteration per write on each socket.
+#     L{EagerWrite} tries C{send()} at once when nothing is buffered
+#     (C{dataBuffer}, C{offset}, C{_tempDataBuffer}, C{_writeDisconnected})
+#     and buffers only what the kernel did not take, through the unchanged
+#     C{write()}: ordering, producers and C{loseConnection()} behave as
+#     before (and nothing changes on a transport that did C{startTLS()},
+#     C{TLS}).  The reactor builds its TCP transports with it
+#     (C{tcp.Port.transport}, C{tcp.Connector._makeTransport},
+#     C{tcp.Port._fromListeningDescriptor}).
+#
+# Both changes would be worth proposing to Twisted itself; until then they
+# live here, each private name with its canary in
+# tests/unit/test_twistedadapter.py.
+
+import errno as _errno
+import sys as _sys
+
+from twisted.internet import tcp as _tcp
+from twisted.internet.epollreactor import EPollReactor as _EPollReactor
+from twisted.python import log as _legacy_log
+
+
+class EagerWrite:
+    """
+    Mixed into a TCP transport: C{write()} sends at once when nothing is
+    waiting in the transport's buffer, and buffers only the rest.
+    """
+
+    def write(self, data: bytes) -> None:
+        if (
+            data
+            and self.connected
+            and not self.disconnecting
+            and not self._writeDisconnected
+            and not self.TLS
+            and not self._tempDataBuffer
+            and self.offset == len(self.dataBuffer)
+            and type(data) is bytes
+        ):
+            try:
+                sent = self.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                # A reset or closed peer: the buffered path's next doWrite
+                # reports it as Twisted always has.
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super().write(data)
+
+    def writeSequence(self, iovec) -> None:
+        if not self._tempDataBuffer and self.offset == len(self.dataBuffer):
+            self.write(b"".join(iovec))
+        else:
+            super().writeSequence(iovec)
+
+
+class EagerWriteServer(EagerWrite, _tcp.Server):
+    """An accepted TCP connection with L{EagerWrite}."""
+
+
+class EagerWriteClient(EagerWrite, _tcp.Client):
+    """An outgoing TCP connection with L{EagerWrite}."""
+
+
+class EagerWritePort(_tcp.Port):
+    """A listening TCP port whose connections write eagerly."""
+
+    transport = EagerWriteServer
+
+
+class EagerWriteConnector(_tcp.Connector):
+    """Connects with an L{EagerWriteClient}."""
+
+    def _makeTransport(self):
+        return EagerWriteClient(self.host, self.port, self.bindAddress, self, self.reactor)
+
+
+def adopt_port(port_type, reactor, descriptor: int, family, factory):
+    """
+    A listening port of C{port_type} on an inherited listening socket, as
+    C{reactor.adoptStreamPort} builds one (not yet listening).
+    """
+    return port_type._fromListeningDescriptor(reactor, descriptor, family, factory)
+
+
+class LeanEPollReactor(_EPollReactor):
+    """
+    The epoll reactor without the per-event legacy log context, whose TCP
+    connections write eagerly.
+
+    @param log_context: keep Twisted's C{callWithLogger} around every event
+        (for measuring the difference only).
+    @param eager_writes: build TCP transports with L{EagerWrite} (likewise).
+    """
+
+    def __init__(self, log_context: bool = False, eager_writes: bool = True) -> None:
+        super().__init__()
+        self._log_context = log_context
+        self._port_type = EagerWritePort if eager_writes else _tcp.Port
+        self._connector_type = EagerWriteConnector if eager_writes else _tcp.Connector
+
+    def doPoll(self, timeout):
+        if self._log_context:
+            return super().doPoll(timeout)
+        if timeout is None:
+            timeout = -1
+        try:
+            events = self._poller.poll(timeout, len(self._selectables))
+        except OSError as e:
+            if e.errno == _errno.EINTR:
+                return
+            raise
+        selectables = self._selectables
+        handle = self._doReadOrWrite
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            try:
+                handle(selectable, fd, event)
+            except KeyboardInterrupt:
+                raise
+            except BaseException:
+                _log_escaped_error(selectable)
+
+    def listenTCP(self, port, factory, backlog=50, interface=""):
+        listening = self._port_type(port, factory, backlog, interface, self)
+        listening.startListening()
+        return listening
+
+    def connectTCP(self, host, port, factory, timeout=30, bindAddress=None):
+        connector = self._connector_type(host, port, factory, timeout, bindAddress, self)
+        connector.connect()
+        return connector
+
+    def adoptStreamPort(self, fileDescriptor, addressFamily, factory):
+        if addressFamily not in (2, 10):  # AF_INET, AF_INET6: UNIX as before
+            return super().adoptStreamPort(fileDescriptor, addressFamily, factory)
+        listening = adopt_port(self._port_type, self, fileDescriptor, addressFamily, factory)
+        listening.startListening()
+        return listening
+
+
+def _log_escaped_error(selectable) -> None:
+    try:
+        prefix = selectable.logPrefix()
+    except BaseException:
+        prefix = "(buggy logPrefix method)"
+    _legacy_log.err(system=prefix)
+
+
+def install_lean_reactor() -> bool:
+    """
+    Install L{LeanEPollReactor} as the global reactor unless one is
+    installed already (twistd C{--reactor}, a test); C{False} then.
+    """
+    if "twisted.internet.reactor" in _sys.modules:
+        return False
+    from twisted.internet.main import installReactor
+
+    installReactor(LeanEPollReactor())
+    return True

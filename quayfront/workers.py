@@ -37,7 +37,6 @@ import traceback
 from typing import Callable
 
 from twisted.internet import process as twisted_process
-from twisted.internet import tcp
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web import server
@@ -57,6 +56,7 @@ from quayfront.supervisor import (
 )
 from quayfront.tls import CertificateReloader, ServerTLS
 from quayfront.ticketkeys import install_ticket_keys
+from quayfront.twistedadapter import EagerWritePort, install_lean_reactor
 
 # "reuseport" gives each worker a SO_REUSEPORT socket of its own instead of
 # the one shared socket; kept for comparing the two (tests/bench/spread.py).
@@ -181,7 +181,7 @@ class _NoClock:
         return 0.0
 
 
-class OneAcceptPort(tcp.Port):
+class OneAcceptPort(EagerWritePort):
     """
     Accepts one connection per wake-up, like nginx's default (multi_accept
     off).  Every worker waits on the same socket; Twisted's default of up
@@ -352,9 +352,8 @@ def _fresh_reactor():
     """
     twisted_process.reapProcessHandlers.clear()
     _inherited.append(sys.modules.pop("twisted.internet.reactor", None))
-    from twisted.internet import default
-
-    default.install()
+    # The same reactor as a single process runs (see makeService).
+    install_lean_reactor()
     from twisted.internet import reactor
 
     return reactor

@@ -21,6 +21,9 @@
 #                    make image: build and run the container image; the
 #                    base image is bootstrapped (no registry is reachable)
 #   redis-server     the shared rate-limit store in the scale-out integration tests
+#   wrk              the benchmarks' load generator (make bench): a C client
+#                    with TLS and keep-alive, so the client costs a fraction of
+#                    what a Python one would and the front is what saturates
 #
 # Needs root, or sudo rights for apt-get. Set SUDO= explicitly to override.
 set -eu
@@ -29,6 +32,7 @@ PACKAGES="haproxy docker-registry skopeo curl openssl testssl.sh nginx procps lo
 PACKAGES="$PACKAGES debhelper dh-virtualenv dpkg-dev build-essential python3-venv lintian git"
 PACKAGES="$PACKAGES systemd podman runc debootstrap"
 PACKAGES="$PACKAGES redis-server"
+PACKAGES="$PACKAGES wrk"
 
 missing=""
 for pkg in $PACKAGES; do

@@ -2,19 +2,30 @@
 ``python -m tests.bench``: run the benchmarks, print the report and write it
 to run/bench-report.txt.
 
+Parts (BENCH_ONLY selects some, comma-separated; the default runs
+"parse,scaling,layers", about 10 minutes on 2 cores):
+
+  parse     PROXY header parse cost against a TLS handshake (parsecost.py)
+  fronts    issue 11: quayfront (1 worker, every feature on) beside nginx
+            (1 worker) as the same PROXY v2 + TLS front behind HAProxy (rig.py)
+  scaling   the same run with 1 worker and auto for both fronts: issue 11's
+            figures and issue 12's (rig.py); includes "fronts"
+  layers    below HTTP, one reactor change at a time (layers.py)
+  spread    how two workers share new connections, shared socket vs
+            SO_REUSEPORT (scaling.py)
+  profile   quayfront under cProfile per workload (fronts.py)
+
 Environment (all optional):
 
-  BENCH_ONLY                     "parse", "fronts", "profile" or "scaling": one part only
-  BENCH_SCALING_BYTES            transfer size of the scaling part (default 256 MiB)
+  BENCH_ONLY                     parts to run (see above)
+  BENCH_RIG_CONNECTIONS          wrk's keep-alive connections (32)
+  BENCH_RIG_SECONDS              seconds of each wrk run (5)
+  BENCH_ROUNDS                   rounds of every measurement (3)
+  BENCH_BYTES                    download/upload size (rig: 512 MiB, profile: 1 GiB)
   BENCH_HELD_CONNECTIONS         idle connections for memory per connection (400)
-  BENCH_FRESH_REQUESTS           new-connection requests per client (300)
-  BENCH_BYTES                    download/upload size (default 1 GiB)
-  BENCH_ROUNDS                   rounds of every front measurement (3)
-  BENCH_SMALL_REQUESTS           sequential requests on one connection (2000)
-  BENCH_CONNECTIONS              concurrent connections (4) ...
-  BENCH_REQUESTS_PER_CONNECTION  ... each making this many requests (1000)
+  BENCH_FRESH_REQUESTS           new-connection requests per client, spread (300)
+  BENCH_SMALL_REQUESTS           sequential requests on one connection, profile (2000)
   BENCH_PARSER_REPEATS           timeit repeats for the parse/handshake part (5)
-  BENCH_PROFILE=1                also profile quayfront (cProfile) per workload
 """
 
 from __future__ import annotations
@@ -27,11 +38,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import fronts, parsecost, scaling
+from . import fronts, layers, parsecost, rig, scaling
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO_ROOT / "run"
 REPORT = RUN_DIR / "bench-report.txt"
+PARTS = ("parse", "fronts", "scaling", "layers", "spread", "profile")
+DEFAULT_PARTS = ("parse", "scaling", "layers")
 #: Above this load average (per core) before the run, the report warns.
 BUSY_LOAD_PER_CORE = 0.3
 
@@ -89,25 +102,31 @@ def _stop_on_sigterm(signum, frame) -> None:
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     signal.signal(signal.SIGHUP, _stop_on_sigterm)
-    only = os.environ.get("BENCH_ONLY", "")
-    if only not in ("", "parse", "fronts", "profile", "scaling"):
-        sys.exit(f"BENCH_ONLY must be 'parse', 'fronts', 'profile' or 'scaling', not {only!r}")
+    parts = [p.strip() for p in os.environ.get("BENCH_ONLY", "").split(",") if p.strip()]
+    parts = parts or list(DEFAULT_PARTS)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        sys.exit(f"BENCH_ONLY: unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     sections = ["\n".join(_header())]
-    if only in ("", "parse"):
+    if "parse" in parts:
         print("running: PROXY parse vs TLS handshake ...", file=sys.stderr, flush=True)
         sections.append(parsecost.run())
-    if only in ("", "fronts", "profile"):
-        comparison = only != "profile"
-        profile = fronts.PROFILE or only == "profile"
-        if comparison:
-            print("running: quayfront vs nginx (1-3 minutes) ...", file=sys.stderr, flush=True)
-        if profile:
-            print("running: quayfront under cProfile ...", file=sys.stderr, flush=True)
-        sections.append(fronts.run(RUN_DIR / "bench", comparison=comparison, profile=profile))
-    if only in ("", "scaling"):
-        print("running: workers, quayfront and nginx, 1 and auto (3-6 minutes) ...",
-              file=sys.stderr, flush=True)
-        sections.append(scaling.run(RUN_DIR / "bench-scaling"))
+    if "scaling" in parts or "fronts" in parts:
+        scale = "scaling" in parts
+        print(f"running: quayfront vs nginx, {'1 and auto workers' if scale else '1 worker'}"
+              f" ({'5-7' if scale else '2-4'} minutes) ...", file=sys.stderr, flush=True)
+        sections.append(rig.run(RUN_DIR / "bench", scaling=scale))
+    if "layers" in parts:
+        print("running: below HTTP, reactor variants (2-3 minutes) ...", file=sys.stderr,
+              flush=True)
+        sections.append(layers.run(RUN_DIR / "bench-layers"))
+    if "spread" in parts:
+        print("running: two workers, shared socket vs SO_REUSEPORT ...", file=sys.stderr,
+              flush=True)
+        sections.append(scaling.run(RUN_DIR / "bench-spread"))
+    if "profile" in parts:
+        print("running: quayfront under cProfile ...", file=sys.stderr, flush=True)
+        sections.append(fronts.run(RUN_DIR / "bench-profile"))
     sections.append(f"load average after: {_load()}")
     report = "\n\n".join(sections) + "\n"
     print(report)

@@ -1,25 +1,12 @@
 """
-quayfront against nginx doing the same job, end to end over 127.0.0.1.
+Helpers shared by the benchmarks (processes, CPU and RSS from /proc, curl
+transfers, the nginx configs, the certificate), and quayfront under
+cProfile (``BENCH_ONLY=profile``): each workload (a download and an upload
+of BENCH_BYTES, BENCH_SMALL_REQUESTS sequential ``GET /small`` on one
+connection) against one quayfront, profiling only while it runs, and where
+its CPU time goes by layer.
 
-Both fronts listen for a PROXY header, then TLS, then HTTP/1.1, with the
-same certificate, and stream to the same upstream: a separate nginx that
-serves a large static file, a tiny JSON body, and takes uploads with WebDAV
-PUT (it reads every byte and answers only after the last one).  The clients
-are curl processes (``--haproxy-protocol -k``), so the client costs the same
-for both fronts and is not Python.
-
-Measured for each front in BENCH_ROUNDS rounds, the fronts taking turns
-(the order alternates from round to round):
-
-  - download and upload of BENCH_BYTES (default 1 GiB) on one connection,
-    with the front's peak RSS and CPU time during the transfer;
-  - BENCH_SMALL_REQUESTS sequential ``GET /small`` on one keep-alive TLS
-    connection after one PROXY header (p50/p99 latency);
-  - BENCH_CONNECTIONS concurrent connections each making
-    BENCH_REQUESTS_PER_CONNECTION requests (requests per second).
-
-With BENCH_PROFILE=1, quayfront is then run again under cProfile for each
-workload and where its CPU time goes is added to the report.
+The comparison with nginx is in L{tests.bench.rig}.
 """
 
 from __future__ import annotations
@@ -55,7 +42,7 @@ from tests.integration.harness import (
     wait_for,
 )
 
-from .report import fmt, ratio, table
+from .report import fmt, table
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO_ROOT / "etc" / "bench"
@@ -601,139 +588,6 @@ def tool_versions() -> str:
     return f"{nginx}, curl {curl}"
 
 
-# --- the comparison ---------------------------------------------------------
-
-
-@dataclass
-class Results:
-    download: dict[str, TransferResult] = field(default_factory=dict)
-    upload: dict[str, TransferResult] = field(default_factory=dict)
-    latency: dict[str, Latency] = field(default_factory=dict)
-    rate: dict[str, Rate] = field(default_factory=dict)
-    idle_rss: dict[str, int] = field(default_factory=dict)
-    rss_after_small: dict[str, int] = field(default_factory=dict)
-    direct_download: TransferResult | None = None
-    direct_upload: TransferResult | None = None
-
-
-def _best(a: TransferResult | None, b: TransferResult) -> TransferResult:
-    # Best throughput; peak RSS is the highest seen in any run.
-    if a is None:
-        return b
-    best = a if a.mb_per_s >= b.mb_per_s else b
-    return TransferResult(best.mb_per_s, max(a.peak_rss, b.peak_rss), best.cpu_s_per_gib)
-
-
-def compare(fronts: list[Front], upstream: Upstream, source: Path) -> Results:
-    results = Results()
-    for front in fronts:
-        warm_up(front)
-        results.idle_rss[front.name] = rss_bytes_of(front.worker_pids)
-        results.latency[front.name] = Latency()
-        results.rate[front.name] = Rate()
-    # Transfers first, so their peak RSS is not inflated by whatever the
-    # small-request rounds leave behind (that is reported separately).
-    for round_ in range(ROUNDS):
-        # Alternate the order, so neither front always goes first.
-        order = fronts if round_ % 2 == 0 else fronts[::-1]
-        for front in order:
-            results.download[front.name] = _best(results.download.get(front.name),
-                                                 download(front, front.port))
-        for front in order:
-            results.upload[front.name] = _best(results.upload.get(front.name),
-                                               upload(front, front.port, upstream, source))
-    for round_ in range(ROUNDS):
-        order = fronts if round_ % 2 == 0 else fronts[::-1]
-        for front in order:
-            small_sequential(front, results.latency[front.name])
-        for front in order:
-            small_concurrent(front, results.rate[front.name])
-    for front in fronts:
-        results.rss_after_small[front.name] = rss_bytes_of(front.worker_pids)
-    # The upstream alone, plain HTTP: shows it is not what limits the fronts.
-    results.direct_download = download(None, upstream.port, proxy_protocol=False)
-    results.direct_upload = upload(None, upstream.port, upstream, source, proxy_protocol=False)
-    return results
-
-
-def render(results: Results) -> str:
-    q, n = "quayfront", "nginx"
-    d, u, lat, rate = results.download, results.upload, results.latency, results.rate
-    gib = BYTES / (1 << 30)
-
-    def row(label: str, a: float, b: float, digits: int, better: str) -> list[str]:
-        return [label, fmt(a, digits), fmt(b, digits), ratio(a, b), better]
-
-    rows = [
-        row(f"download {gib:g} GiB, MB/s", d[q].mb_per_s, d[n].mb_per_s, 0, "higher"),
-        row(f"upload {gib:g} GiB, MB/s", u[q].mb_per_s, u[n].mb_per_s, 0, "higher"),
-        row(f"{SMALL_REQUESTS} seq. GET /small, p50 ms", lat[q].percentile_ms(50),
-            lat[n].percentile_ms(50), 3, "lower"),
-        row(f"{SMALL_REQUESTS} seq. GET /small, p99 ms", lat[q].percentile_ms(99),
-            lat[n].percentile_ms(99), 3, "lower"),
-        row("first request (TCP+PROXY+TLS), ms", lat[q].first_ms, lat[n].first_ms, 2, "lower"),
-        row("front CPU per sequential request, us", lat[q].cpu_us_per_request,
-            lat[n].cpu_us_per_request, 0, "lower"),
-        row(f"{CONNECTIONS} conn x {REQUESTS_PER_CONNECTION} GET /small, req/s",
-            rate[q].requests_per_s, rate[n].requests_per_s, 0, "higher"),
-        row(f"front CPU per request, {CONNECTIONS} conn, us", rate[q].cpu_us_per_request,
-            rate[n].cpu_us_per_request, 0, "lower"),
-        [f"front busy during {CONNECTIONS} conn, % of a core", fmt(rate[q].busy_percent, 0),
-         fmt(rate[n].busy_percent, 0), "", "100 = saturated"],
-        row("front CPU per GiB downloaded, s", d[q].cpu_s_per_gib, d[n].cpu_s_per_gib, 2, "lower"),
-        row("front CPU per GiB uploaded, s", u[q].cpu_s_per_gib, u[n].cpu_s_per_gib, 2, "lower"),
-        row("RSS idle after warm-up, MB", results.idle_rss[q] / MB, results.idle_rss[n] / MB, 1,
-            "lower"),
-        row("peak RSS during download, MB", d[q].peak_rss / MB, d[n].peak_rss / MB, 1, "lower"),
-        row("peak RSS during upload, MB", u[q].peak_rss / MB, u[n].peak_rss / MB, 1, "lower"),
-        row("RSS after the small-request rounds, MB", results.rss_after_small[q] / MB,
-            results.rss_after_small[n] / MB, 1, "lower"),
-    ]
-    direct_d, direct_u = results.direct_download, results.direct_upload
-    lines = [
-        "2. quayfront vs nginx as a PROXY + TLS front (127.0.0.1, curl clients)",
-        f"   ({tool_versions()})",
-        "",
-        table(["metric", "quayfront", "nginx", "ratio q/n", "better"], rows),
-        "",
-        "ratio = quayfront / nginx; 'better' says which direction is better for the metric.",
-        "nginx: 1 master + 1 worker (worker_processes 1) against quayfront's single process;",
-        "  nginx RSS is the worker's (the master only supervises), CPU is master + worker.",
-        f"{ROUNDS} round(s), the fronts' order alternating.  Transfers: one connection, the",
-        "  best round's throughput and CPU; peak RSS is the highest sample (every 50 ms) of",
-        "  any round.  MB = 10^6 bytes.",
-        f"Upstream alone over plain HTTP (no front): download "
-        f"{fmt(direct_d.mb_per_s if direct_d else None, 0)} MB/s, upload "
-        f"{fmt(direct_u.mb_per_s if direct_u else None, 0)} MB/s.",
-        "Sequential latency: curl's time_total per request; p50/p99 over requests",
-        f"  2..{SMALL_REQUESTS} of every round pooled (mean {fmt(lat[q].mean_ms, 3)} / "
-        f"{fmt(lat[n].mean_ms, 3)} ms);",
-        "  'first request' is the median over rounds.",
-        "req/s: median over rounds; wall time from starting the curl processes to their",
-        "  exit (TLS handshakes included).  Clients, fronts and upstream share the",
-        "  machine's cores: a front that is not saturated is limited by the clients.",
-    ]
-    return "\n".join(lines)
-
-
-def log_summary(workdir: Path) -> str:
-    """
-    How many warnings and errors each front logged during the run: a front
-    that complains while it is measured is worth a look.
-    """
-    def count(path: Path, pattern: str) -> str:
-        try:
-            text = path.read_text(errors="replace")
-        except FileNotFoundError:
-            return "no log"
-        return str(len(re.findall(pattern, text, flags=re.MULTILINE)))
-
-    quayfront = count(workdir / "quayfront.stdout", r"#(warn|error|critical)\]|^Traceback")
-    nginx = count(workdir / "front-nginx-error.log", r"\[(warn|error|crit|alert|emerg)\]")
-    return (f"Logged during the run: quayfront {quayfront} warning/error line(s)"
-            f" (run/bench/quayfront.stdout),\n  nginx {nginx} (run/bench/front-nginx-error.log).")
-
-
 # --- profile ----------------------------------------------------------------
 
 #: Where CPU time goes, by the file (or C function) it is spent in; the first
@@ -851,7 +705,7 @@ def profile_quayfront(workdir: Path, upstream: Upstream, cert: Path, key: Path,
                f"download {BYTES / (1 << 30):g} GiB", f"upload {BYTES / (1 << 30):g} GiB",
                f"{SMALL_REQUESTS} x GET /small"]
     sections = [
-        "3. Where quayfront's CPU time goes (cProfile, CPU clock, only while each",
+        "6. Where quayfront's CPU time goes (cProfile, CPU clock, only while each",
         "   workload runs).  Profiling slows quayfront several times and inflates",
         "   call-heavy code, so read the shares, not the seconds; these runs are",
         "   not part of the comparison above.",
@@ -868,43 +722,27 @@ def profile_quayfront(workdir: Path, upstream: Upstream, cert: Path, key: Path,
 # --- entry ------------------------------------------------------------------
 
 
-def run(workdir: Path, comparison: bool = True, profile: bool = PROFILE) -> str:
+def run(workdir: Path) -> str:
     """
-    Start the upstream and the fronts, measure, stop everything; return the
-    report.  C{workdir} (configs, logs) is emptied first and kept afterwards.
-
-    @param comparison: measure quayfront against nginx.
-    @param profile: then profile quayfront for each workload.
+    Start the upstream and quayfront under cProfile, profile each workload,
+    stop everything; return the report.  C{workdir} (configs, logs) is
+    emptied first and kept afterwards.
     """
+    workdir = workdir.resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     started: list[Front] = []
-    sections = []
     datadir = make_datadir()
     try:
         cert, key = make_cert(workdir)
-        upstream_port, nginx_port = free_ports(2)
+        (upstream_port,) = free_ports(1)
         values = {"WORKDIR": str(workdir), "DATADIR": str(datadir), "CERT": str(cert),
-                  "KEY": str(key), "UPSTREAM_PORT": str(upstream_port),
-                  "PROXY_PORT": str(nginx_port)}
+                  "KEY": str(key), "UPSTREAM_PORT": str(upstream_port), "PROXY_PORT": "0"}
         upstream_front = start_nginx("upstream-nginx", "nginx-upstream.conf.template", values,
                                      workdir, upstream_port)
         started.append(upstream_front)
         upstream = Upstream(upstream_port, datadir, upstream_front)
-        source = datadir / "upload-source"
-        if comparison:
-            fronts = [start_quayfront(workdir, upstream_port, cert, key)]
-            started.append(fronts[0])
-            fronts.append(start_nginx("nginx", "nginx-front.conf.template", values, workdir,
-                                      nginx_port))
-            started.append(fronts[1])
-            results = compare(fronts, upstream, source)
-            for front in fronts:
-                front.stop()
-            sections.append(render(results) + "\n" + log_summary(workdir))
-        if profile:
-            sections.append(profile_quayfront(workdir, upstream, cert, key, source))
-        return "\n\n".join(sections)
+        return profile_quayfront(workdir, upstream, cert, key, datadir / "upload-source")
     finally:
         for front in reversed(started):
             front.stop()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
+
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web import http
@@ -110,3 +112,228 @@ def test_canary_client_gone() -> None:
     assert client_gone(request) is False
     channel.connectionLost(Failure(ConnectionDone()))
     assert client_gone(request) is True
+
+
+# --- The reactor and TCP transports: per-event log context, eager writes ---
+
+import socket  # noqa: E402
+
+from twisted.internet import abstract, epollreactor, tcp  # noqa: E402
+from twisted.internet.protocol import ClientFactory, Factory, Protocol  # noqa: E402
+from twisted.internet.testing import MemoryReactor  # noqa: E402
+
+from quayfront.twistedadapter import (  # noqa: E402
+    EagerWriteClient,
+    EagerWriteConnector,
+    EagerWritePort,
+    EagerWriteServer,
+    LeanEPollReactor,
+    install_lean_reactor,
+)
+
+
+def test_canary_epoll_do_poll() -> None:
+    """EPollReactor.doPoll still polls _poller, looks up _selectables and wraps _doReadOrWrite in callWithLogger."""
+    source = inspect.getsource(epollreactor.EPollReactor.doPoll)
+    for name in ("self._poller.poll(", "self._selectables", "self._doReadOrWrite",
+                 "callWithLogger"):
+        assert name in source, name
+    reactor = epollreactor.EPollReactor()
+    try:
+        assert isinstance(reactor._selectables, dict)
+        assert list(inspect.signature(reactor._doReadOrWrite).parameters) == [
+            "selectable", "fd", "event"]
+    finally:
+        reactor._poller.close()
+
+
+def test_canary_write_buffer_names() -> None:
+    """FileDescriptor still buffers writes in _tempDataBuffer, then dataBuffer from offset."""
+    write = inspect.getsource(abstract.FileDescriptor.write)
+    assert "self._tempDataBuffer.append(data)" in write
+    assert "self._writeDisconnected" in write
+    assert "self.startWriting()" in write
+    do_write = inspect.getsource(abstract.FileDescriptor.doWrite)
+    assert "len(self.dataBuffer) - self.offset" in do_write
+    descriptor = abstract.FileDescriptor(MemoryReactor())
+    assert descriptor.dataBuffer == b"" and descriptor.offset == 0
+    assert descriptor._tempDataBuffer == [] and descriptor._writeDisconnected is False
+    assert tcp.Connection.TLS is False
+
+
+def test_canary_tcp_transport_construction() -> None:
+    """tcp.Port builds its transport from .transport; Connector from _makeTransport(); adopting from _fromListeningDescriptor."""
+    assert tcp.Port.transport is tcp.Server
+    assert "self.transport(" in inspect.getsource(tcp.Port.doRead)
+    assert "Client(self.host, self.port, self.bindAddress, self, self.reactor)" in (
+        inspect.getsource(tcp.Connector._makeTransport))
+    assert list(inspect.signature(tcp.Port._fromListeningDescriptor).parameters) == [
+        "reactor", "fd", "addressFamily", "factory"]
+    assert issubclass(EagerWritePort, tcp.Port)
+    assert EagerWritePort.transport is EagerWriteServer
+
+
+class _Sink(Protocol):
+    def __init__(self) -> None:
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+def _eager_pair() -> tuple[EagerWriteServer, socket.socket, MemoryReactor]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    reactor = MemoryReactor()
+    protocol = _Sink()
+    transport = EagerWriteServer(ours, protocol, ("127.0.0.1", 1), None, 1, reactor)
+    protocol.makeConnection(transport)
+    return transport, theirs, reactor
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    received = b""
+    for _ in range(10_000):
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+    raise AssertionError("peer kept sending")
+
+
+def test_eager_write_sends_at_once() -> None:
+    """A write with nothing buffered leaves at once, without registering for writability."""
+    transport, peer, reactor = _eager_pair()
+    try:
+        transport.write(b"GET / HTTP/1.1\r\n")
+        transport.writeSequence([b"Host: a\r\n", b"\r\n"])
+        assert _read_all(peer) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+        assert transport not in reactor.getWriters()
+        assert transport.dataBuffer == b"" and transport._tempDataBuffer == []
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
+def test_eager_write_buffers_what_the_kernel_refuses_in_order() -> None:
+    """Beyond the socket buffer, the rest is buffered and later writes queue behind it."""
+    transport, peer, reactor = _eager_pair()
+    try:
+        big = bytes(range(256)) * 40_000  # 10 MB: more than any socket buffer
+        transport.write(big)
+        assert transport in reactor.getWriters()
+        assert transport._tempDataLen > 0
+        transport.write(b"after")
+        received = b""
+        for _ in range(10_000):
+            received += _read_all(peer)
+            if transport in reactor.getWriters():
+                transport.doWrite()
+            elif len(received) == len(big) + 5:
+                break
+        assert received == big + b"after"
+        assert transport not in reactor.getWriters()
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
+def test_eager_write_after_lose_connection_is_buffered() -> None:
+    """Once closing, writes take Twisted's own path (the close follows the flush)."""
+    transport, peer, reactor = _eager_pair()
+    try:
+        transport.loseConnection()
+        transport.write(b"late")
+        assert transport._tempDataBuffer == [b"late"]
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
+def test_lean_reactor_serves_and_connects_with_eager_transports() -> None:
+    """The lean reactor accepts, connects and relays bytes with eager transports, over 127.0.0.1."""
+    reactor = LeanEPollReactor()
+    seen: dict[str, object] = {}
+
+    class Echo(Protocol):
+        def connectionMade(self) -> None:
+            seen["server"] = type(self.transport)
+
+        def dataReceived(self, data: bytes) -> None:
+            self.transport.write(data)
+
+    class Client(Protocol):
+        def connectionMade(self) -> None:
+            seen["client"] = type(self.transport)
+            self.transport.write(b"ping")
+
+        def dataReceived(self, data: bytes) -> None:
+            seen["echo"] = data
+            self.transport.loseConnection()
+            reactor.stop()
+
+    port = reactor.listenTCP(0, Factory.forProtocol(Echo), interface="127.0.0.1")
+    connector = reactor.connectTCP("127.0.0.1", port.getHost().port,
+                                   ClientFactory.forProtocol(Client))
+    reactor.callLater(10, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    port.stopListening()
+    connector.disconnect()
+    assert seen == {"server": EagerWriteServer, "client": EagerWriteClient, "echo": b"ping"}
+    assert isinstance(connector, EagerWriteConnector)
+
+
+@pytest.mark.unhandled_errors_expected
+def test_lean_reactor_logs_an_escaped_error_and_goes_on() -> None:
+    """An exception escaping an event handler is logged with the selectable's prefix; the loop goes on."""
+    from twisted.python import log
+
+    reactor = LeanEPollReactor()
+    errors: list[dict] = []
+    log.addObserver(errors.append)
+    a, b = socket.socketpair()
+
+    class Broken:
+        def fileno(self) -> int:
+            return a.fileno()
+
+        def logPrefix(self) -> str:
+            return "broken-thing"
+
+    try:
+        reactor._selectables[a.fileno()] = Broken()
+        original = reactor._doReadOrWrite
+
+        def explode(selectable, fd, event):
+            raise RuntimeError("boom")
+
+        reactor._doReadOrWrite = explode
+        reactor._poller.register(a.fileno(), reactor._POLL_IN)
+        b.send(b"x")
+        reactor.doPoll(0)
+        reactor._doReadOrWrite = original
+    finally:
+        log.removeObserver(errors.append)
+        reactor._poller.unregister(a.fileno())
+        del reactor._selectables[a.fileno()]
+        reactor._poller.close()
+        a.close()
+        b.close()
+    failures = [e for e in errors if e.get("isError")]
+    assert len(failures) == 1
+    assert failures[0]["system"] == "broken-thing"
+    assert failures[0]["failure"].check(RuntimeError)
+
+
+def test_install_lean_reactor_keeps_an_installed_reactor(monkeypatch) -> None:
+    """With a reactor installed already (twistd --reactor, tests), nothing is replaced."""
+    import sys
+
+    sentinel = object()
+    monkeypatch.setitem(sys.modules, "twisted.internet.reactor", sentinel)
+    assert install_lean_reactor() is False
+    assert sys.modules["twisted.internet.reactor"] is sentinel
