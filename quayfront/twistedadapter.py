@@ -223,6 +223,10 @@ class LeanEPollReactor(_EPollReactor):
             except BaseException:
                 _log_escaped_error(selectable)
 
+    # The run loop calls doIteration, which EPollReactor binds to its own
+    # doPoll at class creation: without this the override never runs.
+    doIteration = doPoll
+
     def listenTCP(self, port, factory, backlog=50, interface=""):
         listening = self._port_type(port, factory, backlog, interface, self)
         listening.startListening()

@@ -337,3 +337,42 @@ def test_install_lean_reactor_keeps_an_installed_reactor(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "twisted.internet.reactor", sentinel)
     assert install_lean_reactor() is False
     assert sys.modules["twisted.internet.reactor"] is sentinel
+
+
+def test_canary_epoll_do_iteration_is_do_poll() -> None:
+    """EPollReactor's run loop calls doIteration, an alias of its doPoll."""
+    assert epollreactor.EPollReactor.doIteration is epollreactor.EPollReactor.doPoll
+
+
+def test_lean_reactor_run_loop_polls_without_log_context(monkeypatch) -> None:
+    """An iteration of the lean reactor's run loop dispatches without callWithLogger."""
+    from twisted.python import log as legacy_log
+
+    from quayfront.twistedadapter import LeanEPollReactor
+
+    assert LeanEPollReactor.doIteration is LeanEPollReactor.doPoll
+    reactor = LeanEPollReactor()
+    reader, writer = socket.socketpair()
+    try:
+        reads: list[bytes] = []
+
+        class Reader(abstract.FileDescriptor):
+            def fileno(self):
+                return reader.fileno()
+
+            def doRead(self):
+                reads.append(reader.recv(16))
+
+        def no_context(*args, **kwargs):
+            raise AssertionError("callWithLogger used")
+
+        monkeypatch.setattr(legacy_log, "callWithLogger", no_context)
+        selectable = Reader(reactor=reactor)
+        reactor.addReader(selectable)
+        writer.send(b"x")
+        reactor.doIteration(0)
+        reactor.removeReader(selectable)
+        assert reads == [b"x"]
+    finally:
+        reader.close()
+        writer.close()
