@@ -38,7 +38,7 @@ from collections import deque
 from dataclasses import replace
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -514,7 +514,14 @@ class Forwarding:
             self._rate_limit_decided(wait_s)
 
     def _ask_admission(self, _) -> None:
-        self._admission = self.route.upstream.limiter.acquire()
+        limiter = self.route.upstream.limiter
+        try_acquire = getattr(limiter, "try_acquire", None)
+        if try_acquire is not None and try_acquire():
+            # A free slot, the common case: no Deferred made and fired.
+            self._admission = _ADMITTED_AT_ONCE
+            self._admitted(None)
+            return
+        self._admission = limiter.acquire()
         self._admission.addCallbacks(self._admitted, self._not_admitted)
 
     def _cancel_admission(self, _) -> None:
@@ -745,6 +752,11 @@ _DEADLINE_EVENTS = {
     _DOWNLOAD_IDLE_DEADLINE: _DOWNLOAD_IDLE_TIMEOUT,
     _DRAIN_DEADLINE: _DRAIN_TIMEOUT,
 }
+
+
+#: The admission of an exchange that found a free slot: already fired, so
+#: cancelling it (the exchange's own ending) does nothing.
+_ADMITTED_AT_ONCE = succeed(None)
 
 
 def _text(value: bytes) -> str:
