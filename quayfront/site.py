@@ -24,6 +24,7 @@ import os
 from io import BytesIO
 from urllib.parse import unquote_to_bytes
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -65,7 +66,7 @@ from quayfront.http import (
     TargetRefused,
     normalise_target,
 )
-from quayfront.metrics import Counters
+from quayfront.metrics import Counters, tls_failure_reason
 from quayfront.proxylayer import ConnectionOrigin, origin_of
 from quayfront.routing import Route, Router
 from quayfront.twistedadapter import add_checked_fields, client_gone, pull_to_push
@@ -217,6 +218,13 @@ class FrontChannel(TimeoutMixin, Protocol):
         self._drive()
 
     def connectionLost(self, reason=connectionDone) -> None:
+        if isinstance(reason.value, SSL.Error):
+            # A TLS error ended the connection (a failed handshake, mostly):
+            # counted by OpenSSL's reason.  Here rather than in a wrapper
+            # around the channel, which every byte would pass through.
+            self.site.counters.increment(
+                "tls_handshake_failures", tls_failure_reason(reason.value)
+            )
         self._cancel_head_deadline()
         self.setTimeout(None)
         request, self.request = self.request, None
