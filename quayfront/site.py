@@ -963,6 +963,21 @@ class FrontSite(server.Site):
         self._drained.append(waiter)
         return waiter
 
+    def cut_off_exchanges_in(self, timeout_s: float) -> int:
+        """
+        Every forwarded exchange still under way is cut off if it has not
+        ended in C{timeout_s}: both its connections aborted, its ending
+        logged (C{drain-timeout}) with its access-log line.  Returns how
+        many exchanges were told.
+        """
+        told = 0
+        for channel in list(self.channels):
+            forwarding = getattr(channel.request, "forwarding", None)
+            if forwarding is not None:
+                forwarding.drain_started(timeout_s)
+                told += 1
+        return told
+
     def close_idle_connections(self) -> int:
         """
         Close (after flushing) every connection with no request under way;
