@@ -597,6 +597,8 @@ class FrontRequest(server.Request):
     origin: ConnectionOrigin
     continue_held = False
     upstream_ready = False
+    #: The reason of the error quayfront answered itself, if it did.
+    answered_with: str | None = None
     _target_refused: str | None = None
     _log = Logger()
     #: The request's header fields, in order, as the channel parsed them.
@@ -842,7 +844,7 @@ class FrontRequest(server.Request):
                 tlvs=self.tlvs,
                 tls=self._tls,
                 proxy_version=origin.proxy_header.version if origin.proxy_header else None,
-                outcome=forwarding.failure_reason if forwarding else None,
+                outcome=forwarding.failure_reason if forwarding else self.answered_with,
                 remote_user=basic_auth_user(authorization),
             )
         )
