@@ -113,7 +113,8 @@ def _peer_ip(peer: IAddress) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     return host_ip(host) if isinstance(host, str) else None
 
 
-@dataclass(frozen=True)
+# Slots: one of these lives as long as each connection.
+@dataclass(frozen=True, slots=True)
 class ConnectionOrigin:
     """
     Where a connection really comes from.
@@ -183,6 +184,9 @@ class HandshakeWatch:
     A connection quayfront itself closes mid-handshake (a drain) is not
     counted.
     """
+
+    # One per connection, for as long as it lives: no instance dict.
+    __slots__ = ("state", "deadline_s", "timeout_s", "bytes_received", "_first_byte")
 
     def __init__(self, started_s: float, timeout_s: float) -> None:
         self.state = HandshakeState.HANDSHAKING
