@@ -36,6 +36,7 @@ from quayfront.config import (
     host_ip,
 )
 from quayfront.metrics import Counters
+from quayfront.twistedadapter import release_handshake_bios
 from quayfront.proxyprotocol import (
     Address,
     ProxyHeader,
@@ -372,6 +373,10 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if watch.state is HandshakeState.HANDSHAKING and handshake_complete(wrapped):
             watch.completed()
             self._cancel_handshake_deadline()
+            # The memory BIOs keep the size of the largest flight (the
+            # ClientHello, the server's certificates and tickets) for the
+            # connection's life; an idle connection needs none of it.
+            release_handshake_bios(wrapped.getHandle())
             # Done: relay directly from now on, as without a handshake watch.
             self.dataReceived = wrapped.dataReceived  # type: ignore[method-assign]
 
