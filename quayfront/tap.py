@@ -60,7 +60,12 @@ from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.twistedadapter import install_lean_reactor
 from quayfront.upstream import upstream_agent, upstream_uri
 from quayfront.upstreamclient import UpstreamPool
-from quayfront.workers import SAMPLE_INTERVAL_S, WorkersService, worker_count
+from quayfront.workers import (
+    SAMPLE_INTERVAL_S,
+    WorkersService,
+    tune_garbage_collector,
+    worker_count,
+)
 
 
 def _split_list(text: str) -> list[str]:
@@ -537,4 +542,5 @@ def makeService(options: Options) -> Root:
         },
     ).setServiceParent(root)
     reactor.callWhenRunning(StopSignals(reactor, root.drain).install)
+    tune_garbage_collector()
     return root
