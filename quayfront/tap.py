@@ -47,7 +47,6 @@ from quayfront.metrics import (
     MeteredAccessLog,
     MetricsOfTLS,
     MetricsResource,
-    TLSFailureCounting,
     route_label,
 )
 from quayfront.proxylayer import ProxyHeaderPolicy
@@ -366,7 +365,8 @@ def make_service(
         )
         listener_factories[policy.listener] = endpoint
         drain.add_listener(
-            ListenerService(endpoint, TLSFailureCounting(site, counters), setting, address)
+            # The site's channels count the TLS errors that end connections.
+            ListenerService(endpoint, site, setting, address)
         )
         root.listening.append((setting, address, _ROLES[policy.listener]))
     gauges = [
