@@ -32,6 +32,10 @@ Below HTTP, the reactor (its last section): C{EPollReactor.doPoll} with
 C{_poller}, C{_selectables} and C{_doReadOrWrite}, and the TCP write
 buffer (C{dataBuffer}, C{offset}, C{_tempDataBuffer},
 C{_writeDisconnected}) with the places the reactor builds TCP transports.
+
+Under Twisted's TLS (its own section): pyOpenSSL's C{Connection._ssl},
+C{._into_ssl}, C{._from_ssl} and its cffi bindings, to free the memory
+BIOs a handshake grew (L{release_handshake_bios}).
 """
 
 from __future__ import annotations
@@ -268,6 +272,74 @@ def install_lean_reactor() -> bool:
     from twisted.internet.main import installReactor
 
     installReactor(LeanEPollReactor())
+    return True
+
+
+# --- Under Twisted's TLS: pyOpenSSL's memory BIOs of an idle connection ---
+#
+# Twisted's C{TLSMemoryBIOProtocol} runs OpenSSL over two memory BIOs of
+# the C{OpenSSL.SSL.Connection} it is handed (C{Connection(context, None)}).
+# A memory BIO keeps the largest buffer it ever held until it is freed: on
+# the server, the ClientHello on one side and the server's whole first
+# flight (certificate chain, session tickets) on the other, about 1.7 KB
+# per connection measured with a TLS 1.3 client (tests/bench/held.py gives
+# the whole figure).  Nothing public frees them while the connection
+# lives.  L{release_handshake_bios} swaps both, once they are empty after
+# the handshake, for fresh ones that hold nothing until the next record:
+# C{SSL_set_bio} frees the old pair.
+#
+# pyOpenSSL's private names, each with its canary in
+# tests/unit/test_twistedadapter.py: C{Connection._ssl}, C{._into_ssl} and
+# C{._from_ssl} (the SSL object and its read and write BIOs, which
+# C{bio_write}/C{bio_read} use), and the cffi bindings C{OpenSSL._util.lib}
+# (C{BIO_new}, C{BIO_s_mem}, C{BIO_get_mem_data}, C{SSL_set_bio}) and
+# C{OpenSSL._util.ffi}.  If any is gone the swap does nothing: idle
+# connections then keep those buffers, and nothing else changes.
+
+try:
+    from OpenSSL._util import ffi as _ssl_ffi
+    from OpenSSL._util import lib as _ssl_lib
+
+    _BIO_BINDINGS = all(
+        hasattr(_ssl_lib, name)
+        for name in ("BIO_new", "BIO_s_mem", "BIO_get_mem_data", "SSL_set_bio")
+    )
+except ImportError:  # pragma: no cover - a pyOpenSSL without its bindings
+    _BIO_BINDINGS = False
+
+
+def _bio_pending(bio) -> int:
+    return _ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.new("char **"))
+
+
+def release_handshake_bios(connection) -> bool:
+    """
+    Give C{connection} (an C{OpenSSL.SSL.Connection} on memory BIOs) two
+    fresh, empty memory BIOs in place of those the handshake grew, if both
+    are empty; C{True} if it did.  Call it between reads (after
+    C{TLSMemoryBIOProtocol.dataReceived} returns, the incoming BIO has been
+    read to the end and the outgoing one flushed to the transport).
+    """
+    if not _BIO_BINDINGS:
+        return False
+    ssl = getattr(connection, "_ssl", None)
+    into_ssl = getattr(connection, "_into_ssl", None)
+    from_ssl = getattr(connection, "_from_ssl", None)
+    if ssl is None or into_ssl is None or from_ssl is None:
+        return False
+    if _bio_pending(into_ssl) or _bio_pending(from_ssl):
+        return False
+    fresh_in = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
+    if fresh_in == _ssl_ffi.NULL:
+        return False
+    fresh_out = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
+    if fresh_out == _ssl_ffi.NULL:
+        _ssl_lib.BIO_free(fresh_in)
+        return False
+    # SSL_set_bio takes ownership of the new pair and frees the old one.
+    _ssl_lib.SSL_set_bio(ssl, fresh_in, fresh_out)
+    connection._into_ssl = fresh_in
+    connection._from_ssl = fresh_out
     return True
 
 

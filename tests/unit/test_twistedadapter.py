@@ -20,6 +20,7 @@ from quayfront.twistedadapter import (
     client_gone,
     hand_back_idle_timeout,
     pull_to_push,
+    release_handshake_bios,
     waiting_for_client,
 )
 
@@ -377,6 +378,88 @@ def test_lean_reactor_run_loop_polls_without_log_context(monkeypatch) -> None:
         reader.close()
         writer.close()
 
+
+# --- Under Twisted's TLS: pyOpenSSL's memory BIOs of an idle connection ---
+
+
+def _tls_pair():
+    """A server and a client C{OpenSSL.SSL.Connection} on memory BIOs, handshake done."""
+    from OpenSSL import SSL
+
+    from tests.unit.certs import make_certificate
+
+    cert, key = make_certificate()
+    server_context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    server_context.use_certificate(cert)
+    server_context.use_privatekey(key)
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    for _ in range(10):
+        for one in (client, server):
+            try:
+                one.do_handshake()
+            except SSL.WantReadError:
+                pass
+        _pump(client, server)
+        if server.get_peer_finished() is not None and client.get_finished() is not None:
+            break
+    assert server.get_peer_finished() is not None
+    return server, client
+
+
+def _pump(a, b) -> None:
+    from OpenSSL import SSL
+
+    for source, sink in ((a, b), (b, a)):
+        try:
+            sink.bio_write(source.bio_read(65536))
+        except SSL.WantReadError:
+            pass
+
+
+def test_canary_pyopenssl_connection_bios() -> None:
+    """pyOpenSSL's Connection still keeps its SSL object and memory BIOs as _ssl, _into_ssl, _from_ssl, and bio_write/bio_read use them."""
+    from quayfront import twistedadapter
+
+    assert twistedadapter._BIO_BINDINGS
+    server, _ = _tls_pair()
+    for name in ("_ssl", "_into_ssl", "_from_ssl"):
+        assert getattr(server, name) is not None, name
+    server.bio_write(b"\x17\x03\x03")
+    assert twistedadapter._bio_pending(server._into_ssl) == 3
+    assert twistedadapter._bio_pending(server._from_ssl) == 0
+
+
+def test_release_handshake_bios_keeps_the_connection_working() -> None:
+    """Fresh BIOs replace the handshake's, and application data flows both ways after."""
+    server, client = _tls_pair()
+    _pump(client, server)  # session tickets, if any
+    old = (server._into_ssl, server._from_ssl)
+    assert release_handshake_bios(server)
+    assert server._into_ssl not in old and server._from_ssl not in old
+    client.send(b"ping")
+    _pump(client, server)
+    assert server.recv(16) == b"ping"
+    server.send(b"pong")
+    _pump(server, client)
+    assert client.recv(16) == b"pong"
+
+
+def test_release_handshake_bios_leaves_pending_bytes_alone() -> None:
+    """With bytes waiting in either BIO nothing is swapped, so nothing is lost."""
+    server, client = _tls_pair()
+    client.send(b"ping")
+    server.bio_write(client.bio_read(65536))
+    old = (server._into_ssl, server._from_ssl)
+    assert not release_handshake_bios(server)
+    assert (server._into_ssl, server._from_ssl) == old
+    assert server.recv(16) == b"ping"
+    server.send(b"pong")
+    assert not release_handshake_bios(server)
+    _pump(server, client)
+    assert client.recv(16) == b"pong"
 
 
 def test_canary_checked_fields_are_what_add_raw_header_makes() -> None:
