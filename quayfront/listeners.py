@@ -29,13 +29,14 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from quayfront.config import Config, ConfigError, ListenAddress
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ProxyHeaderFactory, ProxyHeaderPolicy
+from quayfront.twistedadapter import BatchedReceiveTLS
 
 # Generous: a load balancer opens connections in bursts, and connections
 # that never send a header are closed on the header deadline anyway.  It is
@@ -507,9 +508,11 @@ class UnbufferedTLSFactory(TLSMemoryBIOFactory):
     in small pieces; quayfront's channel writes a response head together
     with its first body bytes and bodies in whole upstream reads, so the
     buffering only cost a timer, a copy and a reactor turn per response.
+    The records one read brings are handed on in one call
+    (L{BatchedReceiveTLS}).
     """
 
-    protocol = TLSMemoryBIOProtocol
+    protocol = BatchedReceiveTLS
 
     def open_connections(self) -> int:
         return self.proxy_layer.open_connections()

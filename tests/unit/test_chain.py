@@ -139,7 +139,8 @@ def test_listener_tls_sends_a_response_without_waiting_for_a_reactor_turn(tmp_pa
         b"GET /v2/ HTTP/1.1\r\nHost: localhost:8443\r\n\r\n",
         tls_factory=UnbufferedTLSFactory,
     )
-    assert type(server.wrappedProtocol) is TLSMemoryBIOProtocol
+    assert isinstance(server.wrappedProtocol, TLSMemoryBIOProtocol)
+    assert type(server.wrappedProtocol).__name__ == "BatchedReceiveTLS"
     r = response(200, {}, 2)
     agent.requests[0]["d"].callback(r)
     r._bodyDataReceived(b"ok")

@@ -484,3 +484,97 @@ def test_canary_checked_fields_are_what_add_raw_header_makes() -> None:
         slow.addRawHeader(name, value)
     assert list(fast.getAllRawHeaders()) == list(slow.getAllRawHeaders())
     assert fast.getRawHeaders(b"x-custom") == [b"a", b"b, c"]
+
+
+def test_canary_tls_receive_path() -> None:
+    """The names BatchedReceiveTLS uses and replaces are Twisted's TLS protocol's, as it reads."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    for name in ("_flushReceiveBIO", "_flushSendBIO", "_shutdownTLS", "_tlsShutdownFinished"):
+        assert callable(getattr(TLSMemoryBIOProtocol, name)), name
+    source = inspect.getsource(TLSMemoryBIOProtocol._flushReceiveBIO)
+    for piece in (
+        "self._lostTLSConnection",
+        "self._tlsConnection.recv(2**15)",
+        "except WantReadError",
+        "except ZeroReturnError",
+        "self._tlsShutdownFinished(None)",
+        "self._aborted",
+        "ProtocolWrapper.dataReceived(self, bytes)",
+        "self._flushSendBIO()",
+    ):
+        assert piece in source, piece
+    assert "self._flushReceiveBIO()" in inspect.getsource(TLSMemoryBIOProtocol.dataReceived)
+
+
+def _batched_tls_pair(server_app):
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test.iosim import FakeTransport, connect
+
+    from quayfront.config import TLSConfig
+    from quayfront.tls import load_server_tls
+    from quayfront.twistedadapter import BatchedReceiveTLS
+
+    class Factory_(TLSMemoryBIOFactory):
+        protocol = BatchedReceiveTLS
+
+    clock = MemoryReactorClock()
+    tls = load_server_tls(TLSConfig(cert="", self_signed_dev=True), "test")
+    server = Factory_(tls, False, Factory.forProtocol(lambda: server_app), clock=clock).buildProtocol(None)
+    client_app = Protocol()
+    from twisted.internet import ssl
+
+    options = ssl.CertificateOptions(verify=False)
+    client = TLSMemoryBIOFactory(
+        options, True, Factory.forProtocol(lambda: client_app), clock=clock
+    ).buildProtocol(None)
+    pump = connect(server, FakeTransport(server, False), client, FakeTransport(client, True))
+    for _ in range(10):
+        pump.flush()
+        clock.advance(0)
+    return server, client, client_app, pump, clock
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+        self.lost = None
+        self.transport = None
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self.calls.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.lost = (reason, len(self.calls))
+
+
+def test_batched_tls_hands_on_the_records_of_one_read_in_one_call() -> None:
+    """100 KiB (seven TLS records) sent at once reach the protocol above whole, in order, in one call."""
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    payload = bytes(range(256)) * 400
+    client_app.transport.write(payload)
+    clock.advance(0)
+    pump.flush()
+    assert b"".join(app.calls) == payload
+    assert len(app.calls) == 1
+
+
+def test_batched_tls_delivers_the_data_before_the_end_of_the_stream() -> None:
+    """Data and the peer's close_notify in one read: the data first, then a clean connectionLost."""
+    from twisted.internet.error import ConnectionDone
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    client_app.transport.write(b"last words")
+    client_app.transport.loseConnection()
+    for _ in range(10):
+        clock.advance(0)
+        pump.flush()
+    assert b"".join(app.calls) == b"last words"
+    reason, calls_before = app.lost
+    assert calls_before == len(app.calls) and reason.check(ConnectionDone)
