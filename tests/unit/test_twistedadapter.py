@@ -505,6 +505,18 @@ def test_canary_tls_receive_path() -> None:
     ):
         assert piece in source, piece
     assert "self._flushReceiveBIO()" in inspect.getsource(TLSMemoryBIOProtocol.dataReceived)
+    assert callable(TLSMemoryBIOProtocol._bufferedWrite)
+    write_source = inspect.getsource(TLSMemoryBIOProtocol._write)
+    for piece in (
+        "if self._lostTLSConnection:",
+        "self._tlsConnection.send(",
+        "except WantReadError:",
+        "self._bufferedWrite(",
+        "self._tlsShutdownFinished(Failure())",
+        "self._flushSendBIO()",
+    ):
+        assert piece in write_source, piece
+    assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
 
 
 def _batched_tls_pair(server_app):
@@ -578,3 +590,21 @@ def test_batched_tls_delivers_the_data_before_the_end_of_the_stream() -> None:
     assert b"".join(app.calls) == b"last words"
     reason, calls_before = app.lost
     assert calls_before == len(app.calls) and reason.check(ConnectionDone)
+
+
+def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> None:
+    """A 300 KiB write leaves as one transport write of its records, and arrives whole and in order."""
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    received = []
+    client_app.dataReceived = received.append
+    writes = []
+    underlying = server.transport.write
+    server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
+    payload = bytes(range(256)) * 1200
+    app.transport.write(payload)
+    assert len(writes) == 1 and writes[0] > len(payload)
+    for _ in range(10):
+        pump.flush()
+        clock.advance(0)
+    assert b"".join(received) == payload
