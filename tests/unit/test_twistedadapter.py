@@ -220,6 +220,26 @@ def test_eager_write_sends_at_once() -> None:
         peer.close()
 
 
+def test_eager_transports_read_a_quarter_mebibyte_at_a_time() -> None:
+    """One doRead takes up to 256 KiB waiting on the socket (Twisted reads 64 KiB)."""
+    transport, peer, reactor = _eager_pair()
+    try:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sent = 0
+        for _ in range(64):
+            try:
+                sent += peer.send(b"x" * (1 << 16))
+            except BlockingIOError:
+                break
+        assert sent >= 1 << 18, "the socket pair holds a quarter mebibyte"
+        transport.doRead()
+        assert len(transport.protocol.received) == 1 << 18
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
 def test_eager_write_buffers_what_the_kernel_refuses_in_order() -> None:
     """Beyond the socket buffer, the rest is buffered and later writes queue behind it."""
     transport, peer, reactor = _eager_pair()
