@@ -388,6 +388,29 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol as _TLSMemoryBIOProtocol 
 from twisted.python.failure import Failure as _Failure  # noqa: E402
 
 
+def _read_to_the_end(connection) -> bool:
+    """
+    Whether C{connection} (on memory BIOs) has nothing left to decrypt:
+    nothing pending in OpenSSL, nothing waiting in its incoming BIO.  False
+    when that cannot be known (the BIO bindings are missing).
+    """
+    if not _BIO_BINDINGS:
+        return False
+    into_ssl = getattr(connection, "_into_ssl", None)
+    return into_ssl is not None and not connection.pending() and not _bio_pending(into_ssl)
+
+
+def _nothing_to_send(connection) -> bool:
+    """
+    Whether C{connection}'s outgoing BIO is empty; False when that cannot
+    be known.
+    """
+    if not _BIO_BINDINGS:
+        return False
+    from_ssl = getattr(connection, "_from_ssl", None)
+    return from_ssl is not None and not _bio_pending(from_ssl)
+
+
 #: Plaintext bytes per TLS record (the protocol's maximum), and room enough
 #: to read one whole encrypted record back.
 _RECORD_BYTES = 2**14
@@ -420,10 +443,20 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                 self._tlsShutdownFinished(_Failure())
             else:
                 received.append(data)
+                if _read_to_the_end(self._tlsConnection):
+                    # Known without a recv() that fails (an exception).
+                    break
         self._deliver(received)
         # What the records read may call for (a handshake reply, a key
         # update) goes out now.
         self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        if _nothing_to_send(self._tlsConnection):
+            # The usual case after a request is read: no bio_read that
+            # fails (an exception) to find out.
+            return
+        super()._flushSendBIO()
 
     def _write(self, data: bytes) -> None:
         # Twisted's _write, but the records of one write leave in one

@@ -628,3 +628,26 @@ def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> 
         pump.flush()
         clock.advance(0)
     assert b"".join(received) == payload
+
+
+def test_batched_tls_reads_a_request_without_failing_calls(monkeypatch) -> None:
+    """A small read takes one recv() and no bio_read(): no WantReadError raised to find the end."""
+    from OpenSSL import SSL
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    calls = {"recv": 0, "bio_read": 0}
+    for name in calls:
+        original = getattr(SSL.Connection, name)
+
+        def counting(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(SSL.Connection, name, counting)
+    client_app.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(0)
+    calls["recv"] = calls["bio_read"] = 0
+    pump.flush()
+    assert b"".join(app.calls) == b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert calls == {"recv": 1, "bio_read": 0}
