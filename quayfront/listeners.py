@@ -499,6 +499,9 @@ class TLSListenerEndpoint:
             UnbufferedTLSFactory(self._tls, False, protocolFactory, clock=self._clock)
         )
 
+    def open_connections(self) -> int:
+        return self.proxy_layer.open_connections()
+
 
 class UnbufferedTLSFactory(TLSMemoryBIOFactory):
     """
@@ -513,9 +516,6 @@ class UnbufferedTLSFactory(TLSMemoryBIOFactory):
     """
 
     protocol = BatchedReceiveTLS
-
-    def open_connections(self) -> int:
-        return self.proxy_layer.open_connections()
 
 
 class ListenerService(StreamServerEndpointService):

@@ -220,3 +220,16 @@ def test_missing_v2_route_is_warned(log_events) -> None:
     assert "max_body_bytes=1000" in lines[1] and "rate_limit=api" in lines[1]
     [warning] = [e for e in log_events if "No route covers /v2/" in e["log_format"]]
     assert warning["log_level"].name == "warn"
+
+
+def test_tls_listener_endpoint_reports_the_proxy_layers_open_connections() -> None:
+    """The open-connections gauge reads the TLS endpoint, which asks the PROXY layer under it."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from quayfront.listeners import TLSListenerEndpoint
+
+    class Layer:
+        def open_connections(self) -> int:
+            return 7
+
+    assert TLSListenerEndpoint(Layer(), None, MemoryReactorClock()).open_connections() == 7
