@@ -94,6 +94,14 @@ def basic_auth_user(authorization: bytes | None) -> bytes | None:
     return user[:REMOTE_USER_MAX_BYTES]
 
 
+# The bytes nginx writes as they are: printable ASCII except C{"} and C{\\}.
+_PLAIN_BYTES = bytes(byte for byte in range(0x20, 0x7F) if byte not in (0x22, 0x5C))
+# What each byte becomes in the log: itself if plain, else C{\\xHH}.
+_ESCAPED_BYTES = tuple(
+    chr(byte) if byte in _PLAIN_BYTES else "\\x%02X" % byte for byte in range(256)
+)
+
+
 def _escape(value: bytes | None) -> str:
     """
     nginx's escaping: C{"}, C{\\} and bytes outside printable ASCII become
@@ -101,13 +109,11 @@ def _escape(value: bytes | None) -> str:
     """
     if value is None:
         return "-"
-    out = []
-    for byte in value:
-        if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C):
-            out.append(chr(byte))
-        else:
-            out.append("\\x%02X" % byte)
-    return "".join(out)
+    # Nearly every value has nothing to escape: deleting the plain bytes
+    # (one C call) tells, and the value is then written as it is.
+    if not value.translate(None, _PLAIN_BYTES):
+        return value.decode("ascii")
+    return "".join([_ESCAPED_BYTES[byte] for byte in value])
 
 
 def _proxy_client(entry: AccessLogEntry) -> str:
