@@ -289,9 +289,11 @@ class MeteredAccessLog:
         return getattr(self._access_log, name)
 
     def write(self, entry) -> None:
-        path = entry.uri.split(b"?", 1)[0]
+        route = entry.route_label
+        if route is None:
+            route = self._route_of(entry.uri.split(b"?", 1)[0])
         self._counters.observe_request(
-            self._route_of(path),
+            route,
             entry.status,
             entry.request_time_s,
             entry.request_length,
