@@ -119,7 +119,9 @@ class Counters:
         # metrics hold children (a label value per route, status class and
         # counter reason), and stay valid because no child is ever removed.
         self._exported_children: dict[tuple[str, str], PromCounter | None] = {}
-        self._request_children: dict[tuple[str, int], tuple[Histogram, PromCounter, PromCounter]] = {}
+        self._request_children: dict[
+            tuple[str, int], tuple[Histogram, PromCounter, PromCounter]
+        ] = {}
 
     def increment(self, name: str, label: str = "", by: int = 1) -> None:
         key = (name, label)

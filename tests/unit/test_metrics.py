@@ -181,8 +181,13 @@ def test_exposition_is_that_of_labelled_prometheus_metrics() -> None:
         reference.response_bytes.labels(route).inc(logged.body_bytes_sent)
         if outcome and outcome.startswith("upstream-"):
             reference._exported["upstream_errors"].labels(outcome).inc()
-    for name, label, by in [("proxy_header_rejected", "timeout", 1), ("tls_handshake_failed", "timeout", 2),
-                            ("proxy_header_rejected", "timeout", 3), ("not_exported", "x", 1)]:
+    increments = [
+        ("proxy_header_rejected", "timeout", 1),
+        ("tls_handshake_failed", "timeout", 2),
+        ("proxy_header_rejected", "timeout", 3),
+        ("not_exported", "x", 1),
+    ]
+    for name, label, by in increments:
         counters.increment(name, label, by)
         if name != "not_exported":
             reference._exported[name].labels(label).inc(by)
@@ -191,4 +196,7 @@ def test_exposition_is_that_of_labelled_prometheus_metrics() -> None:
     )
     assert counters.value("http_responses", "200") == 9
     assert counters.value("not_exported", "x") == 1
-    assert counters.by_label("upstream_errors") == {"upstream-unreachable": 3, "upstream-truncated": 3}
+    assert counters.by_label("upstream_errors") == {
+        "upstream-unreachable": 3,
+        "upstream-truncated": 3,
+    }
