@@ -38,12 +38,13 @@ from collections import deque
 from dataclasses import replace
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
+from twisted.web.http import NO_BODY_CODES
 from twisted.web.client import (
     PotentialDataLoss,
     ResponseDone,
@@ -72,6 +73,7 @@ from quayfront.http import _endings as endings
 from quayfront.limits import Overloaded
 from quayfront.routing import Route
 from quayfront.twistedadapter import (
+    add_checked_fields,
     client_gone,
     hand_back_idle_timeout,
     proxied_transport,
@@ -117,6 +119,28 @@ REGISTRY_API_PREFIXES = (b"/v1/", b"/v2/")
 
 def header_pairs(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+
+
+def request_fields(request) -> list[tuple[bytes, bytes]]:
+    """
+    A client request's header fields as pairs: as parsed, when the request
+    kept them (L{quayfront.site.FrontRequest}), else from its headers.
+    """
+    field_pairs = getattr(request, "field_pairs", None)
+    if field_pairs is not None:
+        return field_pairs()
+    return header_pairs(request.requestHeaders)
+
+
+def response_fields(response) -> list[tuple[bytes, bytes]]:
+    """
+    An upstream response's header fields as pairs: as parsed, when the
+    response kept them (quayfront's own client), else from its headers.
+    """
+    pairs = getattr(response, "header_pairs", None)
+    if pairs is not None:
+        return pairs
+    return header_pairs(response.headers)
 
 
 @implementer(IBodyProducer)
@@ -272,7 +296,13 @@ class Forwarding:
         vouched_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]] = (),
         reserved_headers: frozenset[bytes] = frozenset(),
         default_host: bytes = b"",
+        watch_client: bool = True,
     ) -> None:
+        """
+        @param watch_client: whether to learn of the client going away from
+            C{request.notifyFinish()} itself; false when the caller reports
+            it through L{client_gone} (one Deferred per request fewer).
+        """
         self.request = request
         self.route = route
         self._limits = route.config
@@ -296,20 +326,20 @@ class Forwarding:
         self._events: deque[tuple[Event, bytes | object, dict]] = deque()
         self._handling = False
 
-        self._headers = Headers()
-        for name, value in upstream_request_headers(
-            header_pairs(request.requestHeaders),
+        fields = request_fields(request)
+        # Sent upstream as pairs, in order: no Headers object is made.
+        self._headers = upstream_request_headers(
+            fields,
             client_ip=client_ip,
             vouched=vouched_headers,
             reserved=reserved_headers,
             default_host=default_host,
-        ):
-            self._headers.addRawHeader(name, value)
+        )
 
         # The channel reports length None for a chunked body and 0 both for
         # "Content-Length: 0" and for no body at all; only the first two are
         # sent with a body (the agent writes the framing itself).
-        has_body = length is None or request.requestHeaders.hasHeader(b"content-length")
+        has_body = length is None or any(name.lower() == b"content-length" for name, _ in fields)
         self.exchange = Exchange(
             has_body=has_body, length=length, max_body_bytes=self._limits.max_body_bytes
         )
@@ -318,7 +348,8 @@ class Forwarding:
             if has_body
             else None
         )
-        request.notifyFinish().addErrback(self._client_gone)
+        if watch_client:
+            request.notifyFinish().addErrback(self.client_gone)
         self.feed(_HEAD_COMPLETE)
 
     # What site.py and the access log read.
@@ -401,7 +432,10 @@ class Forwarding:
         self._drain_timeout_s = timeout_s
         self.feed(_DRAINING)
 
-    def _client_gone(self, reason: Failure) -> None:
+    def client_gone(self, reason: Failure) -> None:
+        """
+        The client connection was lost before the response was finished.
+        """
         self.feed(_CLIENT_GONE)
 
     def _rate_limit_decided(self, wait_s: float | None) -> None:
@@ -480,7 +514,14 @@ class Forwarding:
             self._rate_limit_decided(wait_s)
 
     def _ask_admission(self, _) -> None:
-        self._admission = self.route.upstream.limiter.acquire()
+        limiter = self.route.upstream.limiter
+        try_acquire = getattr(limiter, "try_acquire", None)
+        if try_acquire is not None and try_acquire():
+            # A free slot, the common case: no Deferred made and fired.
+            self._admission = _ADMITTED_AT_ONCE
+            self._admitted(None)
+            return
+        self._admission = limiter.acquire()
         self._admission.addCallbacks(self._admitted, self._not_admitted)
 
     def _cancel_admission(self, _) -> None:
@@ -492,8 +533,15 @@ class Forwarding:
     def _start_upstream_request(self, _) -> None:
         request = self.request
         try:
-            self._upstream = self.route.upstream.agent.request(
-                request.method, upstream_uri(request.upstream_target), self._headers, self.body
+            agent = self.route.upstream.agent
+            headers = self._headers
+            if not getattr(agent, "takes_header_pairs", False):
+                # Any other IAgent takes a Headers, as IAgent says.
+                headers = Headers()
+                for name, value in self._headers:
+                    headers.addRawHeader(name, value)
+            self._upstream = agent.request(
+                request.method, upstream_uri(request.upstream_target), headers, self.body
             )
         except Exception as error:
             # The agent refuses some requests synchronously (an invalid URI);
@@ -571,12 +619,14 @@ class Forwarding:
     def _set_response_head(self, response) -> None:
         request = self.request
         request.setResponseCode(response.code, response.phrase)
-        for name, value in client_response_headers(header_pairs(response.headers)):
-            request.responseHeaders.addRawHeader(name, value)
+        # Checked by the response reader (or Twisted's): added unchecked.
+        add_checked_fields(
+            request.responseHeaders, client_response_headers(response_fields(response))
+        )
         if (
             response.length is not UNKNOWN_LENGTH
             and request.method != b"HEAD"
-            and response.code not in http.NO_BODY_CODES
+            and response.code not in NO_BODY_CODES
         ):
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
 
@@ -702,6 +752,11 @@ _DEADLINE_EVENTS = {
     _DOWNLOAD_IDLE_DEADLINE: _DOWNLOAD_IDLE_TIMEOUT,
     _DRAIN_DEADLINE: _DRAIN_TIMEOUT,
 }
+
+
+#: The admission of an exchange that found a free slot: already fired, so
+#: cancelling it (the exchange's own ending) does nothing.
+_ADMITTED_AT_ONCE = succeed(None)
 
 
 def _text(value: bytes) -> str:

@@ -70,6 +70,12 @@ def _connection_tokens(pairs: HeaderPairs) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+# Dropped from every request whatever else is; with a site's reserved names
+# added, made once per set of reserved names (a site has one).
+_ALWAYS_DROPPED = HOP_BY_HOP | FORWARDING | FRAMING
+_dropped_with: dict[frozenset[bytes], frozenset[bytes]] = {}
+
+
 def upstream_request_headers(
     pairs: Iterable[tuple[bytes, bytes]],
     *,
@@ -96,31 +102,45 @@ def upstream_request_headers(
     @param default_host: the C{Host} to send when the client sent none (an
         HTTP/1.0 client): the address it connected to.
     """
-    pairs = list(pairs)
+    # One pass to lower-case the names (every rule below compares them).
+    fields = [(name.lower(), name, value) for name, value in pairs]
     vouched = list(vouched)
-    own = {name.lower() for name, _ in vouched} | frozenset(reserved)
-    nominated = {
-        token
-        for token in _connection_tokens(pairs)
-        if token not in NEVER_NOMINATED and token not in own
-        and not token.startswith(b"x-forwarded-")
-    }
-    dropped = HOP_BY_HOP | FORWARDING | FRAMING | nominated | own
-    forwarded = [
-        (name, value)
-        for name, value in pairs
-        if name.lower() not in dropped and b"_" not in name
-    ]
-    if default_host and not any(name.lower() == b"host" for name, _ in pairs):
+    reserved = reserved if isinstance(reserved, frozenset) else frozenset(reserved)
+    dropped = _dropped_with.get(reserved)
+    if dropped is None:
+        dropped = _dropped_with[reserved] = _ALWAYS_DROPPED | reserved
+    own = {name.lower() for name, _ in vouched}
+    if not own <= reserved:
+        dropped = dropped | own
+    connection = [value for lower, _, value in fields if lower == b"connection"]
+    if connection:
+        own |= reserved
+        nominated = {
+            token
+            for token in (
+                t.strip().lower() for value in connection for t in value.split(b",")
+            )
+            if token
+            and token not in NEVER_NOMINATED
+            and token not in own
+            and not token.startswith(b"x-forwarded-")
+        }
+        dropped = dropped | nominated
+    forwarded = []
+    host = None
+    for lower, name, value in fields:
+        if lower == b"host" and host is None:
+            host = value
+        if lower not in dropped and b"_" not in name:
+            forwarded.append((name, value))
+    if host is None and default_host:
         forwarded.insert(0, (b"Host", default_host))
-        pairs = [(b"Host", default_host), *pairs]
+        host = default_host
     forwarded.append((b"X-Forwarded-For", client_ip.encode("ascii")))
     forwarded.append((b"X-Forwarded-Proto", scheme))
     forwarded.extend(vouched)
-    for name, value in pairs:
-        if name.lower() == b"host":
-            forwarded.append((b"X-Forwarded-Host", value))
-            break
+    if host is not None:
+        forwarded.append((b"X-Forwarded-Host", host))
     return forwarded
 
 
@@ -128,6 +148,11 @@ def client_response_headers(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderPairs
     """
     The upstream response headers to pass to the client.
     """
-    pairs = list(pairs)
-    dropped = HOP_BY_HOP | _connection_tokens(pairs)
-    return [(name, value) for name, value in pairs if name.lower() not in dropped]
+    fields = [(name.lower(), name, value) for name, value in pairs]
+    dropped = HOP_BY_HOP
+    connection = [value for lower, _, value in fields if lower == b"connection"]
+    if connection:
+        tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
+        tokens.discard(b"")
+        dropped = dropped | tokens
+    return [(name, value) for lower, name, value in fields if lower not in dropped]

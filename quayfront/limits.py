@@ -62,14 +62,23 @@ class ConcurrencyLimiter:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def try_acquire(self) -> bool:
+        """
+        Take a slot if one is free now (call L{release} exactly once then):
+        the common case, without a Deferred.
+        """
+        if not self.max_active or self.active < self.max_active:
+            self.active += 1
+            return True
+        return False
+
     def acquire(self) -> Deferred:
         """
         A Deferred that fires when the caller holds a slot (call L{release}
         exactly once then), or fails with L{Overloaded}.  Cancelling it
         leaves the queue.
         """
-        if not self.max_active or self.active < self.max_active:
-            self.active += 1
+        if self.try_acquire():
             return succeed(None)
         if len(self._waiting) >= self.queue_size:
             return fail(Overloaded("upstream-queue-full"))

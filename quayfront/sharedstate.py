@@ -208,12 +208,16 @@ class SharedConcurrencyLimiter(ConcurrencyLimiter):
         self._poll_s = poll_s
         self._poll: IDelayedCall | None = None
 
+    def try_acquire(self) -> bool:
+        if not self.max_active or (
+            not self._waiting and self._counts.try_take(self._worker, self.max_active)
+        ):
+            self.active += 1
+            return True
+        return False
+
     def acquire(self) -> Deferred:
-        if not self.max_active:
-            self.active += 1
-            return succeed(None)
-        if not self._waiting and self._counts.try_take(self._worker, self.max_active):
-            self.active += 1
+        if self.try_acquire():
             return succeed(None)
         if len(self._waiting) >= self.queue_size:
             return fail(Overloaded("upstream-queue-full"))

@@ -24,6 +24,7 @@ import os
 from io import BytesIO
 from urllib.parse import unquote_to_bytes
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -38,6 +39,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server, static
 from twisted.web.http import parse_qs
+from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
 
@@ -64,10 +66,10 @@ from quayfront.http import (
     TargetRefused,
     normalise_target,
 )
-from quayfront.metrics import Counters
+from quayfront.metrics import Counters, tls_failure_reason
 from quayfront.proxylayer import ConnectionOrigin, origin_of
 from quayfront.routing import Route, Router
-from quayfront.twistedadapter import client_gone, pull_to_push
+from quayfront.twistedadapter import add_checked_fields, client_gone, pull_to_push
 
 #: Bytes of pipelined requests read while a response is under way before
 #: the client stops being read (Twisted's channel reads as much).
@@ -84,6 +86,16 @@ def _authority(address) -> bytes:
         return b""
     host = f"[{host}]" if ":" in host else host
     return f"{host}:{port}".encode("ascii", "replace")
+
+
+def first_field(fields: list[tuple[bytes, bytes]], lower_name: bytes) -> bytes | None:
+    """
+    The value of the first field named C{lower_name} (lower case), or None.
+    """
+    for name, value in fields:
+        if name.lower() == lower_name:
+            return value
+    return None
 
 
 def _text(value: bytes) -> str:
@@ -206,6 +218,13 @@ class FrontChannel(TimeoutMixin, Protocol):
         self._drive()
 
     def connectionLost(self, reason=connectionDone) -> None:
+        if isinstance(reason.value, SSL.Error):
+            # A TLS error ended the connection (a failed handshake, mostly):
+            # counted by OpenSSL's reason.  Here rather than in a wrapper
+            # around the channel, which every byte would pass through.
+            self.site.counters.increment(
+                "tls_handshake_failures", tls_failure_reason(reason.value)
+            )
         self._cancel_head_deadline()
         self.setTimeout(None)
         request, self.request = self.request, None
@@ -292,9 +311,15 @@ class FrontChannel(TimeoutMixin, Protocol):
         path, question, query = target.partition(b"?")
         request.path = path
         request.args = parse_qs(query, 1) if question else {}
-        headers = request.requestHeaders
-        for name, value in head.headers:
-            headers.addRawHeader(name, value)
+        fields = head.headers
+        received_fields = getattr(request, "received_fields", None)
+        if received_fields is not None:
+            received_fields(fields)
+        else:
+            # Any other twisted.web request.
+            headers = request.requestHeaders
+            for name, value in fields:
+                headers.addRawHeader(name, value)
         if not head.keep_alive:
             # The framer reads every token of every Connection header.
             self.persistent = False
@@ -303,9 +328,9 @@ class FrontChannel(TimeoutMixin, Protocol):
         request.gotLength(head.content_length)
         if self.request is not request or self._refused or self._closing:
             return
-        expect = headers.getRawHeaders(b"expect")
+        expect = first_field(fields, b"expect")
         # As Twisted's channel: the first Expect header, on HTTP/1.1.
-        if expect and expect[0].lower() == b"100-continue" and version == b"HTTP/1.1":
+        if expect is not None and expect.lower() == b"100-continue" and version == b"HTTP/1.1":
             if not self.hold_continue():
                 self.send_continue()
 
@@ -574,6 +599,47 @@ class FrontRequest(server.Request):
     upstream_ready = False
     _target_refused: str | None = None
     _log = Logger()
+    #: The request's header fields, in order, as the channel parsed them.
+    fields: list[tuple[bytes, bytes]] | None = None
+    _request_headers: Headers | None = None
+    #: Fields not yet copied into C{requestHeaders}.
+    _fields_pending: list[tuple[bytes, bytes]] | tuple = ()
+
+    # The forwarding path reads the fields as pairs; C{requestHeaders}, which
+    # Twisted's request and quayfront's own resources use, is filled from
+    # them only when something reads it.
+
+    @property
+    def requestHeaders(self) -> Headers:
+        headers = self._request_headers
+        pending = self._fields_pending
+        if pending:
+            self._fields_pending = ()
+            # Checked by the framer.
+            add_checked_fields(headers, pending)
+        return headers
+
+    @requestHeaders.setter
+    def requestHeaders(self, headers: Headers) -> None:
+        self._request_headers = headers
+        self._fields_pending = ()
+
+    def received_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
+        """
+        The channel parsed the request's head: its header fields, in order.
+        """
+        self.fields = fields
+        self._fields_pending = fields
+
+    def field_pairs(self) -> list[tuple[bytes, bytes]]:
+        """
+        The request's header fields as (name, value) pairs, in order.
+        """
+        fields = self.fields
+        if fields is None:
+            # Made without a channel's parse (a stand-in channel).
+            fields = header_pairs(self.requestHeaders)
+        return fields
 
     def gotLength(self, length: int | None) -> None:
         # The channel has set method, uri, clientproto, path, args and the
@@ -592,20 +658,17 @@ class FrontRequest(server.Request):
         self._received_s = site.clock.seconds()
         # Read now: the channel is gone by the time an aborted request logs.
         self.origin, self._tls, self.tlvs = channel.connection_facts()
+        fields = self.field_pairs()
         self._head_length = (
             len(self.method) + len(self.uri) + len(self.clientproto) + 4
-            + sum(
-                len(name) + len(value) + 4
-                for name, values in self.requestHeaders.getAllRawHeaders()
-                for value in values
-            )
+            + sum(len(name) + len(value) + 4 for name, value in fields)
             + 2
         )
         # The load balancer's UNIQUE_ID names the request where it has one,
         # so its logs and the registry's can be joined.
         self.request_id = self.tlvs.get("unique_id") or os.urandom(16).hex()
         site.request_started()
-        underscored = underscored_names(header_pairs(self.requestHeaders))
+        underscored = underscored_names(fields)
         if underscored:
             self._log.info(
                 "dropped request headers with underscores from {peer}: {names}",
@@ -628,13 +691,20 @@ class FrontRequest(server.Request):
                 vouched_headers=site.vouched_headers(self.request_id, self.tlvs, self._tls),
                 reserved_headers=site.reserved_headers,
                 default_host=_authority(self.origin.destination),
+                watch_client=False,
             )
         else:
             # Local answers take no body; whatever is sent is read and
             # dropped rather than spooled.
             self.content = BytesIO()
-        # After the forwarding's own handlers, so an abort's outcome is known.
-        self.notifyFinish().addBoth(self._write_access_log)
+        self.notifyFinish().addBoth(self._request_over)
+
+    def _request_over(self, result: object) -> None:
+        forwarding = self.forwarding
+        if forwarding is not None and isinstance(result, Failure):
+            forwarding.client_gone(result)
+        # After the forwarding has heard, so an abort's outcome is known.
+        self._write_access_log(result)
 
     def _forwardable(self) -> bool:
         # Only origin-form targets are routed; absolute-form and "*" are
@@ -644,7 +714,7 @@ class FrontRequest(server.Request):
         # it to.
         return (
             self.uri.startswith(b"/")
-            and len(self.requestHeaders.getRawHeaders(b"host", ())) <= 1
+            and sum(1 for name, _ in self.field_pairs() if name.lower() == b"host") <= 1
             and self._target_refused is None
         )
 
@@ -738,6 +808,15 @@ class FrontRequest(server.Request):
         status = self.code
         if isinstance(result, Failure) and not self.startedWriting:
             status = CLIENT_CLOSED_REQUEST
+        referer = user_agent = authorization = None
+        for name, value in self.field_pairs():
+            lower = name.lower()
+            if lower == b"user-agent":
+                user_agent = value if user_agent is None else user_agent
+            elif lower == b"referer":
+                referer = value if referer is None else referer
+            elif lower == b"authorization":
+                authorization = value if authorization is None else authorization
         site.counters.increment("http_responses", str(status))
         site.access_log.write(
             AccessLogEntry(
@@ -749,8 +828,8 @@ class FrontRequest(server.Request):
                 protocol=self.clientproto,
                 status=status,
                 body_bytes_sent=self.sentLength,
-                referer=self.requestHeaders.getRawHeaders(b"referer", [None])[0],
-                user_agent=self.requestHeaders.getRawHeaders(b"user-agent", [None])[0],
+                referer=referer,
+                user_agent=user_agent,
                 request_time_s=site.clock.seconds() - self._received_s,
                 request_length=self._head_length
                 + (forwarding.body_bytes_received if forwarding else 0),
@@ -764,9 +843,7 @@ class FrontRequest(server.Request):
                 tls=self._tls,
                 proxy_version=origin.proxy_header.version if origin.proxy_header else None,
                 outcome=forwarding.failure_reason if forwarding else None,
-                remote_user=basic_auth_user(
-                    self.requestHeaders.getRawHeaders(b"authorization", [None])[0]
-                ),
+                remote_user=basic_auth_user(authorization),
             )
         )
 

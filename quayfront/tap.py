@@ -47,7 +47,6 @@ from quayfront.metrics import (
     MeteredAccessLog,
     MetricsOfTLS,
     MetricsResource,
-    TLSFailureCounting,
     route_label,
 )
 from quayfront.proxylayer import ProxyHeaderPolicy
@@ -60,7 +59,12 @@ from quayfront.tls import CertificateReloader, load_server_tls
 from quayfront.twistedadapter import install_lean_reactor
 from quayfront.upstream import upstream_agent, upstream_uri
 from quayfront.upstreamclient import UpstreamPool
-from quayfront.workers import SAMPLE_INTERVAL_S, WorkersService, worker_count
+from quayfront.workers import (
+    SAMPLE_INTERVAL_S,
+    WorkersService,
+    tune_garbage_collector,
+    worker_count,
+)
 
 
 def _split_list(text: str) -> list[str]:
@@ -361,7 +365,8 @@ def make_service(
         )
         listener_factories[policy.listener] = endpoint
         drain.add_listener(
-            ListenerService(endpoint, TLSFailureCounting(site, counters), setting, address)
+            # The site's channels count the TLS errors that end connections.
+            ListenerService(endpoint, site, setting, address)
         )
         root.listening.append((setting, address, _ROLES[policy.listener]))
     gauges = [
@@ -537,4 +542,5 @@ def makeService(options: Options) -> Root:
         },
     ).setServiceParent(root)
     reactor.callWhenRunning(StopSignals(reactor, root.drain).install)
+    tune_garbage_collector()
     return root

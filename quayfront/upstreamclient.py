@@ -42,6 +42,8 @@ per upstream.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+from typing import Union
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
@@ -115,10 +117,26 @@ def split_uri(uri: bytes) -> tuple[bytes, bytes]:
     return uri[scheme_end + 3 : slash], uri[slash:]
 
 
+HeaderFields = Union[Headers, Sequence[tuple[bytes, bytes]], None]
+
+
+def _pairs_of(headers: HeaderFields) -> Sequence[tuple[bytes, bytes]]:
+    """
+    The fields of C{headers} as (name, value) pairs: a caller that has its
+    fields as pairs already (as quayfront's forwarding does) passes them
+    as they are, with no L{Headers} made and read back.
+    """
+    if headers is None:
+        return ()
+    if isinstance(headers, Headers):
+        return [(name, value) for name, values in headers.getAllRawHeaders() for value in values]
+    return headers
+
+
 def request_head(
     method: bytes,
     target: bytes,
-    headers: Headers | None,
+    headers: HeaderFields,
     authority: bytes,
     body_length: int | object | None,
     persistent: bool,
@@ -141,12 +159,10 @@ def request_head(
     else:
         lines.append(b"Content-Length: %d\r\n" % body_length)
     has_host = False
-    if headers is not None:
-        for name, values in headers.getAllRawHeaders():
-            if not has_host and name.lower() == b"host":
-                has_host = True
-            for value in values:
-                lines += (name, b": ", value, b"\r\n")
+    for name, value in _pairs_of(headers):
+        if not has_host and name.lower() == b"host":
+            has_host = True
+        lines += (name, b": ", value, b"\r\n")
     if not has_host:
         lines += (b"Host: ", authority, b"\r\n")
     lines.append(b"\r\n")
@@ -261,15 +277,26 @@ class UpstreamResponse:
             self._protocol.connectionLost(reason)
 
 
+#: How a response's body ends when it ends well; made once, as Twisted's own
+#: C{connectionDone} is (a Failure costs as much to make as a request's
+#: whole header parse).
+_RESPONSE_COMPLETE = Failure(ResponseDone())
+_DELIMITED_BY_CLOSE = Failure(PotentialDataLoss())
+
+
 class _ClientRequest:
     """
     What C{IClientRequest} tells about the request a response answers.
     """
 
-    def __init__(self, method: bytes, uri: bytes, headers: Headers | None) -> None:
+    def __init__(self, method: bytes, uri: bytes, headers: HeaderFields) -> None:
         self.method = method
         self.absoluteURI = uri
-        self.headers = headers if headers is not None else Headers()
+        if not isinstance(headers, Headers):
+            pairs, headers = headers, Headers()
+            for name, value in pairs or ():
+                headers.addRawHeader(name, value)
+        self.headers = headers
 
 
 @implementer(IConsumer)
@@ -434,7 +461,7 @@ class _Exchange:
         agent: UpstreamAgent,
         method: bytes,
         uri: bytes,
-        headers: Headers | None,
+        headers: HeaderFields,
         head: bytes,
         body,
     ) -> None:
@@ -659,8 +686,9 @@ class _Exchange:
             connection.abort()
         else:
             connection.close()
-        reason = PotentialDataLoss() if end.delimited_by_close else ResponseDone()
-        self._response.body_ended(Failure(reason))
+        self._response.body_ended(
+            _DELIMITED_BY_CLOSE if end.delimited_by_close else _RESPONSE_COMPLETE
+        )
 
     def _misbehaved(self, failure: Failure) -> None:
         phase, self.phase = self.phase, _Phase.DONE
@@ -717,12 +745,12 @@ class _Exchange:
         self.result.errback(Failure(error([reason])))
 
 
-def _asks_close(headers: Headers | None) -> bool:
-    if headers is None:
-        return False
-    values = headers.getRawHeaders(b"connection")
-    return bool(values) and any(
-        token.strip().lower() == b"close" for value in values for token in value.split(b",")
+def _asks_close(headers: HeaderFields) -> bool:
+    return any(
+        token.strip().lower() == b"close"
+        for name, value in _pairs_of(headers)
+        if name.lower() == b"connection"
+        for token in value.split(b",")
     )
 
 
@@ -738,6 +766,9 @@ class UpstreamAgent:
     @param key: the upstream's name in C{pool} (its address).
     @param persistent: false sends C{Connection: close} and never pools.
     """
+
+    #: C{request} also takes the headers as (name, value) pairs.
+    takes_header_pairs = True
 
     def __init__(
         self,
@@ -764,7 +795,8 @@ class UpstreamAgent:
     def connect(self) -> Deferred:
         return self.endpoint.connect(self._factory)
 
-    def request(self, method: bytes, uri: bytes, headers: Headers | None = None, bodyProducer=None):
+    def request(self, method: bytes, uri: bytes, headers: HeaderFields = None, bodyProducer=None):
+        # C{headers}: a L{Headers}, as IAgent has it, or (name, value) pairs.
         authority, target = split_uri(uri)
         head = request_head(
             method,

@@ -216,3 +216,34 @@ def test_static_file_is_served_through_its_pull_producer(tmp_path, monkeypatch) 
     assert out.count(b"HTTP/1.1 200 OK") == 2
     assert out.count(b"console.log(1)\n") == 2
     assert not client.disconnecting and channel.request is None
+
+
+def test_tls_errors_that_end_a_connection_are_counted_by_reason() -> None:
+    """The channel under TLS counts a failed handshake by OpenSSL's reason (no wrapper in between)."""
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test.iosim import FakeTransport
+    from twisted.test.iosim import connect as pump_between
+
+    from quayfront.config import TLSConfig
+    from quayfront.tls import load_server_tls
+    from tests.unit.test_metrics import OldCiphersOnly
+
+    site = make_site()[0]
+    tls = load_server_tls(TLSConfig(cert="", self_signed_dev=True), "test")
+    server = TLSMemoryBIOFactory(tls, False, site).buildProtocol(None)
+    assert isinstance(server.wrappedProtocol, FrontChannel)
+    client = TLSMemoryBIOFactory(OldCiphersOnly(), True, Factory.forProtocol(Protocol)).buildProtocol(
+        None
+    )
+    pump = pump_between(server, FakeTransport(server, False), client, FakeTransport(client, True))
+    pump.flush()
+    assert site.counters.by_label("tls_handshake_failures") == {"no-shared-cipher": 1}
+
+
+def test_a_clean_close_counts_no_tls_failure() -> None:
+    """A connection that ends without a TLS error is not counted."""
+    site = make_site()[0]
+    channel, transport = connect(site)
+    channel.connectionLost(Failure(ConnectionDone()))
+    assert site.counters.by_label("tls_handshake_failures") == {}

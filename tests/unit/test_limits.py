@@ -35,6 +35,19 @@ def test_cap_queue_and_handover() -> None:
     assert limiter.active == 0 and limiter.waiting == 0
 
 
+def test_try_acquire_takes_a_free_slot_without_a_deferred() -> None:
+    """try_acquire takes a free slot at once and refuses (taking nothing) when the cap is full."""
+    limiter = ConcurrencyLimiter(MemoryReactorClock(), max_active=2, queue_size=2, queue_timeout_s=10)
+    assert limiter.try_acquire() and limiter.try_acquire()
+    assert not limiter.try_acquire()
+    assert limiter.active == 2 and limiter.waiting == 0
+    waiter = limiter.acquire()
+    assert not waiter.called
+    limiter.release()
+    assert waiter.called and limiter.active == 2
+    assert not limiter.try_acquire()
+
+
 def test_queue_timeout_and_cancel() -> None:
     """A waiter times out with Overloaded; a cancelled waiter leaves the queue."""
     clock = MemoryReactorClock()

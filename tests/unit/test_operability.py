@@ -67,3 +67,18 @@ def test_prometheus_text() -> None:
     assert 'quayfront_proxy_header_rejected_total{reason="v1-bad-port"} 2' in text
     assert 'quayfront_http_responses_total{status="200"} 1' in text
     assert "quayfront_requests_in_flight 3" in text
+
+
+
+def test_serving_processes_collect_young_garbage_less_often() -> None:
+    """A serving process raises the young-generation GC threshold (most per-request garbage is refcounted)."""
+    import gc
+
+    from quayfront.workers import GC_YOUNG_THRESHOLD, tune_garbage_collector
+
+    saved = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD > 700
+    finally:
+        gc.set_threshold(*saved)

@@ -97,6 +97,20 @@ def test_the_upstream_cap_counts_every_workers_requests(tmp_path: Path) -> None:
     assert waiting.called
 
 
+def test_try_acquire_counts_against_every_workers_slots(tmp_path: Path) -> None:
+    """try_acquire takes a shared slot when one is free, and never jumps a worker's own queue."""
+    clock, (a, b) = caps(tmp_path, 2, cap=2)
+    assert a.try_acquire()
+    assert b.try_acquire()
+    assert not a.try_acquire() and not b.try_acquire()
+    waiting = a.acquire()
+    b.release()
+    # A slot is free, but a's waiter comes first.
+    assert not a.try_acquire()
+    clock.advance(0.02)
+    assert waiting.called
+
+
 def test_a_full_queue_is_refused_and_a_timed_out_wait_fails(tmp_path: Path) -> None:
     """Beyond the cap and the queue: 503 reasons, as with one process."""
     clock, (a, b) = caps(tmp_path, 2, cap=1, queue_size=1)

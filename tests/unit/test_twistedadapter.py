@@ -376,3 +376,28 @@ def test_lean_reactor_run_loop_polls_without_log_context(monkeypatch) -> None:
     finally:
         reader.close()
         writer.close()
+
+
+
+def test_canary_checked_fields_are_what_add_raw_header_makes() -> None:
+    """Headers keeps its fields in _rawHeaders under _nameEncoder's names."""
+    from twisted.web.http_headers import Headers, _nameEncoder
+
+    from quayfront.twistedadapter import add_checked_fields
+
+    assert _nameEncoder.encode(b"content-TYPE") == b"Content-Type"
+    assert isinstance(Headers()._rawHeaders, dict)
+    fields = [
+        (b"content-type", b"text/plain"),
+        (b"X-Custom", b"a"),
+        (b"Set-Cookie", b"a=1"),
+        (b"x-custom", b"b, c"),
+        (b"Docker-Content-Digest", b"sha256:" + b"0" * 64),
+        (b"Empty", b""),
+    ]
+    fast, slow = Headers({b"Connection": [b"close"]}), Headers({b"Connection": [b"close"]})
+    add_checked_fields(fast, fields)
+    for name, value in fields:
+        slow.addRawHeader(name, value)
+    assert list(fast.getAllRawHeaders()) == list(slow.getAllRawHeaders())
+    assert fast.getRawHeaders(b"x-custom") == [b"a", b"b, c"]
