@@ -830,6 +830,8 @@ def respond_with_ending(
     """
     status = ending.status
     reason = ending.reason
+    # What the access log names as the request's outcome.
+    request.answered_with = reason
     message = http.RESPONSES.get(status, b"Error").decode("ascii")
     if request.path.startswith(REGISTRY_API_PREFIXES):
         body = json.dumps(

@@ -12,7 +12,10 @@ observers and logged in one C{draining: ...} line:
     this phase at once);
   - C{finishing}: requests in flight get up to C{http.drain_timeout_s};
     a request counts as finished once its connection has closed, i.e. its
-    last byte has left quayfront (TLS and socket buffers flushed);
+    last byte has left quayfront (TLS and socket buffers flushed); the
+    exchanges still under way L{cut_off_lead_s} before the end are cut off
+    by their own drain deadline (both connections aborted, logged as
+    C{drain-timeout}) while the access log is still open;
   - C{done}: the access log closes and the process exits 0.
 
 twistd stops every service of the application at once, so the listeners and
@@ -61,6 +64,19 @@ _NEXT_PHASE: dict[Phase | None, Phase] = {
 }
 
 DrainObserver = Callable[[str, int], None]
+
+#: How long before the end of a drain the exchanges still under way are cut
+#: off (at most a tenth of the drain's timeout).
+CUT_OFF_LEAD_S = 1.0
+
+
+def cut_off_lead_s(timeout_s: float) -> float:
+    """
+    How long before the end of a drain of C{timeout_s} the exchanges still
+    under way are cut off: time for their aborted connections to close and
+    their lines to be logged.
+    """
+    return min(CUT_OFF_LEAD_S, timeout_s / 10)
 
 
 class DrainController(MultiService):
@@ -172,6 +188,11 @@ class DrainController(MultiService):
         )
         finished = self._site.drain()
         if not finished.called:
+            # The exchanges still under way by then are cut off a little
+            # before the drain's end, each by its own deadline, so that
+            # their aborts and access-log lines are written before the
+            # access log closes.
+            self._site.cut_off_exchanges_in(self._timeout_s - cut_off_lead_s(self._timeout_s))
             finished.addTimeout(self._timeout_s, self._clock)
         finished.addBoth(self._finished)
 

@@ -46,6 +46,8 @@ class Router:
     def __init__(self, routes: list[Route]) -> None:
         # Longest first, so the first match is the most specific.
         self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        # Each prefix as bytes once, not on every request.
+        self._prefixes = [(route.prefix, route) for route in self._routes]
 
     def upstreams(self) -> list[Upstream]:
         seen: dict[str, Upstream] = {}
@@ -55,8 +57,8 @@ class Router:
         return list(seen.values())
 
     def route_for(self, path: bytes) -> Route | None:
-        for route in self._routes:
-            if path.startswith(route.prefix):
+        for prefix, route in self._prefixes:
+            if path.startswith(prefix):
                 return route
         return None
 

@@ -597,6 +597,8 @@ class FrontRequest(server.Request):
     origin: ConnectionOrigin
     continue_held = False
     upstream_ready = False
+    #: The reason of the error quayfront answered itself, if it did.
+    answered_with: str | None = None
     _target_refused: str | None = None
     _log = Logger()
     #: The request's header fields, in order, as the channel parsed them.
@@ -842,7 +844,7 @@ class FrontRequest(server.Request):
                 tlvs=self.tlvs,
                 tls=self._tls,
                 proxy_version=origin.proxy_header.version if origin.proxy_header else None,
-                outcome=forwarding.failure_reason if forwarding else None,
+                outcome=forwarding.failure_reason if forwarding else self.answered_with,
                 remote_user=basic_auth_user(authorization),
             )
         )
@@ -962,6 +964,21 @@ class FrontSite(server.Site):
         waiter: Deferred = Deferred()
         self._drained.append(waiter)
         return waiter
+
+    def cut_off_exchanges_in(self, timeout_s: float) -> int:
+        """
+        Every forwarded exchange still under way is cut off if it has not
+        ended in C{timeout_s}: both its connections aborted, its ending
+        logged (C{drain-timeout}) with its access-log line.  Returns how
+        many exchanges were told.
+        """
+        told = 0
+        for channel in list(self.channels):
+            forwarding = getattr(channel.request, "forwarding", None)
+            if forwarding is not None:
+                forwarding.drain_started(timeout_s)
+                told += 1
+        return told
 
     def close_idle_connections(self) -> int:
         """

@@ -536,6 +536,9 @@ class RequestFramer:
 
     def _next_head(self) -> RequestHead | _NeedData:
         buffer = self._buffer
+        if not buffer:
+            # Between requests, the usual case: nothing to scan.
+            return NEED_DATA
         if self._line_start == 0 and self._request_line is None:
             head = self._whole_head()
             if head is not None:

@@ -176,6 +176,29 @@ def test_timeout_cuts_off_and_finishes() -> None:
     assert phases[-1] == ("done", 1)
 
 
+def test_exchanges_still_under_way_are_cut_off_before_the_drain_ends() -> None:
+    """The model's drain deadline: a stuck exchange is aborted a little before drain_timeout_s and logged."""
+    from quayfront.lifecycle import cut_off_lead_s
+
+    drain, site, agent, clock, listener, phases = controller(delay_s=0, timeout_s=30)
+    log = site.access_log
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/stuck HTTP/1.1\r\nHost: h\r\n\r\n")
+    stopped = drain.stopService()
+    listener.closing.callback(None)
+    assert cut_off_lead_s(30) == 1.0 and cut_off_lead_s(5) == 0.5
+    clock.advance(28.9)
+    assert not client.disconnected and not stopped.called
+    clock.advance(0.1)
+    assert client.disconnected, "cut off at drain_timeout_s - lead"
+    assert agent.requests[0]["d"].called, "the upstream request is cancelled"
+    # The aborted connection closes: its line is logged, and the drain ends
+    # early, the access log still open.
+    channel.connectionLost(Failure(ResponseDone()))
+    assert [(e.status, e.outcome) for e in log.entries] == [(499, "drain-timeout")]
+    assert stopped.called and phases[-1] == ("done", 0)
+
+
 def test_access_log_outlives_the_drain() -> None:
     """The access log is stopped after the requests of the drain are finished, not at SIGTERM."""
     drain, site, agent, clock, listener, phases = controller(delay_s=0)
