@@ -154,6 +154,22 @@ def test_idle_timeout_is_off_during_a_response_and_back_after_it() -> None:
     assert client.disconnected  # it did not go: aborted
 
 
+def test_idle_timeout_after_a_quick_response_runs_from_its_end() -> None:
+    """The idle timer kept through a short response is moved to its end, not left where it was."""
+    site, agent, _, clock = make_site()
+    channel, client = connect(site)
+    clock.advance(50)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(5)
+    answer(agent)
+    live = [call for call in clock.getDelayedCalls() if call.active()]
+    assert len(live) == 1, "the connection's one idle timer, moved rather than made again"
+    clock.advance(59)
+    assert not client.disconnecting
+    clock.advance(1)
+    assert client.disconnecting
+
+
 def test_client_not_reading_pauses_the_response_producer() -> None:
     """When the client's transport fills, the upstream (the request's producer) is paused, and resumed."""
     site, agent, _, _ = make_site()

@@ -260,6 +260,9 @@ def test_no_timer_outlives_its_exchange() -> None:
     r._bodyDataFinished(Failure(ResponseDone()))
     channel.dataReceived(b"GET /v2/c HTTP/1.1\r\nHost: h\r\n\r\n")
     agent.requests[2]["d"].errback(ConnectionRefusedError())
+    # The 502 is written on the next reactor turn.
+    clock.advance(0)
+    assert b"502" in channel.transport.value()
     pending = [call for call in clock.getDelayedCalls() if call.active()]
     # Only the channel's own idle timeout may remain.
     assert len(pending) <= 1, pending
