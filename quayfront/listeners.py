@@ -20,7 +20,6 @@ from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint,
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
-    wrapServerTLS,
 )
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
@@ -30,12 +29,14 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from quayfront.config import Config, ConfigError, ListenAddress
 from quayfront.metrics import Counters
 from quayfront.proxylayer import ProxyHeaderFactory, ProxyHeaderPolicy
+from quayfront.twistedadapter import BatchedReceiveTLS
 
 # Generous: a load balancer opens connections in bursts, and connections
 # that never send a header are closed on the header deadline anyway.  It is
@@ -490,10 +491,28 @@ class TLSListenerEndpoint:
 
     def __init__(self, proxy_layer: ProxyHeaderServerEndpoint, tls, reactor) -> None:
         self.proxy_layer = proxy_layer
-        self._endpoint = wrapServerTLS(tls, proxy_layer, clock=reactor)
+        self._tls = tls
+        self._clock = reactor
 
     def listen(self, protocolFactory):
-        return self._endpoint.listen(protocolFactory)
+        return self.proxy_layer.listen(
+            UnbufferedTLSFactory(self._tls, False, protocolFactory, clock=self._clock)
+        )
+
+
+class UnbufferedTLSFactory(TLSMemoryBIOFactory):
+    """
+    TLS whose writes are encrypted and sent when made.  Twisted's default
+    (C{BufferingTLSTransport}) copies every write and sends them together
+    on the next reactor turn, which saves records for protocols that write
+    in small pieces; quayfront's channel writes a response head together
+    with its first body bytes and bodies in whole upstream reads, so the
+    buffering only cost a timer, a copy and a reactor turn per response.
+    The records one read brings are handed on in one call
+    (L{BatchedReceiveTLS}).
+    """
+
+    protocol = BatchedReceiveTLS
 
     def open_connections(self) -> int:
         return self.proxy_layer.open_connections()

@@ -36,6 +36,7 @@ from quayfront.config import (
     host_ip,
 )
 from quayfront.metrics import Counters
+from quayfront.twistedadapter import release_handshake_bios
 from quayfront.proxyprotocol import (
     Address,
     ProxyHeader,
@@ -113,7 +114,8 @@ def _peer_ip(peer: IAddress) -> ipaddress.IPv4Address | ipaddress.IPv6Address | 
     return host_ip(host) if isinstance(host, str) else None
 
 
-@dataclass(frozen=True)
+# Slots: one of these lives as long as each connection.
+@dataclass(frozen=True, slots=True)
 class ConnectionOrigin:
     """
     Where a connection really comes from.
@@ -183,6 +185,9 @@ class HandshakeWatch:
     A connection quayfront itself closes mid-handshake (a drain) is not
     counted.
     """
+
+    # One per connection, for as long as it lives: no instance dict.
+    __slots__ = ("state", "deadline_s", "timeout_s", "bytes_received", "_first_byte")
 
     def __init__(self, started_s: float, timeout_s: float) -> None:
         self.state = HandshakeState.HANDSHAKING
@@ -368,6 +373,10 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         if watch.state is HandshakeState.HANDSHAKING and handshake_complete(wrapped):
             watch.completed()
             self._cancel_handshake_deadline()
+            # The memory BIOs keep the size of the largest flight (the
+            # ClientHello, the server's certificates and tickets) for the
+            # connection's life; an idle connection needs none of it.
+            release_handshake_bios(wrapped.getHandle())
             # Done: relay directly from now on, as without a handshake watch.
             self.dataReceived = wrapped.dataReceived  # type: ignore[method-assign]
 

@@ -14,6 +14,8 @@ Parts (BENCH_ONLY selects some, comma-separated; the default runs
   spread    how two workers share new connections, shared socket vs
             SO_REUSEPORT (scaling.py)
   profile   quayfront under cProfile per workload (fronts.py)
+  held      memory per held idle TLS connection only, quayfront and nginx
+            (1 worker each), about a minute (held.py)
 
 Environment (all optional):
 
@@ -23,6 +25,7 @@ Environment (all optional):
   BENCH_ROUNDS                   rounds of every measurement (3)
   BENCH_BYTES                    download/upload size (rig: 512 MiB, profile: 1 GiB)
   BENCH_HELD_CONNECTIONS         idle connections for memory per connection (400)
+  BENCH_HELD_ROUNDS              rounds of the held-connection part (3)
   BENCH_FRESH_REQUESTS           new-connection requests per client, spread (300)
   BENCH_SMALL_REQUESTS           sequential requests on one connection, profile (2000)
   BENCH_PARSER_REPEATS           timeit repeats for the parse/handshake part (5)
@@ -38,12 +41,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import fronts, layers, parsecost, rig, scaling
+from . import fronts, held, layers, parsecost, rig, scaling
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = REPO_ROOT / "run"
 REPORT = RUN_DIR / "bench-report.txt"
-PARTS = ("parse", "fronts", "scaling", "layers", "spread", "profile")
+PARTS = ("parse", "fronts", "scaling", "layers", "spread", "profile", "held")
 DEFAULT_PARTS = ("parse", "scaling", "layers")
 #: Above this load average (per core) before the run, the report warns.
 BUSY_LOAD_PER_CORE = 0.3
@@ -127,6 +130,10 @@ def main() -> int:
     if "profile" in parts:
         print("running: quayfront under cProfile ...", file=sys.stderr, flush=True)
         sections.append(fronts.run(RUN_DIR / "bench-profile"))
+    if "held" in parts:
+        print("running: memory per held connection, quayfront vs nginx ...", file=sys.stderr,
+              flush=True)
+        sections.append(held.run(RUN_DIR / "bench-held"))
     sections.append(f"load average after: {_load()}")
     report = "\n\n".join(sections) + "\n"
     print(report)

@@ -50,7 +50,7 @@ class RawHTTPClient(Protocol):
         self.received += data
 
 
-def run_chain(tmp_path: Path, header: bytes, request: bytes):
+def run_chain(tmp_path: Path, header: bytes, request: bytes, tls_factory=TLSMemoryBIOFactory):
     cert, key = make_certificate()
     cert_path, key_path = write_pair(tmp_path, cert, key)
     clock = MemoryReactorClock()
@@ -70,7 +70,7 @@ def run_chain(tmp_path: Path, header: bytes, request: bytes):
     )
     tls = load_server_tls(TLSConfig(cert=cert_path, key=key_path), "test")
     server_factory = ProxyHeaderFactory(
-        TLSMemoryBIOFactory(tls, False, site, clock=clock), policy, clock, Counters()
+        tls_factory(tls, False, site, clock=clock), policy, clock, Counters()
     )
     server = server_factory.buildProtocol(LB)
 
@@ -99,6 +99,7 @@ def run_chain(tmp_path: Path, header: bytes, request: bytes):
     for _ in range(20):
         pump.flush()
         clock.advance(0)
+    run_chain.pump = pump
     return agent, http_client, server
 
 
@@ -123,3 +124,28 @@ def test_header_inside_tls_is_not_accepted(tmp_path: Path) -> None:
     )
     assert agent.requests == []
     assert http_client.received == b""
+
+
+def test_listener_tls_sends_a_response_without_waiting_for_a_reactor_turn(tmp_path: Path) -> None:
+    """The listener's TLS (UnbufferedTLSFactory) encrypts and sends a write at once: no timer, no copy."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    from quayfront.listeners import UnbufferedTLSFactory
+    from tests.unit.test_forward import response
+
+    agent, http_client, server = run_chain(
+        tmp_path,
+        b"PROXY TCP4 203.0.113.7 10.0.0.9 51000 8443\r\n",
+        b"GET /v2/ HTTP/1.1\r\nHost: localhost:8443\r\n\r\n",
+        tls_factory=UnbufferedTLSFactory,
+    )
+    assert isinstance(server.wrappedProtocol, TLSMemoryBIOProtocol)
+    assert type(server.wrappedProtocol).__name__ == "BatchedReceiveTLS"
+    r = response(200, {}, 2)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"ok")
+    # Pumped, the clock not advanced: a buffering TLS transport would hold
+    # the response until the next reactor turn.
+    run_chain.pump.flush()
+    assert http_client.received.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert http_client.received.endswith(b"\r\n\r\nok")

@@ -294,6 +294,36 @@ def test_header_from_exempt_source_is_refused(
     assert server.failures() == {}
 
 
+@pytest.mark.parametrize("max_version", [None, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
+def test_complete_handshake_frees_the_handshake_bios(server_tls, max_version) -> None:
+    """
+    Once the handshake is complete the TLS connection gets fresh, empty
+    memory BIOs in place of those the handshake grew, and data still flows
+    both ways (session tickets sent with the last flight included).
+    """
+    server = Server(server_tls, required=True)
+    client = MemoryTLSClient(max_version=max_version)
+    flight = server.send(V1 + client.step())
+    connection = server.protocol.wrappedProtocol.getHandle()
+    grown = (connection._into_ssl, connection._from_ssl)
+    # TLS 1.3 completes in one round trip, 1.2 in two.
+    for _ in range(3):
+        if server.protocol._handshake.state is HandshakeState.DONE:
+            break
+        flight = server.send(client.step(flight))
+    assert server.protocol._handshake.state is HandshakeState.DONE
+    assert connection._into_ssl not in grown and connection._from_ssl not in grown
+    client.step(flight)
+    assert client.done
+    client.tls.write(b"GET / HTTP/1.1\r\n\r\n")
+    server.send(client.outgoing.read())
+    assert server.app.received == b"GET / HTTP/1.1\r\n\r\n"
+    server.app.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    server.clock.advance(0)
+    client.incoming.write(server.transport.value())
+    assert client.tls.read(1024) == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
 def test_exempt_source_speaking_tls_is_served(server_tls) -> None:
     """An exempt source's ClientHello reaches TLS, split or whole, and the handshake completes."""
     server = Server(server_tls, peer=EXEMPT_PEER)

@@ -135,6 +135,20 @@ def test_tls12_floor_and_aead_only(tmp_path: Path) -> None:
         handshake_with(tls, old, raise_errors=True)
 
 
+def test_every_context_releases_idle_buffers(tmp_path: Path) -> None:
+    """
+    Every certificate's context (the default and those SNI switches to) frees
+    a connection's record buffers while they are empty: an idle connection
+    holds none.
+    """
+    store = load_store(sni_config(tmp_path), "test")
+    contexts = {store.default_context, *store._exact.values(), *store._wildcard.values()}
+    assert len(contexts) == 3
+    for context in contexts:
+        # set_mode ORs its argument in and returns the mode now set.
+        assert context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS
+
+
 def handshake_with(server_tls: ServerTLS, client_context, raise_errors: bool = False, server_name=None):
     """Pump a handshake between memory BIOs (bounded: a few rounds suffice)."""
     client = SSL.Connection(client_context, None)

@@ -20,6 +20,7 @@ from quayfront.twistedadapter import (
     client_gone,
     hand_back_idle_timeout,
     pull_to_push,
+    release_handshake_bios,
     waiting_for_client,
 )
 
@@ -378,6 +379,88 @@ def test_lean_reactor_run_loop_polls_without_log_context(monkeypatch) -> None:
         writer.close()
 
 
+# --- Under Twisted's TLS: pyOpenSSL's memory BIOs of an idle connection ---
+
+
+def _tls_pair():
+    """A server and a client C{OpenSSL.SSL.Connection} on memory BIOs, handshake done."""
+    from OpenSSL import SSL
+
+    from tests.unit.certs import make_certificate
+
+    cert, key = make_certificate()
+    server_context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    server_context.use_certificate(cert)
+    server_context.use_privatekey(key)
+    server = SSL.Connection(server_context, None)
+    server.set_accept_state()
+    client = SSL.Connection(SSL.Context(SSL.TLS_CLIENT_METHOD), None)
+    client.set_connect_state()
+    for _ in range(10):
+        for one in (client, server):
+            try:
+                one.do_handshake()
+            except SSL.WantReadError:
+                pass
+        _pump(client, server)
+        if server.get_peer_finished() is not None and client.get_finished() is not None:
+            break
+    assert server.get_peer_finished() is not None
+    return server, client
+
+
+def _pump(a, b) -> None:
+    from OpenSSL import SSL
+
+    for source, sink in ((a, b), (b, a)):
+        try:
+            sink.bio_write(source.bio_read(65536))
+        except SSL.WantReadError:
+            pass
+
+
+def test_canary_pyopenssl_connection_bios() -> None:
+    """pyOpenSSL's Connection still keeps its SSL object and memory BIOs as _ssl, _into_ssl, _from_ssl, and bio_write/bio_read use them."""
+    from quayfront import twistedadapter
+
+    assert twistedadapter._BIO_BINDINGS
+    server, _ = _tls_pair()
+    for name in ("_ssl", "_into_ssl", "_from_ssl"):
+        assert getattr(server, name) is not None, name
+    server.bio_write(b"\x17\x03\x03")
+    assert twistedadapter._bio_pending(server._into_ssl) == 3
+    assert twistedadapter._bio_pending(server._from_ssl) == 0
+
+
+def test_release_handshake_bios_keeps_the_connection_working() -> None:
+    """Fresh BIOs replace the handshake's, and application data flows both ways after."""
+    server, client = _tls_pair()
+    _pump(client, server)  # session tickets, if any
+    old = (server._into_ssl, server._from_ssl)
+    assert release_handshake_bios(server)
+    assert server._into_ssl not in old and server._from_ssl not in old
+    client.send(b"ping")
+    _pump(client, server)
+    assert server.recv(16) == b"ping"
+    server.send(b"pong")
+    _pump(server, client)
+    assert client.recv(16) == b"pong"
+
+
+def test_release_handshake_bios_leaves_pending_bytes_alone() -> None:
+    """With bytes waiting in either BIO nothing is swapped, so nothing is lost."""
+    server, client = _tls_pair()
+    client.send(b"ping")
+    server.bio_write(client.bio_read(65536))
+    old = (server._into_ssl, server._from_ssl)
+    assert not release_handshake_bios(server)
+    assert (server._into_ssl, server._from_ssl) == old
+    assert server.recv(16) == b"ping"
+    server.send(b"pong")
+    assert not release_handshake_bios(server)
+    _pump(server, client)
+    assert client.recv(16) == b"pong"
+
 
 def test_canary_checked_fields_are_what_add_raw_header_makes() -> None:
     """Headers keeps its fields in _rawHeaders under _nameEncoder's names."""
@@ -401,3 +484,97 @@ def test_canary_checked_fields_are_what_add_raw_header_makes() -> None:
         slow.addRawHeader(name, value)
     assert list(fast.getAllRawHeaders()) == list(slow.getAllRawHeaders())
     assert fast.getRawHeaders(b"x-custom") == [b"a", b"b, c"]
+
+
+def test_canary_tls_receive_path() -> None:
+    """The names BatchedReceiveTLS uses and replaces are Twisted's TLS protocol's, as it reads."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    for name in ("_flushReceiveBIO", "_flushSendBIO", "_shutdownTLS", "_tlsShutdownFinished"):
+        assert callable(getattr(TLSMemoryBIOProtocol, name)), name
+    source = inspect.getsource(TLSMemoryBIOProtocol._flushReceiveBIO)
+    for piece in (
+        "self._lostTLSConnection",
+        "self._tlsConnection.recv(2**15)",
+        "except WantReadError",
+        "except ZeroReturnError",
+        "self._tlsShutdownFinished(None)",
+        "self._aborted",
+        "ProtocolWrapper.dataReceived(self, bytes)",
+        "self._flushSendBIO()",
+    ):
+        assert piece in source, piece
+    assert "self._flushReceiveBIO()" in inspect.getsource(TLSMemoryBIOProtocol.dataReceived)
+
+
+def _batched_tls_pair(server_app):
+    from twisted.internet.protocol import Factory, Protocol
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+    from twisted.test.iosim import FakeTransport, connect
+
+    from quayfront.config import TLSConfig
+    from quayfront.tls import load_server_tls
+    from quayfront.twistedadapter import BatchedReceiveTLS
+
+    class Factory_(TLSMemoryBIOFactory):
+        protocol = BatchedReceiveTLS
+
+    clock = MemoryReactorClock()
+    tls = load_server_tls(TLSConfig(cert="", self_signed_dev=True), "test")
+    server = Factory_(tls, False, Factory.forProtocol(lambda: server_app), clock=clock).buildProtocol(None)
+    client_app = Protocol()
+    from twisted.internet import ssl
+
+    options = ssl.CertificateOptions(verify=False)
+    client = TLSMemoryBIOFactory(
+        options, True, Factory.forProtocol(lambda: client_app), clock=clock
+    ).buildProtocol(None)
+    pump = connect(server, FakeTransport(server, False), client, FakeTransport(client, True))
+    for _ in range(10):
+        pump.flush()
+        clock.advance(0)
+    return server, client, client_app, pump, clock
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[bytes] = []
+        self.lost = None
+        self.transport = None
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self.calls.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.lost = (reason, len(self.calls))
+
+
+def test_batched_tls_hands_on_the_records_of_one_read_in_one_call() -> None:
+    """100 KiB (seven TLS records) sent at once reach the protocol above whole, in order, in one call."""
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    payload = bytes(range(256)) * 400
+    client_app.transport.write(payload)
+    clock.advance(0)
+    pump.flush()
+    assert b"".join(app.calls) == payload
+    assert len(app.calls) == 1
+
+
+def test_batched_tls_delivers_the_data_before_the_end_of_the_stream() -> None:
+    """Data and the peer's close_notify in one read: the data first, then a clean connectionLost."""
+    from twisted.internet.error import ConnectionDone
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    client_app.transport.write(b"last words")
+    client_app.transport.loseConnection()
+    for _ in range(10):
+        clock.advance(0)
+        pump.flush()
+    assert b"".join(app.calls) == b"last words"
+    reason, calls_before = app.lost
+    assert calls_before == len(app.calls) and reason.check(ConnectionDone)
