@@ -220,6 +220,26 @@ def test_eager_write_sends_at_once() -> None:
         peer.close()
 
 
+def test_eager_transports_read_a_quarter_mebibyte_at_a_time() -> None:
+    """One doRead takes up to 256 KiB waiting on the socket (Twisted reads 64 KiB)."""
+    transport, peer, reactor = _eager_pair()
+    try:
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        sent = 0
+        for _ in range(64):
+            try:
+                sent += peer.send(b"x" * (1 << 16))
+            except BlockingIOError:
+                break
+        assert sent >= 1 << 18, "the socket pair holds a quarter mebibyte"
+        transport.doRead()
+        assert len(transport.protocol.received) == 1 << 18
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
 def test_eager_write_buffers_what_the_kernel_refuses_in_order() -> None:
     """Beyond the socket buffer, the rest is buffered and later writes queue behind it."""
     transport, peer, reactor = _eager_pair()
@@ -505,6 +525,18 @@ def test_canary_tls_receive_path() -> None:
     ):
         assert piece in source, piece
     assert "self._flushReceiveBIO()" in inspect.getsource(TLSMemoryBIOProtocol.dataReceived)
+    assert callable(TLSMemoryBIOProtocol._bufferedWrite)
+    write_source = inspect.getsource(TLSMemoryBIOProtocol._write)
+    for piece in (
+        "if self._lostTLSConnection:",
+        "self._tlsConnection.send(",
+        "except WantReadError:",
+        "self._bufferedWrite(",
+        "self._tlsShutdownFinished(Failure())",
+        "self._flushSendBIO()",
+    ):
+        assert piece in write_source, piece
+    assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
 
 
 def _batched_tls_pair(server_app):
@@ -578,3 +610,44 @@ def test_batched_tls_delivers_the_data_before_the_end_of_the_stream() -> None:
     assert b"".join(app.calls) == b"last words"
     reason, calls_before = app.lost
     assert calls_before == len(app.calls) and reason.check(ConnectionDone)
+
+
+def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> None:
+    """A 300 KiB write leaves as one transport write of its records, and arrives whole and in order."""
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    received = []
+    client_app.dataReceived = received.append
+    writes = []
+    underlying = server.transport.write
+    server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
+    payload = bytes(range(256)) * 1200
+    app.transport.write(payload)
+    assert len(writes) == 1 and writes[0] > len(payload)
+    for _ in range(10):
+        pump.flush()
+        clock.advance(0)
+    assert b"".join(received) == payload
+
+
+def test_batched_tls_reads_a_request_without_failing_calls(monkeypatch) -> None:
+    """A small read takes one recv() and no bio_read(): no WantReadError raised to find the end."""
+    from OpenSSL import SSL
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    calls = {"recv": 0, "bio_read": 0}
+    for name in calls:
+        original = getattr(SSL.Connection, name)
+
+        def counting(self, *args, _name=name, _original=original):
+            calls[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(SSL.Connection, name, counting)
+    client_app.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(0)
+    calls["recv"] = calls["bio_read"] = 0
+    pump.flush()
+    assert b"".join(app.calls) == b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
+    assert calls == {"recv": 1, "bio_read": 0}
