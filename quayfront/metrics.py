@@ -113,12 +113,36 @@ class Counters:
             ["route"],
             registry=self.registry,
         )
+        # The prometheus_client children each request adds to, by label
+        # values: labels() takes a lock and re-checks its arguments on every
+        # call, a dict lookup does not.  They hold as many entries as the
+        # metrics hold children (a label value per route, status class and
+        # counter reason), and stay valid because no child is ever removed.
+        self._exported_children: dict[tuple[str, str], PromCounter | None] = {}
+        self._request_children: dict[
+            tuple[str, int], tuple[Histogram, PromCounter, PromCounter]
+        ] = {}
 
     def increment(self, name: str, label: str = "", by: int = 1) -> None:
-        self._values[(name, label)] += by
-        exported = self._exported.get(name)
+        key = (name, label)
+        self._values[key] += by
+        if key in self._exported_children:
+            exported = self._exported_children[key]
+        else:
+            exported = self._exported_children[key] = self._exported_child(name, label)
         if exported is not None:
-            (exported.labels(label) if COUNTERS[name][0] else exported).inc(by)
+            exported.inc(by)
+
+    def _exported_child(self, name: str, label: str):
+        """
+        The prometheus_client counter (the child of its label, if it has
+        one) that C{increment(name, label)} adds to, or None for a name
+        that is counted but not exported.
+        """
+        exported = self._exported.get(name)
+        if exported is None:
+            return None
+        return exported.labels(label) if COUNTERS[name][0] else exported
 
     def value(self, name: str, label: str = "") -> int:
         return self._values[(name, label)]
@@ -135,9 +159,18 @@ class Counters:
         response_bytes: int,
         outcome: str | None,
     ) -> None:
-        self.request_duration.labels(route, f"{status // 100}xx").observe(duration_s)
-        self.request_bytes.labels(route).inc(request_bytes)
-        self.response_bytes.labels(route).inc(response_bytes)
+        status_class = status // 100
+        children = self._request_children.get((route, status_class))
+        if children is None:
+            children = self._request_children[(route, status_class)] = (
+                self.request_duration.labels(route, f"{status_class}xx"),
+                self.request_bytes.labels(route),
+                self.response_bytes.labels(route),
+            )
+        duration_child, request_bytes_child, response_bytes_child = children
+        duration_child.observe(duration_s)
+        request_bytes_child.inc(request_bytes)
+        response_bytes_child.inc(response_bytes)
         if outcome and ending_for(outcome).counter == UPSTREAM_COUNTER:
             self.increment(UPSTREAM_COUNTER, outcome)
 
@@ -258,9 +291,11 @@ class MeteredAccessLog:
         return getattr(self._access_log, name)
 
     def write(self, entry) -> None:
-        path = entry.uri.split(b"?", 1)[0]
+        route = entry.route_label
+        if route is None:
+            route = self._route_of(entry.uri.split(b"?", 1)[0])
         self._counters.observe_request(
-            self._route_of(path),
+            route,
             entry.status,
             entry.request_time_s,
             entry.request_length,

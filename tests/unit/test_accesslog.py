@@ -6,8 +6,17 @@ import base64
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from quayfront.accesslog import AccessLogEntry, basic_auth_user, format_json_line, format_quay_line
+from quayfront.accesslog import (
+    AccessLog,
+    AccessLogEntry,
+    _escape,
+    basic_auth_user,
+    format_json_line,
+    format_quay_line,
+)
 
 
 def entry(**overrides) -> AccessLogEntry:
@@ -124,3 +133,98 @@ def test_remote_user_is_logged_escaped() -> None:
     )
     assert json.loads(format_json_line(entry(remote_user=b"alice")))["remote_user"] == "alice"
     assert json.loads(format_json_line(entry()))["remote_user"] is None
+
+
+def escaped_byte_by_byte(value: bytes) -> str:
+    """nginx's escaping, spelled out one byte at a time."""
+    return "".join(
+        chr(byte) if 0x20 <= byte < 0x7F and byte not in (0x22, 0x5C) else "\\x%02X" % byte
+        for byte in value
+    )
+
+
+@pytest.mark.parametrize("byte", range(256))
+def test_each_byte_is_escaped_as_nginx_does(byte: int) -> None:
+    """Each byte alone, and among plain ones, is written as itself or as \\xHH, as nginx does."""
+    for value in (bytes([byte]), b"/v2/" + bytes([byte]) + b"/x", bytes([byte]) * 3):
+        assert _escape(value) == escaped_byte_by_byte(value)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_are_escaped_as_nginx_does(value: bytes) -> None:
+    """Any byte string is escaped exactly as the byte-by-byte definition says."""
+    assert _escape(value) == escaped_byte_by_byte(value)
+
+
+def test_escape_of_no_value_is_a_dash() -> None:
+    """An absent referer or user agent is written as -; an empty one as nothing."""
+    assert (_escape(None), _escape(b"")) == ("-", "")
+
+
+@pytest.mark.parametrize(
+    "timestamp, quay_time, json_time",
+    [
+        (1795470599.999, "23/Nov/2026:21:49:59", "2026-11-23T21:49:59.999Z"),
+        (1795470600.0, "23/Nov/2026:21:50:00", "2026-11-23T21:50:00.000Z"),
+        (1795470600.9995, "23/Nov/2026:21:50:00", "2026-11-23T21:50:00.999Z"),
+        (1795470601.0005, "23/Nov/2026:21:50:01", "2026-11-23T21:50:01.000Z"),
+        (1795470599.5, "23/Nov/2026:21:49:59", "2026-11-23T21:49:59.500Z"),
+        (0.25, "01/Jan/1970:00:00:00", "1970-01-01T00:00:00.250Z"),
+    ],
+)
+def test_times_are_to_the_second_rounded_down(
+    timestamp: float, quay_time: str, json_time: str
+) -> None:
+    """Each line shows its own second (the fraction dropped), whatever was logged before it."""
+    line = format_quay_line(entry(timestamp=timestamp))
+    assert f"[{quay_time} +0000]" in line
+    assert json.loads(format_json_line(entry(timestamp=timestamp)))["time"] == json_time
+
+
+def test_lines_are_pinned_byte_for_byte() -> None:
+    """Both formats of a full entry, byte for byte (escapes, nested fields, rounding)."""
+    full = entry(
+        listener="proxy",
+        client_port=51000,
+        request_id="lb-req-42",
+        tlvs={"authority": "registry.example", "unique_id": 'a"b'},
+        tls={"version": "TLSv1.3"},
+        proxy_version=2,
+        outcome="client-closed",
+        user_agent=b'ua\xff"',
+        referer=b"https://x.example/?q=\\",
+        remote_user=b"al ice",
+        timestamp=1795470600.9995,
+    )
+    assert format_quay_line(full) == (
+        '127.0.0.1 (203.0.113.7) - al\\x20ice [23/Nov/2026:21:50:00 +0000] '
+        '"PATCH /v2/lib/app/blobs/uploads/8f0e HTTP/1.1" 202 0 "https://x.example/?q=\\x5C" '
+        '"ua\\xFF\\x22" (1.235 67109000 1.200)'
+    )
+    assert format_json_line(full) == (
+        '{"time":"2026-11-23T21:50:00.999Z","listener":"proxy","socket_peer":"127.0.0.1",'
+        '"client":"203.0.113.7","client_port":51000,"remote_user":"al\\\\x20ice",'
+        '"proxy_version":2,"request_id":"lb-req-42","method":"PATCH",'
+        '"uri":"/v2/lib/app/blobs/uploads/8f0e","protocol":"HTTP/1.1","status":202,'
+        '"body_bytes_sent":0,"request_length":67109000,"request_time_s":1.23456,'
+        '"upstream_response_time_s":1.2,"referer":"https://x.example/?q=\\\\x5C",'
+        '"user_agent":"ua\\\\xFF\\\\x22","outcome":"client-closed",'
+        '"proxy_tlvs":{"authority":"registry.example","unique_id":"a\\"b"},'
+        '"tls":{"version":"TLSv1.3"}}'
+    )
+
+
+def test_access_log_writes_one_line_per_entry(tmp_path) -> None:
+    """The file gets each entry's formatted line and a newline, in order."""
+    path = tmp_path / "access.log"
+    log = AccessLog(str(path), "quay")
+    log.startService()
+    try:
+        log.write(entry())
+        log.write(entry(status=500, user_agent=None))
+    finally:
+        log.stopService()
+    assert path.read_text() == "".join(
+        format_quay_line(line) + "\n" for line in (entry(), entry(status=500, user_agent=None))
+    )

@@ -6,7 +6,10 @@ reason.
 
 from __future__ import annotations
 
+import dataclasses
+
 from OpenSSL import SSL
+from prometheus_client import generate_latest
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -131,3 +134,69 @@ def test_failure_reason_labels() -> None:
         "wrong-version-number"
     )
     assert tls_failure_reason(SSL.Error()) == "error"
+
+
+def test_route_label_carried_by_the_entry_is_used() -> None:
+    """An entry that names its route label is counted under it, without routing its URI again."""
+    counters = Counters()
+
+    def route_of(path: bytes) -> str:
+        raise AssertionError(f"routed again: {path!r}")
+
+    metered = MeteredAccessLog(Recording(), counters, route_of)
+    metered.write(dataclasses.replace(entry(b"/v2/x", 200), route_label="/v2/"))
+    metered.write(dataclasses.replace(entry(b"/health", 200), route_label="-"))
+    assert sample(counters, "quayfront_request_duration_seconds_count",
+                  {"route": "/v2/", "status_class": "2xx"}) == 1
+    assert sample(counters, "quayfront_request_bytes_total", {"route": "-"}) == 80
+
+
+def without_creation_times(exposition: bytes) -> list[str]:
+    # The _created samples are the wall-clock time each series was made.
+    return [line for line in exposition.decode().splitlines() if "_created" not in line]
+
+
+def test_exposition_is_that_of_labelled_prometheus_metrics() -> None:
+    """Repeated requests and increments export exactly what labels() calls on the metrics would."""
+    counters = Counters()
+    reference = Counters()
+    metered = MeteredAccessLog(Recording(), counters, lambda path: path.decode()[:4])
+    requests = [
+        (b"/v2/a", 200, None, 0.004),
+        (b"/v2/b", 201, None, 0.3),
+        (b"/v1/c", 404, None, 2000.0),
+        (b"/v2/a", 502, "upstream-unreachable", 0.05),
+        (b"/v2/a", 200, "client-closed", 7.0),
+        (b"/v2/a", 200, None, 0.004),
+        (b"/xyz", 99, "upstream-truncated", 0.0),
+    ] * 3
+    for uri, status, outcome, duration_s in requests:
+        logged = dataclasses.replace(entry(uri, status, outcome), request_time_s=duration_s)
+        counters.increment("http_responses", str(status))
+        metered.write(logged)
+        route = uri.decode()[:4]
+        reference._exported["http_responses"].labels(str(status)).inc()
+        reference.request_duration.labels(route, f"{status // 100}xx").observe(duration_s)
+        reference.request_bytes.labels(route).inc(logged.request_length)
+        reference.response_bytes.labels(route).inc(logged.body_bytes_sent)
+        if outcome and outcome.startswith("upstream-"):
+            reference._exported["upstream_errors"].labels(outcome).inc()
+    increments = [
+        ("proxy_header_rejected", "timeout", 1),
+        ("tls_handshake_failed", "timeout", 2),
+        ("proxy_header_rejected", "timeout", 3),
+        ("not_exported", "x", 1),
+    ]
+    for name, label, by in increments:
+        counters.increment(name, label, by)
+        if name != "not_exported":
+            reference._exported[name].labels(label).inc(by)
+    assert without_creation_times(generate_latest(counters.registry)) == without_creation_times(
+        generate_latest(reference.registry)
+    )
+    assert counters.value("http_responses", "200") == 9
+    assert counters.value("not_exported", "x") == 1
+    assert counters.by_label("upstream_errors") == {
+        "upstream-unreachable": 3,
+        "upstream-truncated": 3,
+    }
