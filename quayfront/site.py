@@ -851,6 +851,9 @@ class FrontRequest(server.Request):
                 tls=self._tls,
                 proxy_version=origin.proxy_header.version if origin.proxy_header else None,
                 outcome=forwarding.failure_reason if forwarding else self.answered_with,
+                # The metrics' label, known here: not routed again.  Local
+                # answers leave it to the path.
+                route_label=self.route.config.prefix if self.route is not None else None,
                 remote_user=basic_auth_user(authorization),
             )
         )

@@ -255,6 +255,18 @@ def test_local_resources_are_not_forwarded() -> None:
     assert log.entries[0].upstream_response_time_s is None
 
 
+def test_the_access_log_entry_carries_the_route_it_took() -> None:
+    """A routed request names its route's prefix for the metrics; a local answer leaves it to the path."""
+    site, agent, log, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n")
+    channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, 0)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    assert [entry.route_label for entry in log.entries] == [None, "/"]
+
+
 def test_absolute_form_target_is_refused() -> None:
     """A request target that is not origin-form is answered 400 and never forwarded."""
     site, agent, _, _ = make_site()
