@@ -22,8 +22,6 @@ from prometheus_client import CollectorRegistry, Gauge as PromGauge, Histogram, 
 from prometheus_client import Counter as PromCounter
 from prometheus_client import values as prometheus_values
 from prometheus_client.core import GaugeMetricFamily
-from OpenSSL import SSL
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 
 from quayfront.http._endings import UPSTREAM_COUNTER, ending_for
@@ -338,14 +336,6 @@ class MetricsOfTLS:
         )
 
 
-class _HandshakeWatch(ProtocolWrapper):
-    def connectionLost(self, reason) -> None:
-        error = reason.value
-        if isinstance(error, SSL.Error):
-            self.factory.counters.increment("tls_handshake_failures", tls_failure_reason(error))
-        super().connectionLost(reason)
-
-
 def tls_failure_reason(error: Exception) -> str:
     """
     OpenSSL's reason, as a label: C{no shared cipher} -> C{no-shared-cipher}.
@@ -358,20 +348,3 @@ def tls_failure_reason(error: Exception) -> str:
     return "-".join(text.lower().split()) or "unknown"
 
 
-class TLSFailureCounting(WrappingFactory):
-    """
-    Counts connections that a TLS error ended (a failed handshake, mostly),
-    by OpenSSL's reason, around the factory served over TLS.
-    """
-
-    protocol = _HandshakeWatch
-    # The listener's own start and stop lines say enough.
-    noisy = False
-
-    def __init__(self, wrapped, counters: Counters) -> None:
-        super().__init__(wrapped)
-        self.counters = counters
-
-    def __getattr__(self, name: str):
-        # The site's own attributes (draining, in_flight, ...) stay reachable.
-        return getattr(self.wrappedFactory, name)

@@ -11,21 +11,15 @@ import dataclasses
 from OpenSSL import SSL
 from prometheus_client import generate_latest
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test.iosim import FakeTransport, connect
 from zope.interface import implementer
 
 from quayfront.accesslog import AccessLogEntry
-from quayfront.config import TLSConfig
 from quayfront.metrics import (
     Counters,
     MeteredAccessLog,
     MetricsResource,
-    TLSFailureCounting,
     tls_failure_reason,
 )
-from quayfront.tls import load_server_tls
 
 
 def entry(uri: bytes, status: int, outcome: str | None = None) -> AccessLogEntry:
@@ -114,18 +108,6 @@ class OldCiphersOnly:
         connection = SSL.Connection(context, None)
         connection.set_connect_state()
         return connection
-
-
-def test_failed_handshakes_are_counted_by_reason() -> None:
-    """A client offering no acceptable cipher is counted under OpenSSL's reason."""
-    counters = Counters()
-    tls = load_server_tls(TLSConfig(cert="", self_signed_dev=True), "test")
-    app = Factory.forProtocol(Protocol)
-    server = TLSMemoryBIOFactory(tls, False, TLSFailureCounting(app, counters)).buildProtocol(None)
-    client = TLSMemoryBIOFactory(OldCiphersOnly(), True, Factory.forProtocol(Protocol)).buildProtocol(None)
-    pump = connect(server, FakeTransport(server, False), client, FakeTransport(client, True))
-    pump.flush()
-    assert counters.by_label("tls_handshake_failures") == {"no-shared-cipher": 1}
 
 
 def test_failure_reason_labels() -> None:
