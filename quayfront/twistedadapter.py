@@ -36,6 +36,12 @@ C{_writeDisconnected}) with the places the reactor builds TCP transports.
 Under Twisted's TLS (its own section): pyOpenSSL's C{Connection._ssl},
 C{._into_ssl}, C{._from_ssl} and its cffi bindings, to free the memory
 BIOs a handshake grew (L{release_handshake_bios}).
+
+Twisted's TLS protocol (the last section): C{TLSMemoryBIOProtocol}'s
+receive and write paths (C{_flushReceiveBIO}, C{_write}, C{_flushSendBIO},
+C{_bufferedWrite}, C{_tlsConnection} and the shutdown methods), replaced
+in L{BatchedReceiveTLS} so that a read's records reach the channel in one
+call and a write's records leave in one send.
 """
 
 from __future__ import annotations
