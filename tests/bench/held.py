@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from tests.integration import harness
-from tests.integration.harness import LOOPBACK, free_ports
+from tests.integration.harness import LOOPBACK
 
 from . import fronts, rig
 from .fronts import _env_int
@@ -69,13 +69,9 @@ def run(workdir: Path) -> str:
     datadir = fronts.make_datadir()
     started: list = []
     try:
-        cert, key = fronts.make_cert(workdir)
-        (upstream_port,) = free_ports(1)
-        values = {"WORKDIR": str(workdir), "DATADIR": str(datadir), "CERT": str(cert),
-                  "KEY": str(key), "UPSTREAM_PORT": str(upstream_port), "PROXY_PORT": "0"}
-        upstream = fronts.start_nginx("upstream-nginx", "nginx-upstream.conf.template",
-                                      values, workdir, upstream_port)
+        cert, key, values, upstream = rig.start_null_upstream(workdir, datadir)
         started.append(upstream)
+        upstream_port = upstream.port
         starters = {
             "quayfront-1": lambda n: rig.start_quayfront(workdir / n, n, upstream_port,
                                                          cert, key, "1"),

@@ -71,13 +71,9 @@ def run(workdir: Path) -> str:
     datadir = fronts.make_datadir()
     started: list = []
     try:
-        cert, key = fronts.make_cert(workdir)
-        (upstream_port,) = free_ports(1)
-        values = {"WORKDIR": str(workdir), "DATADIR": str(datadir), "CERT": str(cert),
-                  "KEY": str(key), "UPSTREAM_PORT": str(upstream_port), "PROXY_PORT": "0"}
-        upstream = fronts.start_nginx("upstream-nginx", "nginx-upstream.conf.template",
-                                      values, workdir, upstream_port)
+        cert, key, values, upstream = rig.start_null_upstream(workdir, datadir)
         started.append(upstream)
+        upstream_port = upstream.port
 
         def subject(front: Front, label: str) -> rig.Subject:
             started.append(front)

@@ -632,6 +632,21 @@ def _rig_note(r: Results, labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def start_null_upstream(workdir: Path, datadir: Path) -> tuple[Path, Path, dict[str, str], Front]:
+    """
+    The bench certificate (in C{workdir}) and the nginx null upstream
+    serving C{datadir}: the certificate, its key, the values the config
+    templates are filled with, and the upstream.
+    """
+    cert, key = fronts.make_cert(workdir)
+    (upstream_port,) = free_ports(1)
+    values = {"WORKDIR": str(workdir), "DATADIR": str(datadir), "CERT": str(cert),
+              "KEY": str(key), "UPSTREAM_PORT": str(upstream_port), "PROXY_PORT": "0"}
+    upstream = fronts.start_nginx("upstream-nginx", "nginx-upstream.conf.template",
+                                  values, workdir, upstream_port)
+    return cert, key, values, upstream
+
+
 def run(workdir: Path, scaling: bool = True) -> str:
     """
     Start the upstream and the fronts, measure, stop everything; return the
@@ -644,13 +659,9 @@ def run(workdir: Path, scaling: bool = True) -> str:
     datadir = fronts.make_datadir()
     started: list = []
     try:
-        cert, key = fronts.make_cert(workdir)
-        (upstream_port,) = free_ports(1)
-        values = {"WORKDIR": str(workdir), "DATADIR": str(datadir), "CERT": str(cert),
-                  "KEY": str(key), "UPSTREAM_PORT": str(upstream_port), "PROXY_PORT": "0"}
-        upstream_front = fronts.start_nginx("upstream-nginx", "nginx-upstream.conf.template",
-                                            values, workdir, upstream_port)
+        cert, key, values, upstream_front = start_null_upstream(workdir, datadir)
         started.append(upstream_front)
+        upstream_port = upstream_front.port
         upstream = Upstream(upstream_port, datadir, upstream_front)
         counts = ("1", "auto") if scaling else ("1",)
         subjects: list[Subject] = []
