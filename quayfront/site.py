@@ -182,6 +182,9 @@ class FrontChannel(TimeoutMixin, Protocol):
         self._head_out: bytes | None = None
         self._aborting_call: IDelayedCall | None = None
         self._connection_facts: tuple | None = None
+        self._peer = None
+        self._host_address = None
+        self._secure: bool | None = None
 
     # Protocol.
 
@@ -516,14 +519,26 @@ class FrontChannel(TimeoutMixin, Protocol):
             iovec = [head, *iovec]
         self.transport.writeSequence(iovec)
 
+    # Every request asks for these; a connection's addresses and its TLS do
+    # not change, and each answer passes through the TLS and PROXY layers.
+
     def getPeer(self):
-        return self.transport.getPeer()
+        peer = self._peer
+        if peer is None:
+            peer = self._peer = self.transport.getPeer()
+        return peer
 
     def getHost(self):
-        return self.transport.getHost()
+        host = self._host_address
+        if host is None:
+            host = self._host_address = self.transport.getHost()
+        return host
 
     def isSecure(self) -> bool:
-        return ISSLTransport(self.transport, None) is not None
+        secure = self._secure
+        if secure is None:
+            secure = self._secure = ISSLTransport(self.transport, None) is not None
+        return secure
 
     def loseConnection(self) -> None:
         """

@@ -263,3 +263,21 @@ def test_a_clean_close_counts_no_tls_failure() -> None:
     channel, transport = connect(site)
     channel.connectionLost(Failure(ConnectionDone()))
     assert site.counters.by_label("tls_handshake_failures") == {}
+
+
+def test_the_connections_addresses_are_read_once() -> None:
+    """getPeer, getHost and isSecure ask the transport once per connection, not once per request."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    asked = []
+    for name in ("getPeer", "getHost"):
+        original = getattr(client, name)
+        setattr(client, name, lambda _n=name, _o=original: (asked.append(_n), _o())[1])
+    counts = []
+    for path in (b"/v2/a", b"/v2/b", b"/v2/c"):
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+        answer(agent)
+        counts.append(len(asked))
+    assert counts[0] > 0 and counts[0] == counts[1] == counts[2], counts
+    assert channel.getPeer().host == "198.51.100.4"
+    assert channel.isSecure() is False
