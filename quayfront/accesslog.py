@@ -27,13 +27,14 @@ import pwd
 import stat
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import IO, Callable
 
 from twisted.application.service import Service
 from twisted.logger import Logger
 
 from quayfront.http._endings import CLIENT_CLOSED_STATUS
+from quayfront.http._record import frozen_record
 
 # The status nginx logs for a request whose client went away before the
 # response started; operators' dashboards already know it.  One entry of
@@ -41,7 +42,9 @@ from quayfront.http._endings import CLIENT_CLOSED_STATUS
 CLIENT_CLOSED_REQUEST = CLIENT_CLOSED_STATUS
 
 
-@dataclass(frozen=True)
+# One is built per request: a frozen dataclass whose fields are stored in
+# one go (frozen_record), not one object.__setattr__ call each.
+@frozen_record
 class AccessLogEntry:
     timestamp: float
     socket_peer: str

@@ -75,7 +75,9 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from ._record import frozen_record
 
 #: Longest request line (without CRLF): nginx's large_client_header_buffers.
 MAX_REQUEST_LINE_BYTES = 8192
@@ -146,7 +148,9 @@ class _NeedData:
 NEED_DATA = _NeedData()
 
 
-@dataclass(frozen=True)
+# The events below are made for every request: frozen records, stored in one
+# go rather than one object.__setattr__ per field.
+@frozen_record
 class RequestHead:
     """
     A complete, valid request head.
@@ -165,7 +169,7 @@ class RequestHead:
     raw: bytes = field(repr=False)
 
 
-@dataclass(frozen=True)
+@frozen_record
 class BodyData:
     """
     Body bytes (C{data}, de-chunked), framed from C{raw}.
@@ -175,7 +179,7 @@ class BodyData:
     raw: bytes = field(repr=False)
 
 
-@dataclass(frozen=True)
+@frozen_record
 class MessageEnd:
     """
     The request is complete; C{raw} is the last framing consumed (the last

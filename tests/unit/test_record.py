@@ -1,0 +1,87 @@
+"""
+quayfront.http._record.frozen_record: a frozen dataclass built by one
+dictionary update, which must behave as C{@dataclass(frozen=True)} does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+from quayfront.http._record import frozen_record
+
+
+@frozen_record
+class Sample:
+    first: int
+    second: bytes
+    named: str = "-"
+    mapping: dict[str, str] = dataclasses.field(default_factory=dict)
+    hidden: bytes = dataclasses.field(default=b"", repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    first: int
+    second: bytes
+    named: str = "-"
+    mapping: dict[str, str] = dataclasses.field(default_factory=dict)
+    hidden: bytes = dataclasses.field(default=b"", repr=False)
+
+
+def test_takes_the_arguments_a_frozen_dataclass_takes():
+    assert [
+        (parameter.name, parameter.kind, parameter.default is inspect.Parameter.empty)
+        for parameter in inspect.signature(Sample).parameters.values()
+    ] == [
+        (parameter.name, parameter.kind, parameter.default is inspect.Parameter.empty)
+        for parameter in inspect.signature(Reference).parameters.values()
+    ]
+    with pytest.raises(TypeError):
+        Sample(1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Sample(1, b"", unknown=3)  # type: ignore[call-arg]
+
+
+def test_stores_values_and_defaults():
+    record = Sample(1, b"x", hidden=b"h")
+    assert (record.first, record.second, record.named, record.mapping, record.hidden) == (
+        1, b"x", "-", {}, b"h",
+    )
+    assert repr(record) == "Sample(first=1, second=b'x', named='-', mapping={})"
+    given = {"a": "b"}
+    assert Sample(1, b"x", "n", given).mapping is given
+
+
+def test_a_default_factory_makes_a_new_value_for_each_record():
+    assert Sample(1, b"").mapping is not Sample(1, b"").mapping
+    # An explicit None is stored, not replaced by the factory's value.
+    assert Sample(1, b"", mapping=None).mapping is None  # type: ignore[arg-type]
+
+
+def test_is_frozen_comparable_and_replaceable():
+    record = Sample(1, b"x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.first = 2  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del record.named
+    assert record == Sample(1, b"x")
+    assert record != Sample(2, b"x")
+    changed = dataclasses.replace(record, named="n")
+    assert (changed.first, changed.named) == (1, "n")
+    assert [field.name for field in dataclasses.fields(Sample)] == [
+        "first", "second", "named", "mapping", "hidden",
+    ]
+
+
+def test_refuses_what_it_cannot_build():
+    with pytest.raises(TypeError):
+
+        @frozen_record
+        class Checked:
+            value: int
+
+            def __post_init__(self) -> None:
+                pass
