@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from io import BytesIO
+from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 from OpenSSL import SSL
@@ -100,6 +101,32 @@ def first_field(fields: list[tuple[bytes, bytes]], lower_name: bytes) -> bytes |
 
 def _text(value: bytes) -> str:
     return value.decode("ascii", "backslashreplace")
+
+
+class OriginText(NamedTuple):
+    """
+    What each request's access-log line and upstream headers say of its
+    connection's origin: worked out once per connection.
+    """
+
+    #: The client's host (the PROXY header's, else the socket peer's).
+    client: str
+    socket_peer: str
+    client_port: int | None
+    proxy_version: int | None
+    #: The C{Host} sent upstream for a request without one: the address
+    #: the client connected to.
+    default_host: bytes
+
+
+def origin_text(origin: ConnectionOrigin) -> OriginText:
+    return OriginText(
+        client=_host(origin.client),
+        socket_peer=_host(origin.socket_peer),
+        client_port=getattr(origin.client, "port", None),
+        proxy_version=origin.proxy_header.version if origin.proxy_header else None,
+        default_host=_authority(origin.destination),
+    )
 
 
 def _socket_origin(transport) -> ConnectionOrigin:
@@ -257,18 +284,22 @@ class FrontChannel(TimeoutMixin, Protocol):
         self._log.info("Forcibly timing out client: {peer}", peer=str(self.transport.getPeer()))
         self.transport.abortConnection()
 
-    def connection_facts(self) -> tuple[ConnectionOrigin, dict[str, str], dict[str, str]]:
+    def connection_facts(
+        self,
+    ) -> tuple[ConnectionOrigin, dict[str, str], dict[str, str], OriginText]:
         """
         Where the connection comes from, its TLS fields (when the site logs
-        or forwards them) and its PROXY TLVs: read once per connection, for
-        every request on it.
+        or forwards them), its PROXY TLVs and what requests say of its
+        origin: read once per connection, for every request on it.
         """
         facts = self._connection_facts
         if facts is None:
             transport = self.transport
             origin = origin_of(transport) or _socket_origin(transport)
             tls = tls_fields(transport) if self.site.wants_tls_fields else {}
-            facts = self._connection_facts = (origin, tls, tlv_fields(origin.proxy_header))
+            facts = self._connection_facts = (
+                origin, tls, tlv_fields(origin.proxy_header), origin_text(origin),
+            )
         return facts
 
     # Framer events.
@@ -680,7 +711,7 @@ class FrontRequest(server.Request):
         self.site = site = channel.site
         self._received_s = site.clock.seconds()
         # Read now: the channel is gone by the time an aborted request logs.
-        self.origin, self._tls, self.tlvs = channel.connection_facts()
+        self.origin, self._tls, self.tlvs, self._origin_text = channel.connection_facts()
         fields = self.field_pairs()
         self._head_length = (
             len(self.method) + len(self.uri) + len(self.clientproto) + 4
@@ -695,14 +726,20 @@ class FrontRequest(server.Request):
         if underscored:
             self._log.info(
                 "dropped request headers with underscores from {peer}: {names}",
-                peer=_host(self.origin.client),
+                peer=self._origin_text.client,
                 names=", ".join(_text(name) for name in underscored),
             )
             for _ in underscored:
                 # One at a time: the agreed Counters interface is (name, label).
                 site.counters.increment("http_headers_dropped", "underscore")
 
-        if site.local_resource(self.path) is None and self._forwardable():
+        # A head from the channel's framer has one Host at most (it refuses
+        # more): only the rest of _forwardable is left to check.
+        if site.local_resource(self.path) is None and (
+            self._forwardable_target()
+            if self.fields is not None and isinstance(channel, FrontChannel)
+            else self._forwardable()
+        ):
             self.route = site.router.route_for(self.path)
         if self.route is not None and self.route.upstream is not None:
             self.forwarding = Forwarding(
@@ -710,10 +747,10 @@ class FrontRequest(server.Request):
                 length,
                 self.route,
                 site.clock,
-                client_ip=_host(self.origin.client),
+                client_ip=self._origin_text.client,
                 vouched_headers=site.vouched_headers(self.request_id, self.tlvs, self._tls),
                 reserved_headers=site.reserved_headers,
-                default_host=_authority(self.origin.destination),
+                default_host=self._origin_text.default_host,
                 watch_client=False,
             )
         else:
@@ -740,6 +777,9 @@ class FrontRequest(server.Request):
             and sum(1 for name, _ in self.field_pairs() if name.lower() == b"host") <= 1
             and self._target_refused is None
         )
+
+    def _forwardable_target(self) -> bool:
+        return self.uri.startswith(b"/") and self._target_refused is None
 
     def client_misbehaved(self, refusal: PeerMisbehaved) -> None:
         """
@@ -828,6 +868,7 @@ class FrontRequest(server.Request):
         site.request_ended()
         forwarding = self.forwarding
         origin = self.origin
+        text = self._origin_text
         status = self.code
         if isinstance(result, Failure) and not self.startedWriting:
             status = CLIENT_CLOSED_REQUEST
@@ -844,8 +885,8 @@ class FrontRequest(server.Request):
         site.access_log.write(
             AccessLogEntry(
                 timestamp=site.clock.seconds(),
-                socket_peer=_host(origin.socket_peer),
-                client=_host(origin.client),
+                socket_peer=text.socket_peer,
+                client=text.client,
                 method=self.method,
                 uri=self.uri,
                 protocol=self.clientproto,
@@ -860,11 +901,11 @@ class FrontRequest(server.Request):
                 if forwarding
                 else None,
                 listener=origin.listener,
-                client_port=getattr(origin.client, "port", None),
+                client_port=text.client_port,
                 request_id=self.request_id,
                 tlvs=self.tlvs,
                 tls=self._tls,
-                proxy_version=origin.proxy_header.version if origin.proxy_header else None,
+                proxy_version=text.proxy_version,
                 outcome=forwarding.failure_reason if forwarding else self.answered_with,
                 # The metrics' label, known here: not routed again.  Local
                 # answers leave it to the path.
