@@ -484,14 +484,15 @@ class Exchange:
         @raise ExchangeMisused: the current state does not accept C{event}.
         """
         state, body, draining = self.state, self.body, self.draining
-        accepted, armed = _CONFIGURATIONS[state, body, draining]
-        if event not in accepted:
+        handlers, armed = _CONFIGURATIONS[state, body, draining]
+        handler = handlers.get(event)
+        if handler is None:
             raise ExchangeMisused(body if event in BODY_EVENTS else state, event)
-        actions = _HANDLERS[event](self, **payload) if payload else _HANDLERS[event](self)
+        actions = handler(self, **payload) if payload else handler(self)
         if self.state is not state or self.body is not body or self.draining is not draining:
             now = _DEADLINES[self.state, self.body, self.draining]
             if now is not armed:
-                actions += _deadline_actions(armed, now, DEADLINE_EVENTS.get(event))
+                actions += _DEADLINE_ACTIONS[armed, now, _FIRED.get(event)]
         return actions
 
     # The data events, once per chunk: the same as handle() (the tests hold
@@ -730,20 +731,22 @@ class Exchange:
 
 _HANDLERS = {event: getattr(Exchange, "_on_" + event.name.lower()) for event in Event}
 
-# The events each configuration accepts, computed once from the tables.
-# What each configuration accepts and has armed, computed once from the
-# tables: one lookup per event.
+# What each configuration accepts (each event it accepts, with its handler)
+# and has armed, computed once from the tables: one lookup per event, and an
+# event it does not accept is not found.
 _CONFIGURATIONS = {
     (state, body, draining): (
-        frozenset(event for event in Event if accepts(state, body, draining, event)),
+        {
+            event: _HANDLERS[event]
+            for event in Event
+            if accepts(state, body, draining, event)
+        },
         _DEADLINES[state, body, draining],
     )
     for state in ExchangeState
     for body in BodyState
     for draining in (False, True)
 }
-
-_DEADLINE_ACTIONS: dict[tuple, tuple] = {}
 
 
 def _deadline_actions(
@@ -753,9 +756,17 @@ def _deadline_actions(
     The Disarm and Arm actions that take the armed deadlines from C{armed}
     to C{now}; a deadline that fired is disarmed already.
     """
-    found = _DEADLINE_ACTIONS.get((armed, now, fired))
-    if found is None:
-        found = _DEADLINE_ACTIONS[armed, now, fired] = tuple(
-            Disarm(d) for d in Deadline if d in armed and d not in now and d is not fired
-        ) + tuple(Arm(d) for d in Deadline if d in now and d not in armed)
-    return found
+    return tuple(
+        Disarm(d) for d in Deadline if d in armed and d not in now and d is not fired
+    ) + tuple(Arm(d) for d in Deadline if d in now and d not in armed)
+
+
+# The deadline that fired, for the events a deadline raises.
+_FIRED: dict[Event, Deadline] = dict(DEADLINE_EVENTS)
+# Every change of armed deadlines, made once (the distinct sets are few).
+_DEADLINE_ACTIONS: dict[tuple, tuple] = {
+    (armed, now, fired): _deadline_actions(armed, now, fired)
+    for armed in _SETS.values()
+    for now in _SETS.values()
+    for fired in (None, *Deadline)
+}
