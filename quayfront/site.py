@@ -636,6 +636,30 @@ class FrontChannel(TimeoutMixin, Protocol):
             self._request_producer.stopProducing()
 
 
+class _WhenOver:
+    """
+    Stands in C{Request.notifications} for the Deferred C{notifyFinish}
+    adds: C{twisted.web} calls C{callback(None)} when the response is
+    finished, or C{errback(reason)} when the connection is lost first.
+    Either calls C{over} with it.  An error in C{over} is logged (a
+    Deferred would have logged it as unhandled), not raised into Twisted.
+    """
+
+    __slots__ = ("_over",)
+    _log = Logger()
+
+    def __init__(self, over) -> None:
+        self._over = over
+
+    def callback(self, result: object) -> None:
+        try:
+            self._over(result)
+        except Exception:
+            self._log.failure("ending a request")
+
+    errback = callback
+
+
 class FrontRequest(server.Request):
     """
     A request that is either streamed to an upstream (L{Forwarding}) or
@@ -757,7 +781,9 @@ class FrontRequest(server.Request):
             # Local answers take no body; whatever is sent is read and
             # dropped rather than spooled.
             self.content = BytesIO()
-        self.notifyFinish().addBoth(self._request_over)
+        # What notifyFinish() would add, without a Deferred to make and fire
+        # for every request.
+        self.notifications.append(_WhenOver(self._request_over))
 
     def _request_over(self, result: object) -> None:
         forwarding = self.forwarding

@@ -8,6 +8,7 @@ leaving with its first body bytes).
 
 from __future__ import annotations
 
+import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Cooperator
 from twisted.python.failure import Failure
@@ -281,3 +282,27 @@ def test_the_connections_addresses_are_read_once() -> None:
     assert counts[0] > 0 and counts[0] == counts[1] == counts[2], counts
     assert channel.getPeer().host == "198.51.100.4"
     assert channel.isSecure() is False
+
+
+@pytest.mark.unhandled_errors_expected  # the one logged below, on purpose
+def test_an_error_ending_a_request_is_logged_not_raised(fail_on_unhandled_errors):
+    """
+    The request's end (its access-log line) is told by a stand-in for
+    notifyFinish's Deferred: it is told once, with what twisted.web passes,
+    and an error in it is logged as a Deferred would log it, not raised
+    into twisted.web's finish or connectionLost.
+    """
+    from quayfront.site import _WhenOver
+
+    told: list[object] = []
+    _WhenOver(told.append).callback(None)
+    lost = Failure(ConnectionDone())
+    _WhenOver(told.append).errback(lost)
+    assert told == [None, lost]
+
+    def broken(result: object) -> None:
+        raise ValueError("broken access log")
+
+    _WhenOver(broken).callback(None)
+    [event] = fail_on_unhandled_errors
+    assert event["log_failure"].check(ValueError)
