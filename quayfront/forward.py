@@ -317,7 +317,14 @@ class Forwarding:
         self._relay = ResponseRelay(self)
         self.upstream_transport = None
         self._client = _ClientReading(request)
-        self._timers: dict[Deadline, IDelayedCall] = {}
+        # The armed deadlines, in the order they were armed, each with the
+        # time it falls due (an idle one: as armed; it runs from the last
+        # activity).  One timer, the watchdog, serves them all, set for no
+        # later than the earliest: a request whose deadline changes (the
+        # response deadline, then the download idle one) makes one timer,
+        # not one per deadline.
+        self._armed: dict[Deadline, float] = {}
+        self._watchdog: IDelayedCall | None = None
         self._last_activity_s = self._started_s
         self._drain_timeout_s = 0.0
         # Events raised while the actions of an earlier one run (an agent
@@ -405,6 +412,9 @@ class Forwarding:
         finally:
             self._handling = False
             events.clear()
+            if not self._armed and self._watchdog is not None:
+                watchdog, self._watchdog = self._watchdog, None
+                watchdog.cancel()
 
     def body_chunk(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
@@ -497,7 +507,9 @@ class Forwarding:
         if type(action) is Arm:
             self._arm(action.deadline)
         elif type(action) is Disarm:
-            self._timers.pop(action.deadline).cancel()
+            # The watchdog stays: the next deadline may use it, and
+            # _carry_out stops it once nothing is armed.
+            del self._armed[action.deadline]
         elif type(action) is Answer:
             self._answer_with(action)
         else:
@@ -715,33 +727,55 @@ class Forwarding:
     # Deadlines.
 
     def _arm(self, deadline: Deadline) -> None:
+        now = self._clock.seconds()
         if deadline is _RESPONSE_DEADLINE:
-            self._timers[deadline] = self._clock.callLater(
-                self._limits.response_timeout_s, self._expired, deadline
-            )
+            delay_s = self._limits.response_timeout_s
         elif deadline is _DRAIN_DEADLINE:
-            self._timers[deadline] = self._clock.callLater(
-                self._drain_timeout_s, self._expired, deadline
-            )
+            delay_s = self._drain_timeout_s
         else:
             # An idle deadline: it runs from the last sign of progress.
-            self._last_activity_s = self._clock.seconds()
-            self._timers[deadline] = self._clock.callLater(
-                self._limits.idle_timeout_s, self._idle_check, deadline
-            )
+            self._last_activity_s = now
+            delay_s = self._limits.idle_timeout_s
+        self._armed[deadline] = now + delay_s
+        watchdog = self._watchdog
+        if watchdog is None:
+            self._watchdog = self._clock.callLater(delay_s, self._watch)
+        elif watchdog.getTime() > now + delay_s:
+            watchdog.reset(delay_s)
 
-    def _expired(self, deadline: Deadline) -> None:
-        del self._timers[deadline]
-        self.feed(_DEADLINE_EVENTS[deadline])
-
-    def _idle_check(self, deadline: Deadline) -> None:
-        idle_s = self._clock.seconds() - self._last_activity_s
-        if idle_s < self._limits.idle_timeout_s:
-            self._timers[deadline] = self._clock.callLater(
-                self._limits.idle_timeout_s - idle_s, self._idle_check, deadline
-            )
-            return
-        self._expired(deadline)
+    def _watch(self) -> None:
+        """
+        The watchdog: the deadline that fell due first, if one did, raises
+        its event; otherwise the watchdog waits for the next one.
+        """
+        self._watchdog = None
+        now = self._clock.seconds()
+        idle_timeout_s = self._limits.idle_timeout_s
+        expired = None
+        expired_at = 0.0
+        next_s = None
+        for deadline, due_s in self._armed.items():
+            if deadline is _UPLOAD_IDLE_DEADLINE or deadline is _DOWNLOAD_IDLE_DEADLINE:
+                idle_s = now - self._last_activity_s
+                if idle_s < idle_timeout_s:
+                    left_s = idle_timeout_s - idle_s
+                    next_s = left_s if next_s is None else min(next_s, left_s)
+                    continue
+                due_s = self._last_activity_s + idle_timeout_s
+            elif due_s > now:
+                next_s = due_s - now if next_s is None else min(next_s, due_s - now)
+                continue
+            # In the order a timer each would have fired: the earliest due,
+            # then the first armed.
+            if expired is None or due_s < expired_at:
+                expired, expired_at = deadline, due_s
+        if expired is not None:
+            del self._armed[expired]
+            self.feed(_DEADLINE_EVENTS[expired])
+            if self._armed and self._watchdog is None:
+                self._watch()
+        elif next_s is not None:
+            self._watchdog = self._clock.callLater(next_s, self._watch)
 
 
 _ACTIONS = {action: getattr(Forwarding, "_" + action.name.lower()) for action in Action}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
@@ -366,3 +367,60 @@ def test_http10_without_host_gets_the_connected_address() -> None:
     channel.dataReceived(b"GET /v2/ HTTP/1.0\r\n\r\n")
     host = transport.getHost()
     assert agent.requests[0]["headers"].getRawHeaders(b"host") == [f"{host.host}:{host.port}".encode()]
+
+
+def forwarding_timers(clock) -> list:
+    """The active timers of exchanges (their deadlines' watchdogs)."""
+    return [
+        call for call in clock.getDelayedCalls()
+        if call.active() and getattr(call.func, "__name__", "") == "_watch"
+    ]
+
+
+@pytest.mark.parametrize(
+    "response_timeout_s, idle_timeout_s",
+    [(30.0, 10.0), (10.0, 30.0), (10.0, 10.0)],
+)
+def test_one_timer_serves_the_deadlines_of_a_request(response_timeout_s, idle_timeout_s) -> None:
+    """
+    The response deadline and then the download idle deadline are served
+    by one timer, moved sooner when it must be; each still falls due at
+    its time, and nothing is left behind when the exchange ends.
+    """
+    site, agent, log, clock = make_site(
+        response_timeout_s=response_timeout_s, idle_timeout_s=idle_timeout_s
+    )
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n")
+    [watchdog] = forwarding_timers(clock)
+    assert watchdog.getTime() == response_timeout_s
+    clock.advance(5)
+    r = response(200, {}, 10)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataReceived(b"abc")
+    assert forwarding_timers(clock) == [watchdog]
+    assert watchdog.getTime() == min(response_timeout_s, 5 + idle_timeout_s)
+    # Idle from 5 s: the download idle deadline falls due at 5 + idle.
+    clock.advance(idle_timeout_s - 0.5)
+    assert not client.disconnected
+    clock.advance(0.5)
+    assert client.disconnected  # aborted
+    channel.connectionLost(Failure(ConnectionLost()))
+    [entry] = log.entries
+    assert entry.outcome == "response-idle-timeout"
+    assert forwarding_timers(clock) == []
+
+
+def test_the_timer_stops_with_the_exchange() -> None:
+    """A completed exchange leaves no timer of its own."""
+    site, agent, log, clock = make_site(response_timeout_s=30.0, idle_timeout_s=10.0)
+    channel, client = connect(site)
+    for path in (b"/v2/a", b"/v2/b"):
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert len(forwarding_timers(clock)) == 1
+        r = response(200, {}, 3)
+        agent.requests[-1]["d"].callback(r)
+        r._bodyDataReceived(b"abc")
+        r._bodyDataFinished(Failure(ResponseDone()))
+        assert forwarding_timers(clock) == []
+    assert [entry.outcome for entry in log.entries] == [None, None]
