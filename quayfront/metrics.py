@@ -15,6 +15,7 @@ summed over the living workers.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections import Counter
 from typing import Callable, Iterable
 
@@ -116,20 +117,24 @@ class Counters:
         # call, a dict lookup does not.  They hold as many entries as the
         # metrics hold children (a label value per route, status class and
         # counter reason), and stay valid because no child is ever removed.
-        self._exported_children: dict[tuple[str, str], PromCounter | None] = {}
+        # What is kept is the adder of each child (_adder), not the child.
+        self._exported_children: dict[tuple[str, str], Callable[[float], None] | None] = {}
         self._request_children: dict[
-            tuple[str, int], tuple[Histogram, PromCounter, PromCounter]
+            tuple[str, int],
+            tuple[Callable[[float], None], Callable[[float], None], Callable[[float], None]],
         ] = {}
 
     def increment(self, name: str, label: str = "", by: int = 1) -> None:
+        if by < 0:
+            raise ValueError(f"{name}: a counter only goes up (by {by})")
         key = (name, label)
         self._values[key] += by
-        if key in self._exported_children:
-            exported = self._exported_children[key]
-        else:
-            exported = self._exported_children[key] = self._exported_child(name, label)
-        if exported is not None:
-            exported.inc(by)
+        add = self._exported_children.get(key, _NOT_MADE)
+        if add is _NOT_MADE:
+            exported = self._exported_child(name, label)
+            add = self._exported_children[key] = None if exported is None else _adder(exported)
+        if add is not None:
+            add(by)
 
     def _exported_child(self, name: str, label: str):
         """
@@ -161,16 +166,75 @@ class Counters:
         children = self._request_children.get((route, status_class))
         if children is None:
             children = self._request_children[(route, status_class)] = (
-                self.request_duration.labels(route, f"{status_class}xx"),
-                self.request_bytes.labels(route),
-                self.response_bytes.labels(route),
+                _observer(self.request_duration.labels(route, f"{status_class}xx")),
+                _adder(self.request_bytes.labels(route)),
+                _adder(self.response_bytes.labels(route)),
             )
-        duration_child, request_bytes_child, response_bytes_child = children
-        duration_child.observe(duration_s)
-        request_bytes_child.inc(request_bytes)
-        response_bytes_child.inc(response_bytes)
+        observe_duration, add_request_bytes, add_response_bytes = children
+        observe_duration(duration_s)
+        add_request_bytes(request_bytes)
+        add_response_bytes(response_bytes)
         if outcome and ending_for(outcome).counter == UPSTREAM_COUNTER:
             self.increment(UPSTREAM_COUNTER, outcome)
+
+
+_NOT_MADE = object()
+
+
+# Each request adds to a few prometheus_client children.  Their public inc
+# and observe check, on every call, what holds here (a child, not a parent;
+# an amount that is not negative) before adding to the child's value
+# objects (single- or multiprocess, with their own lock): the functions
+# below add to those objects directly, one Python call fewer per addition,
+# and fall back to the public methods if a prometheus_client version keeps
+# its values otherwise.
+
+
+def _observable(metric) -> bool:
+    """Whether C{metric} is a child with values (not a labelled parent)."""
+    is_observable = getattr(metric, "_is_observable", None)
+    return is_observable is not None and bool(is_observable())
+
+
+def _adder(counter: PromCounter) -> Callable[[float], None]:
+    """
+    What adds an amount (never negative: the callers count requests and
+    bytes) to the counter child C{counter}.
+    """
+    value = getattr(counter, "_value", None)
+    if _observable(counter) and hasattr(value, "inc"):
+        return value.inc
+    return counter.inc
+
+
+def _observer(histogram: Histogram) -> Callable[[float], None]:
+    """
+    What observes an amount in the histogram child C{histogram}: add it to
+    the sum and count it in the first bucket whose upper bound is not below
+    it, as Histogram.observe does.
+    """
+    total = getattr(histogram, "_sum", None)
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if not (
+        _observable(histogram)
+        and hasattr(total, "inc")
+        and isinstance(buckets, list)
+        and isinstance(bounds, list)
+        and len(buckets) == len(bounds)
+        and bounds[-1] == float("inf")
+    ):
+        return histogram.observe
+    add_to_sum = total.inc
+    bucket_adders = [bucket.inc for bucket in buckets]
+
+    def observe(amount: float) -> None:
+        add_to_sum(amount)
+        if amount == amount:
+            # bisect_left: the first bound >= amount (never past +Inf).
+            bucket_adders[bisect_left(bounds, amount)](1)
+
+    return observe
 
 
 # A gauge: name, help, label name, and a function giving (label, value) pairs.

@@ -182,3 +182,49 @@ def test_exposition_is_that_of_labelled_prometheus_metrics() -> None:
         "upstream-unreachable": 3,
         "upstream-truncated": 3,
     }
+
+
+def test_requests_are_counted_as_through_prometheus_clients_own_methods() -> None:
+    """
+    Counters adds to the children's values directly: the exported samples
+    are those prometheus_client's own observe and inc give, at bucket
+    bounds, between them, past the last finite one, for zero and for NaN.
+    """
+    from prometheus_client import CollectorRegistry, Counter as PromCounter, Histogram
+
+    from quayfront.metrics import DURATION_BUCKETS_S
+
+    counters = Counters()
+    reference = CollectorRegistry(auto_describe=True)
+    duration = Histogram(
+        "quayfront_request_duration_seconds", "", ["route", "status_class"],
+        buckets=DURATION_BUCKETS_S, registry=reference,
+    )
+    request_bytes = PromCounter("quayfront_request_bytes", "", ["route"], registry=reference)
+    response_bytes = PromCounter("quayfront_response_bytes", "", ["route"], registry=reference)
+    responses = PromCounter("quayfront_http_responses", "", ["status"], registry=reference)
+    amounts = [0.0, float("nan"), 2500.0, *DURATION_BUCKETS_S]
+    amounts += [bound * 1.5 for bound in DURATION_BUCKETS_S]
+    for index, amount in enumerate(amounts):
+        route, status = ("/v2/", 200) if index % 2 else ("-", 404)
+        counters.observe_request(route, status, amount, index, 10 * index, None)
+        counters.increment("http_responses", str(status))
+        duration.labels(route, f"{status // 100}xx").observe(amount)
+        request_bytes.labels(route).inc(index)
+        response_bytes.labels(route).inc(10 * index)
+        responses.labels(str(status)).inc()
+
+    def samples(registry, names):
+        return sorted(
+            (sample.name, tuple(sorted(sample.labels.items())), repr(sample.value))
+            for metric in registry.collect()
+            for sample in metric.samples
+            if metric.name in names and not sample.name.endswith("_created")
+        )
+
+    names = {
+        "quayfront_request_duration_seconds", "quayfront_request_bytes",
+        "quayfront_response_bytes", "quayfront_http_responses",
+    }
+    assert samples(counters.registry, names) == samples(reference, names)
+    assert len(samples(reference, names)) > 40
