@@ -634,12 +634,12 @@ def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> 
 
 
 def test_batched_tls_reads_a_request_without_failing_calls(monkeypatch) -> None:
-    """A small read takes one recv() and no bio_read(): no WantReadError raised to find the end."""
+    """A small read calls OpenSSL directly: no pyOpenSSL recv() or bio_read(), nothing raised to find the end."""
     from OpenSSL import SSL
 
     app = _Recorder()
     server, client, client_app, pump, clock = _batched_tls_pair(app)
-    calls = {"recv": 0, "bio_read": 0}
+    calls = {"recv": 0, "bio_read": 0, "_raise_ssl_error": 0}
     for name in calls:
         original = getattr(SSL.Connection, name)
 
@@ -650,7 +650,88 @@ def test_batched_tls_reads_a_request_without_failing_calls(monkeypatch) -> None:
         monkeypatch.setattr(SSL.Connection, name, counting)
     client_app.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     clock.advance(0)
-    calls["recv"] = calls["bio_read"] = 0
+    for name in calls:
+        calls[name] = 0
     pump.flush()
     assert b"".join(app.calls) == b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
-    assert calls == {"recv": 1, "bio_read": 0}
+    assert calls == {"recv": 0, "bio_read": 0, "_raise_ssl_error": 0}
+
+
+def test_canary_pyopenssl_direct_calls() -> None:
+    """pyOpenSSL still has the bindings and the error check BatchedReceiveTLS calls, and they behave as it expects."""
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+
+    from quayfront import twistedadapter
+
+    assert twistedadapter._RAW_TLS
+    server, client = _tls_pair()
+    _pump(client, server)
+    buffer = ffi.new("char[]", 64)
+    # Nothing to read: -1, and SSL_get_error says it needs more bytes.
+    count = lib.SSL_read(server._ssl, buffer, 64)
+    assert count <= 0 and lib.SSL_get_error(server._ssl, count) == lib.SSL_ERROR_WANT_READ
+    with pytest.raises(SSL.WantReadError):
+        server._raise_ssl_error(server._ssl, count)
+    client.send(b"ping")
+    _pump(client, server)
+    assert lib.SSL_read(server._ssl, buffer, 64) == 4 and ffi.buffer(buffer, 4)[:] == b"ping"
+    assert lib.SSL_write(server._ssl, ffi.from_buffer(b"pong"), 4) == 4
+    record = ffi.new("char[]", 256)
+    length = lib.BIO_read(server._from_ssl, record, 256)
+    assert length > 4 and lib.BIO_read(server._from_ssl, record, 256) <= 0
+    client.bio_write(ffi.buffer(record, length)[:])
+    assert client.recv(16) == b"pong"
+    client.shutdown()
+    _pump(client, server)
+    count = lib.SSL_read(server._ssl, buffer, 64)
+    assert lib.SSL_get_error(server._ssl, count) == lib.SSL_ERROR_ZERO_RETURN
+    with pytest.raises(SSL.ZeroReturnError):
+        server._raise_ssl_error(server._ssl, count)
+
+
+def test_batched_tls_reads_and_writes_more_than_its_buffers() -> None:
+    """1.2 MiB each way, more than the process's buffers hold: whole and in order, in a few calls."""
+    from quayfront import twistedadapter
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    payload = bytes(range(251)) * 5000
+    assert len(payload) > 2 * twistedadapter._SCRATCH_BYTES
+    client_app.transport.write(payload)
+    clock.advance(0)
+    pump.flush()
+    assert b"".join(app.calls) == payload
+    assert len(app.calls) == 3
+    received = []
+    client_app.dataReceived = received.append
+    writes = []
+    underlying = server.transport.write
+    server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
+    app.transport.write(payload[::-1])
+    assert len(writes) == 3
+    for _ in range(20):
+        pump.flush()
+        clock.advance(0)
+    assert b"".join(received) == payload[::-1]
+
+
+def test_batched_tls_hands_on_what_came_before_a_broken_record() -> None:
+    """A read of a good record and one that fails to decrypt: the good data first, then connectionLost with the TLS error."""
+    from OpenSSL import SSL
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    client_tls = client._tlsConnection
+    client_tls.send(b"good")
+    good = client_tls.bio_read(65536)
+    client_tls.send(b"bad")
+    bad = bytearray(client_tls.bio_read(65536))
+    bad[-1] ^= 0xFF  # breaks the record's authentication tag
+    server.dataReceived(good + bytes(bad))
+    for _ in range(10):
+        pump.flush()
+        clock.advance(0)
+    assert app.calls == [b"good"]
+    reason, calls_before = app.lost
+    assert calls_before == 1 and reason.check(SSL.Error)
