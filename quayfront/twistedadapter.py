@@ -41,7 +41,9 @@ Twisted's TLS protocol (the last section): C{TLSMemoryBIOProtocol}'s
 receive and write paths (C{_flushReceiveBIO}, C{_write}, C{_flushSendBIO},
 C{_bufferedWrite}, C{_tlsConnection} and the shutdown methods), replaced
 in L{BatchedReceiveTLS} so that a read's records reach the channel in one
-call and a write's records leave in one send.
+call and a write's records leave in one send; it calls OpenSSL directly
+through pyOpenSSL's cffi bindings (C{SSL_read}, C{SSL_write}, C{BIO_read})
+and its error check (C{Connection._raise_ssl_error}).
 """
 
 from __future__ import annotations
