@@ -698,11 +698,18 @@ def test_batched_tls_reads_and_writes_more_than_its_buffers() -> None:
     server, client, client_app, pump, clock = _batched_tls_pair(app)
     payload = bytes(range(251)) * 5000
     assert len(payload) > 2 * twistedadapter._SCRATCH_BYTES
+    fed = []
+    connection = server._tlsConnection
+    bio_write = connection.bio_write
+    connection.bio_write = lambda data: (fed.append(len(data)), bio_write(data))[1]
     client_app.transport.write(payload)
     clock.advance(0)
     pump.flush()
     assert b"".join(app.calls) == payload
     assert len(app.calls) == 3
+    # The read went into the memory BIO a piece at a time, which is all it
+    # keeps allocated afterwards.
+    assert sum(fed) > len(payload) and max(fed) == twistedadapter._BIO_FEED_BYTES
     received = []
     client_app.dataReceived = received.append
     writes = []
