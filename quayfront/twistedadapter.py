@@ -143,28 +143,46 @@ class EagerWrite:
     bufferSize = 2**18
 
     def write(self, data: bytes) -> None:
-        if (
-            data
+        if type(data) is bytes and self._may_send_now(data):
+            sent = self._send_now(data)
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super().write(data)
+
+    def write_borrowed(self, data) -> None:
+        """
+        Write C{data}, a buffer its owner reuses once this returns: sent
+        from where it is when the kernel takes it all at once; only what
+        it does not take is copied (into the transport's buffer).
+        """
+        if self._may_send_now(data):
+            sent = self._send_now(data)
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super().write(bytes(data))
+
+    def _may_send_now(self, data) -> bool:
+        return bool(
+            len(data)
             and self.connected
             and not self.disconnecting
             and not self._writeDisconnected
             and not self.TLS
             and not self._tempDataBuffer
             and self.offset == len(self.dataBuffer)
-            and type(data) is bytes
-        ):
-            try:
-                sent = self.socket.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                # A reset or closed peer: the buffered path's next doWrite
-                # reports it as Twisted always has.
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        super().write(data)
+        )
+
+    def _send_now(self, data) -> int:
+        try:
+            return self.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            # A reset or closed peer: the buffered path's next doWrite
+            # reports it as Twisted always has.
+            return 0
 
     def writeSequence(self, iovec) -> None:
         if not self._tempDataBuffer and self.offset == len(self.dataBuffer):
@@ -407,7 +425,6 @@ def add_checked_fields(headers: _Headers, fields) -> None:
 from OpenSSL.SSL import Error as _SSLError  # noqa: E402
 from OpenSSL.SSL import WantReadError as _WantReadError  # noqa: E402
 from OpenSSL.SSL import ZeroReturnError as _ZeroReturnError  # noqa: E402
-from twisted.protocols.policies import ProtocolWrapper as _ProtocolWrapper  # noqa: E402
 from twisted.protocols.tls import TLSMemoryBIOProtocol as _TLSMemoryBIOProtocol  # noqa: E402
 from twisted.python.failure import Failure as _Failure  # noqa: E402
 
@@ -573,11 +590,26 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                         used = 0
         self._send_encrypted(used)
 
+    #: The transport's L{EagerWrite.write_borrowed}, or None: looked up once.
+    _write_borrowed: object = False
+
     def _send_encrypted(self, used: int) -> None:
-        if used:
-            # Copied out before the write: nothing stays in the buffer.
+        if not used:
+            return
+        write_borrowed = self._write_borrowed
+        if write_borrowed is False:
+            # Through the PROXY layer's wrapper, which relays attributes.
+            write_borrowed = self._write_borrowed = getattr(
+                self.transport, "write_borrowed", None
+            )
+        if write_borrowed is not None:
+            # Sent from the buffer where the socket takes it all; nothing
+            # stays in the buffer either way.
+            write_borrowed(_ssl_ffi.buffer(_Scratch.ciphertext, used))
+        else:
             self.transport.write(_ssl_ffi.buffer(_Scratch.ciphertext, used)[:])
 
     def _deliver(self, received: bytes) -> None:
         if not self._aborted:
-            _ProtocolWrapper.dataReceived(self, received)
+            # What ProtocolWrapper.dataReceived does, one call fewer.
+            self.wrappedProtocol.dataReceived(received)

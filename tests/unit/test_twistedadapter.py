@@ -263,6 +263,32 @@ def test_eager_write_buffers_what_the_kernel_refuses_in_order() -> None:
         peer.close()
 
 
+def test_eager_write_borrowed_copies_only_what_the_kernel_refuses() -> None:
+    """A borrowed buffer is sent from where it is; the refused rest is copied, so reusing the buffer after changes nothing sent."""
+    transport, peer, reactor = _eager_pair()
+    try:
+        big = bytes(range(256)) * 40_000  # 10 MB: more than any socket buffer
+        borrowed = bytearray(big)
+        transport.write_borrowed(memoryview(borrowed))
+        assert transport in reactor.getWriters()
+        borrowed[:] = b"\0" * len(borrowed)  # the owner reuses its buffer
+        transport.write_borrowed(memoryview(b"after"))
+        received = b""
+        for _ in range(10_000):
+            received += _read_all(peer)
+            if transport in reactor.getWriters():
+                transport.doWrite()
+            elif len(received) == len(big) + 5:
+                break
+        assert received == big + b"after"
+        small = bytearray(b"at once")
+        transport.write_borrowed(memoryview(small))
+        assert _read_all(peer) == b"at once" and transport not in reactor.getWriters()
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
 def test_eager_write_after_lose_connection_is_buffered() -> None:
     """Once closing, writes take Twisted's own path (the close follows the flush)."""
     transport, peer, reactor = _eager_pair()
