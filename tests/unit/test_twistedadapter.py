@@ -568,7 +568,7 @@ def test_canary_tls_receive_path() -> None:
     assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
 
 
-def _batched_tls_pair(server_app):
+def _batched_tls_pair(server_app, tls_version=None):
     from twisted.internet.protocol import Factory, Protocol
     from twisted.protocols.tls import TLSMemoryBIOFactory
     from twisted.test.iosim import FakeTransport, connect
@@ -586,7 +586,10 @@ def _batched_tls_pair(server_app):
     client_app = Protocol()
     from twisted.internet import ssl
 
-    options = ssl.CertificateOptions(verify=False)
+    options = ssl.CertificateOptions(
+        verify=False,
+        **({} if tls_version is None else {"lowerMaximumSecurityTo": tls_version}),
+    )
     client = TLSMemoryBIOFactory(
         options, True, Factory.forProtocol(lambda: client_app), clock=clock
     ).buildProtocol(None)
@@ -716,12 +719,16 @@ def test_canary_pyopenssl_direct_calls() -> None:
         server._raise_ssl_error(server._ssl, count)
 
 
-def test_batched_tls_reads_and_writes_more_than_its_buffers() -> None:
-    """1.2 MiB each way, more than the process's buffers hold: whole and in order, in a few calls."""
+@pytest.mark.parametrize("tls_version", ["TLSv1_3", "TLSv1_2"])
+def test_batched_tls_reads_and_writes_more_than_its_buffers(tls_version) -> None:
+    """1.2 MiB each way, more than the process's buffers hold: whole and in order, in a few calls (TLS 1.3 and 1.2 records)."""
+    from twisted.internet.ssl import TLSVersion
+
     from quayfront import twistedadapter
 
     app = _Recorder()
-    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    server, client, client_app, pump, clock = _batched_tls_pair(app, getattr(TLSVersion, tls_version))
+    assert server._tlsConnection.get_protocol_version_name() == tls_version.replace("_", ".")
     payload = bytes(range(251)) * 5000
     assert len(payload) > 2 * twistedadapter._SCRATCH_BYTES
     fed = []
