@@ -568,7 +568,12 @@ def test_canary_tls_receive_path() -> None:
     assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
 
 
-def _batched_tls_pair(server_app, tls_version=None):
+def _batched_tls_pair(server_app, tls_version=None, protocol=None):
+    """
+    A quayfront TLS server (L{BatchedReceiveTLS}, or C{protocol}) for
+    C{server_app} and a Twisted TLS client, connected in memory, handshake
+    done: (server, client, client's protocol, pump, clock).
+    """
     from twisted.internet.protocol import Factory, Protocol
     from twisted.protocols.tls import TLSMemoryBIOFactory
     from twisted.test.iosim import FakeTransport, connect
@@ -578,7 +583,9 @@ def _batched_tls_pair(server_app, tls_version=None):
     from quayfront.twistedadapter import BatchedReceiveTLS
 
     class Factory_(TLSMemoryBIOFactory):
-        protocol = BatchedReceiveTLS
+        pass
+
+    Factory_.protocol = protocol or BatchedReceiveTLS
 
     clock = MemoryReactorClock()
     tls = load_server_tls(TLSConfig(cert="", self_signed_dev=True), "test")
