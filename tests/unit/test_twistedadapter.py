@@ -727,7 +727,7 @@ def test_canary_pyopenssl_direct_calls() -> None:
 
 
 @pytest.mark.parametrize("tls_version", ["TLSv1_3", "TLSv1_2"])
-def test_batched_tls_reads_and_writes_more_than_its_buffers(tls_version) -> None:
+def test_batched_tls_reads_and_writes_more_than_its_buffers(tls_version, monkeypatch) -> None:
     """1.2 MiB each way, more than the process's buffers hold: whole and in order, in a few calls (TLS 1.3 and 1.2 records)."""
     from twisted.internet.ssl import TLSVersion
 
@@ -739,9 +739,17 @@ def test_batched_tls_reads_and_writes_more_than_its_buffers(tls_version) -> None
     payload = bytes(range(251)) * 5000
     assert len(payload) > 2 * twistedadapter._SCRATCH_BYTES
     fed = []
-    connection = server._tlsConnection
-    bio_write = connection.bio_write
-    connection.bio_write = lambda data: (fed.append(len(data)), bio_write(data))[1]
+    bindings = twistedadapter._ssl_lib
+
+    class RecordingBindings:
+        def __getattr__(self, name):
+            return getattr(bindings, name)
+
+        def BIO_write(self, bio, data, length):
+            fed.append(length)
+            return bindings.BIO_write(bio, data, length)
+
+    monkeypatch.setattr(twistedadapter, "_ssl_lib", RecordingBindings())
     client_app.transport.write(payload)
     clock.advance(0)
     pump.flush()
