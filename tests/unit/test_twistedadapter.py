@@ -240,6 +240,18 @@ def test_eager_transports_read_a_quarter_mebibyte_at_a_time() -> None:
         peer.close()
 
 
+def _flush_to_peer(transport, peer: socket.socket, reactor, length: int) -> bytes:
+    """What C{peer} reads while the reactor would write C{transport}'s buffer, up to C{length} bytes."""
+    received = b""
+    for _ in range(10_000):
+        received += _read_all(peer)
+        if transport in reactor.getWriters():
+            transport.doWrite()
+        elif len(received) == length:
+            break
+    return received
+
+
 def test_eager_write_buffers_what_the_kernel_refuses_in_order() -> None:
     """Beyond the socket buffer, the rest is buffered and later writes queue behind it."""
     transport, peer, reactor = _eager_pair()
@@ -249,13 +261,7 @@ def test_eager_write_buffers_what_the_kernel_refuses_in_order() -> None:
         assert transport in reactor.getWriters()
         assert transport._tempDataLen > 0
         transport.write(b"after")
-        received = b""
-        for _ in range(10_000):
-            received += _read_all(peer)
-            if transport in reactor.getWriters():
-                transport.doWrite()
-            elif len(received) == len(big) + 5:
-                break
+        received = _flush_to_peer(transport, peer, reactor, len(big) + 5)
         assert received == big + b"after"
         assert transport not in reactor.getWriters()
     finally:
@@ -273,13 +279,7 @@ def test_eager_write_borrowed_copies_only_what_the_kernel_refuses() -> None:
         assert transport in reactor.getWriters()
         borrowed[:] = b"\0" * len(borrowed)  # the owner reuses its buffer
         transport.write_borrowed(memoryview(b"after"))
-        received = b""
-        for _ in range(10_000):
-            received += _read_all(peer)
-            if transport in reactor.getWriters():
-                transport.doWrite()
-            elif len(received) == len(big) + 5:
-                break
+        received = _flush_to_peer(transport, peer, reactor, len(big) + 5)
         assert received == big + b"after"
         small = bytearray(b"at once")
         transport.write_borrowed(memoryview(small))
