@@ -240,6 +240,18 @@ def test_eager_transports_read_a_quarter_mebibyte_at_a_time() -> None:
         peer.close()
 
 
+def _flush_to_peer(transport, peer: socket.socket, reactor, length: int) -> bytes:
+    """What C{peer} reads while the reactor would write C{transport}'s buffer, up to C{length} bytes."""
+    received = b""
+    for _ in range(10_000):
+        received += _read_all(peer)
+        if transport in reactor.getWriters():
+            transport.doWrite()
+        elif len(received) == length:
+            break
+    return received
+
+
 def test_eager_write_buffers_what_the_kernel_refuses_in_order() -> None:
     """Beyond the socket buffer, the rest is buffered and later writes queue behind it."""
     transport, peer, reactor = _eager_pair()
@@ -249,15 +261,29 @@ def test_eager_write_buffers_what_the_kernel_refuses_in_order() -> None:
         assert transport in reactor.getWriters()
         assert transport._tempDataLen > 0
         transport.write(b"after")
-        received = b""
-        for _ in range(10_000):
-            received += _read_all(peer)
-            if transport in reactor.getWriters():
-                transport.doWrite()
-            elif len(received) == len(big) + 5:
-                break
+        received = _flush_to_peer(transport, peer, reactor, len(big) + 5)
         assert received == big + b"after"
         assert transport not in reactor.getWriters()
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
+def test_eager_write_borrowed_copies_only_what_the_kernel_refuses() -> None:
+    """A borrowed buffer is sent from where it is; the refused rest is copied, so reusing the buffer after changes nothing sent."""
+    transport, peer, reactor = _eager_pair()
+    try:
+        big = bytes(range(256)) * 40_000  # 10 MB: more than any socket buffer
+        borrowed = bytearray(big)
+        transport.write_borrowed(memoryview(borrowed))
+        assert transport in reactor.getWriters()
+        borrowed[:] = b"\0" * len(borrowed)  # the owner reuses its buffer
+        transport.write_borrowed(memoryview(b"after"))
+        received = _flush_to_peer(transport, peer, reactor, len(big) + 5)
+        assert received == big + b"after"
+        small = bytearray(b"at once")
+        transport.write_borrowed(memoryview(small))
+        assert _read_all(peer) == b"at once" and transport not in reactor.getWriters()
     finally:
         transport.socket.close()
         peer.close()
@@ -542,7 +568,12 @@ def test_canary_tls_receive_path() -> None:
     assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
 
 
-def _batched_tls_pair(server_app):
+def _batched_tls_pair(server_app, tls_version=None, protocol=None):
+    """
+    A quayfront TLS server (L{BatchedReceiveTLS}, or C{protocol}) for
+    C{server_app} and a Twisted TLS client, connected in memory, handshake
+    done: (server, client, client's protocol, pump, clock).
+    """
     from twisted.internet.protocol import Factory, Protocol
     from twisted.protocols.tls import TLSMemoryBIOFactory
     from twisted.test.iosim import FakeTransport, connect
@@ -552,7 +583,9 @@ def _batched_tls_pair(server_app):
     from quayfront.twistedadapter import BatchedReceiveTLS
 
     class Factory_(TLSMemoryBIOFactory):
-        protocol = BatchedReceiveTLS
+        pass
+
+    Factory_.protocol = protocol or BatchedReceiveTLS
 
     clock = MemoryReactorClock()
     tls = load_server_tls(TLSConfig(cert="", self_signed_dev=True), "test")
@@ -560,7 +593,10 @@ def _batched_tls_pair(server_app):
     client_app = Protocol()
     from twisted.internet import ssl
 
-    options = ssl.CertificateOptions(verify=False)
+    options = ssl.CertificateOptions(
+        verify=False,
+        **({} if tls_version is None else {"lowerMaximumSecurityTo": tls_version}),
+    )
     client = TLSMemoryBIOFactory(
         options, True, Factory.forProtocol(lambda: client_app), clock=clock
     ).buildProtocol(None)
@@ -634,12 +670,12 @@ def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> 
 
 
 def test_batched_tls_reads_a_request_without_failing_calls(monkeypatch) -> None:
-    """A small read takes one recv() and no bio_read(): no WantReadError raised to find the end."""
+    """A small read calls OpenSSL directly: no pyOpenSSL recv() or bio_read(), nothing raised to find the end."""
     from OpenSSL import SSL
 
     app = _Recorder()
     server, client, client_app, pump, clock = _batched_tls_pair(app)
-    calls = {"recv": 0, "bio_read": 0}
+    calls = {"recv": 0, "bio_read": 0, "_raise_ssl_error": 0}
     for name in calls:
         original = getattr(SSL.Connection, name)
 
@@ -650,7 +686,107 @@ def test_batched_tls_reads_a_request_without_failing_calls(monkeypatch) -> None:
         monkeypatch.setattr(SSL.Connection, name, counting)
     client_app.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     clock.advance(0)
-    calls["recv"] = calls["bio_read"] = 0
+    for name in calls:
+        calls[name] = 0
     pump.flush()
     assert b"".join(app.calls) == b"GET / HTTP/1.1\r\nHost: h\r\n\r\n"
-    assert calls == {"recv": 1, "bio_read": 0}
+    assert calls == {"recv": 0, "bio_read": 0, "_raise_ssl_error": 0}
+
+
+def test_canary_pyopenssl_direct_calls() -> None:
+    """pyOpenSSL still has the bindings and the error check BatchedReceiveTLS calls, and they behave as it expects."""
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+
+    from quayfront import twistedadapter
+
+    assert twistedadapter._RAW_TLS
+    server, client = _tls_pair()
+    _pump(client, server)
+    buffer = ffi.new("char[]", 64)
+    # Nothing to read: -1, and SSL_get_error says it needs more bytes.
+    count = lib.SSL_read(server._ssl, buffer, 64)
+    assert count <= 0 and lib.SSL_get_error(server._ssl, count) == lib.SSL_ERROR_WANT_READ
+    with pytest.raises(SSL.WantReadError):
+        server._raise_ssl_error(server._ssl, count)
+    client.send(b"ping")
+    _pump(client, server)
+    assert lib.SSL_read(server._ssl, buffer, 64) == 4 and ffi.buffer(buffer, 4)[:] == b"ping"
+    assert lib.SSL_write(server._ssl, ffi.from_buffer(b"pong"), 4) == 4
+    record = ffi.new("char[]", 256)
+    length = lib.BIO_read(server._from_ssl, record, 256)
+    assert length > 4 and lib.BIO_read(server._from_ssl, record, 256) <= 0
+    client.bio_write(ffi.buffer(record, length)[:])
+    assert client.recv(16) == b"pong"
+    client.shutdown()
+    _pump(client, server)
+    count = lib.SSL_read(server._ssl, buffer, 64)
+    assert lib.SSL_get_error(server._ssl, count) == lib.SSL_ERROR_ZERO_RETURN
+    with pytest.raises(SSL.ZeroReturnError):
+        server._raise_ssl_error(server._ssl, count)
+
+
+@pytest.mark.parametrize("tls_version", ["TLSv1_3", "TLSv1_2"])
+def test_batched_tls_reads_and_writes_more_than_its_buffers(tls_version, monkeypatch) -> None:
+    """1.2 MiB each way, more than the process's buffers hold: whole and in order, in a few calls (TLS 1.3 and 1.2 records)."""
+    from twisted.internet.ssl import TLSVersion
+
+    from quayfront import twistedadapter
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app, getattr(TLSVersion, tls_version))
+    assert server._tlsConnection.get_protocol_version_name() == tls_version.replace("_", ".")
+    payload = bytes(range(251)) * 5000
+    assert len(payload) > 2 * twistedadapter._SCRATCH_BYTES
+    fed = []
+    bindings = twistedadapter._ssl_lib
+
+    class RecordingBindings:
+        def __getattr__(self, name):
+            return getattr(bindings, name)
+
+        def BIO_write(self, bio, data, length):
+            fed.append(length)
+            return bindings.BIO_write(bio, data, length)
+
+    monkeypatch.setattr(twistedadapter, "_ssl_lib", RecordingBindings())
+    client_app.transport.write(payload)
+    clock.advance(0)
+    pump.flush()
+    assert b"".join(app.calls) == payload
+    assert len(app.calls) == 3
+    # The read went into the memory BIO a piece at a time, which is all it
+    # keeps allocated afterwards.
+    assert sum(fed) > len(payload) and max(fed) == twistedadapter._BIO_FEED_BYTES
+    received = []
+    client_app.dataReceived = received.append
+    writes = []
+    underlying = server.transport.write
+    server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
+    app.transport.write(payload[::-1])
+    assert len(writes) == 3
+    for _ in range(20):
+        pump.flush()
+        clock.advance(0)
+    assert b"".join(received) == payload[::-1]
+
+
+def test_batched_tls_hands_on_what_came_before_a_broken_record() -> None:
+    """A read of a good record and one that fails to decrypt: the good data first, then connectionLost with the TLS error."""
+    from OpenSSL import SSL
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    client_tls = client._tlsConnection
+    client_tls.send(b"good")
+    good = client_tls.bio_read(65536)
+    client_tls.send(b"bad")
+    bad = bytearray(client_tls.bio_read(65536))
+    bad[-1] ^= 0xFF  # breaks the record's authentication tag
+    server.dataReceived(good + bytes(bad))
+    for _ in range(10):
+        pump.flush()
+        clock.advance(0)
+    assert app.calls == [b"good"]
+    reason, calls_before = app.lost
+    assert calls_before == 1 and reason.check(SSL.Error)
