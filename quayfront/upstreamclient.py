@@ -42,10 +42,10 @@ per upstream.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import AlreadyCalledError, CancelledError, Deferred, fail
 from twisted.internet.interfaces import IConsumer, IPushProducer, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -448,6 +448,53 @@ class _ConnectionFactory(Factory):
         return UpstreamConnection(self._pool, self._key)
 
 
+class _Outcome:
+    """
+    Where an exchange's outcome goes when its caller gave two functions
+    (L{UpstreamAgent.request_with}) rather than taking a Deferred: the part
+    of a Deferred the exchange uses (C{callback}, C{errback}) and its caller
+    uses (C{cancel}), without a Deferred made and fired for every request.
+    Either function is called once at most; an error in it is logged (a
+    Deferred would have logged it as unhandled), not raised into the
+    connection.
+    """
+
+    __slots__ = ("_on_response", "_on_failure", "_canceller", "called")
+    _log = Logger()
+
+    def __init__(self, on_response, on_failure, canceller) -> None:
+        self._on_response = on_response
+        self._on_failure = on_failure
+        self._canceller = canceller
+        self.called = False
+
+    def callback(self, response: object) -> None:
+        self._tell(self._on_response, response)
+
+    def errback(self, failure: Failure) -> None:
+        self._tell(self._on_failure, failure)
+
+    def _tell(self, function, result: object) -> None:
+        if self.called:
+            raise AlreadyCalledError()
+        self.called = True
+        try:
+            function(result)
+        except Exception:
+            self._log.failure("handling an upstream response")
+
+    def cancel(self) -> None:
+        """
+        As C{Deferred.cancel}: stop the exchange unless its outcome is
+        known, and fail it with C{CancelledError} if stopping did not.
+        """
+        if self.called:
+            return
+        self._canceller(self)
+        if not self.called:
+            self.errback(Failure(CancelledError()))
+
+
 class _Exchange:
     """
     One request and its response on one upstream connection (two, when a
@@ -464,7 +511,12 @@ class _Exchange:
         headers: HeaderFields,
         head: bytes,
         body,
+        outcome: tuple | None = None,
     ) -> None:
+        """
+        @param outcome: C{(on_response, on_failure)}, to be told the
+            outcome instead of L{result} being a Deferred.
+        """
         self._agent = agent
         self.method = method
         self._uri = uri
@@ -472,7 +524,9 @@ class _Exchange:
         self._head = head
         self._body = body
         self.phase = _Phase.CONNECTING
-        self.result: Deferred = Deferred(self._cancel)
+        self.result: Deferred | _Outcome = (
+            Deferred(self._cancel) if outcome is None else _Outcome(*outcome, self._cancel)
+        )
         self._connecting: Deferred | None = None
         self.connection: UpstreamConnection | None = None
         self._reused = False
@@ -519,7 +573,7 @@ class _Exchange:
         self.phase = _Phase.DONE
         self.result.errback(failure)
 
-    def _cancel(self, result: Deferred) -> None:
+    def _cancel(self, result: Deferred | _Outcome) -> None:
         # Deferred.cancel errbacks with CancelledError after this.
         phase, self.phase = self.phase, _Phase.DONE
         if phase is _Phase.CONNECTING:
@@ -797,6 +851,26 @@ class UpstreamAgent:
 
     def request(self, method: bytes, uri: bytes, headers: HeaderFields = None, bodyProducer=None):
         # C{headers}: a L{Headers}, as IAgent has it, or (name, value) pairs.
+        return self._start(method, uri, headers, bodyProducer, None).result
+
+    def request_with(
+        self,
+        on_response: Callable[[UpstreamResponse], object],
+        on_failure: Callable[[Failure], object],
+        method: bytes,
+        uri: bytes,
+        headers: HeaderFields = None,
+        bodyProducer=None,
+    ) -> _Outcome:
+        """
+        L{request}, its outcome told to C{on_response(response)} or
+        C{on_failure(failure)} (what the Deferred would have fired with)
+        rather than through a Deferred; the answer's C{cancel()} is the
+        Deferred's.
+        """
+        return self._start(method, uri, headers, bodyProducer, (on_response, on_failure)).result
+
+    def _start(self, method, uri, headers, bodyProducer, outcome) -> _Exchange:
         authority, target = split_uri(uri)
         head = request_head(
             method,
@@ -806,9 +880,9 @@ class UpstreamAgent:
             None if bodyProducer is None else bodyProducer.length,
             self.persistent,
         )
-        exchange = _Exchange(self, method, uri, headers, head, bodyProducer)
+        exchange = _Exchange(self, method, uri, headers, head, bodyProducer, outcome)
         exchange.start(reuse=self.persistent)
-        return exchange.result
+        return exchange
 
 
 class UpstreamPool:

@@ -87,10 +87,19 @@ class Upstream:
         self.agent = upstream_agent(self.reactor, self.config, persistent=persistent)
         self.accepted = 0
 
+    #: How requests are made: "deferred" (request) or "callbacks"
+    #: (request_with); every test runs both ways (the fixture below).
+    via = "deferred"
+
     def request(self, method=b"GET", target=b"/v2/", headers=None, body=None):
         outcome: list = []
-        d = self.agent.request(method, upstream_uri(target), headers, body)
-        d.addBoth(outcome.append)
+        if Upstream.via == "callbacks":
+            d = self.agent.request_with(
+                outcome.append, outcome.append, method, upstream_uri(target), headers, body
+            )
+        else:
+            d = self.agent.request(method, upstream_uri(target), headers, body)
+            d.addBoth(outcome.append)
         return d, outcome
 
     def accept(self):
@@ -107,6 +116,17 @@ class Upstream:
     @property
     def connections_made(self) -> int:
         return len(self.reactor.tcpClients) + len(self.reactor.unixClients)
+
+
+@pytest.fixture(autouse=True, params=["deferred", "callbacks"])
+def requests_made(request):
+    """
+    Each test with requests made by request() (a Deferred) and by
+    request_with() (the outcome told to two functions): the same outcome.
+    """
+    Upstream.via = request.param
+    yield request.param
+    Upstream.via = "deferred"
 
 
 def respond(protocol, transport, answer: bytes):
@@ -830,3 +850,25 @@ def test_iosim_streamed_upload_then_answer() -> None:
     assert outcome[0].code == 201
     body_of(outcome[0]).reason.trap(ResponseDone)
     assert upstream.agent.pool.idle_count(upstream.agent.key) == 1
+
+
+@pytest.mark.unhandled_errors_expected  # the one logged below, on purpose
+def test_an_error_in_the_response_function_is_logged(fail_on_unhandled_errors, requests_made) -> None:
+    """
+    request_with's functions are called as a Deferred's callbacks would be:
+    once, and an error in one is logged, not raised into the connection.
+    """
+    upstream = Upstream()
+    failures: list = []
+
+    def broken(response) -> None:
+        raise ValueError("broken response handler")
+
+    outcome = upstream.agent.request_with(broken, failures.append, b"GET", upstream_uri(b"/"))
+    protocol, transport = upstream.accept()
+    protocol.dataReceived(OK)
+    [event] = fail_on_unhandled_errors
+    assert event["log_failure"].check(ValueError)
+    assert failures == []
+    outcome.cancel()  # told already: nothing more happens
+    assert failures == [] and not transport.disconnecting
