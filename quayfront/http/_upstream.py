@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import re
+from types import SimpleNamespace
 from typing import NamedTuple
 
 from ._response import (
@@ -144,6 +145,15 @@ class Framing(enum.Enum):
     UNTIL_CLOSE = "until-close"
 
 
+# EnumType has a __getattr__, so reading a member through its class
+# (ReaderState.HEAD) takes Python's slow attribute path, about 0.1 us, and the
+# code below does so several times per request: it reads the same members
+# through plain namespaces instead.
+_STATES = SimpleNamespace(**ReaderState.__members__)
+_EVENTS = SimpleNamespace(**_Event.__members__)
+_FRAMINGS = SimpleNamespace(**Framing.__members__)
+
+
 # Events are named tuples: one is made per head and per read, and a
 # frozen dataclass costs several times as much to build.
 
@@ -201,7 +211,7 @@ class ResponseReader:
         self._no_body = method == b"HEAD"
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
-        self.state = ReaderState.HEAD
+        self.state = _STATES.HEAD
         self._buffer = b""
         # Head bytes of 1xx heads already consumed: they count towards the
         # bound of the final one.
@@ -223,7 +233,7 @@ class ResponseReader:
             ) from None
 
     def _misbehaved(self, reason: str, detail: str = "") -> UpstreamMisbehaved:
-        self._move(_Event.MISBEHAVED)
+        self._move(_EVENTS.MISBEHAVED)
         self._buffer = b""
         return UpstreamMisbehaved(reason, detail)
 
@@ -240,7 +250,7 @@ class ResponseReader:
         Bytes received after the end of the response (an upstream that
         talks out of turn: the connection cannot be reused).
         """
-        return self._buffer if self.state is ReaderState.DONE else b""
+        return self._buffer if self.state is _STATES.DONE else b""
 
     def receive(self, data: bytes) -> list[Event]:
         """
@@ -250,8 +260,8 @@ class ResponseReader:
         and the error is raised by the next call (C{receive(b"")}), so no
         event is lost however the bytes were split.
         """
-        if self.state is ReaderState.DONE or self.state is ReaderState.ERROR:
-            if self.state is ReaderState.DONE:
+        if self.state is _STATES.DONE or self.state is _STATES.ERROR:
+            if self.state is _STATES.DONE:
                 self._buffer += data
                 return []
             error, self._pending_error = self._pending_error, None
@@ -273,18 +283,18 @@ class ResponseReader:
         Whether the upstream broke the rules (the error is raised by the
         next L{receive} if it has not been yet).
         """
-        return self.state is ReaderState.ERROR
+        return self.state is _STATES.ERROR
 
     def _receive(self, data: bytes, events: list[Event]) -> list[Event]:
         if data:
             self.received_any = True
-        if self.state is ReaderState.BODY_UNTIL_CLOSE and not self._buffer:
+        if self.state is _STATES.BODY_UNTIL_CLOSE and not self._buffer:
             # The common case of a streamed body: no copy.
             if data:
-                self._move(_Event.BODY_BYTES)
+                self._move(_EVENTS.BODY_BYTES)
                 events.append(ResponseData(data))
             return events
-        if self.state is ReaderState.BODY_LENGTH and not self._buffer:
+        if self.state is _STATES.BODY_LENGTH and not self._buffer:
             return self._length_body(data, events)
         self._buffer = self._buffer + data if self._buffer else data
         progress = None
@@ -293,24 +303,24 @@ class ResponseReader:
         while progress != (self.state, len(self._buffer)):
             progress = (self.state, len(self._buffer))
             state = self.state
-            if state is ReaderState.HEAD:
+            if state is _STATES.HEAD:
                 self._read_head(events)
-            elif state is ReaderState.BODY_LENGTH:
+            elif state is _STATES.BODY_LENGTH:
                 buffer, self._buffer = self._buffer, b""
                 if buffer:
                     self._length_body(buffer, events)
-            elif state is ReaderState.BODY_UNTIL_CLOSE:
+            elif state is _STATES.BODY_UNTIL_CLOSE:
                 buffer, self._buffer = self._buffer, b""
                 if buffer:
-                    self._move(_Event.BODY_BYTES)
+                    self._move(_EVENTS.BODY_BYTES)
                     events.append(ResponseData(buffer))
-            elif state is ReaderState.CHUNK_SIZE:
+            elif state is _STATES.CHUNK_SIZE:
                 self._read_chunk_size()
-            elif state is ReaderState.CHUNK_DATA:
+            elif state is _STATES.CHUNK_DATA:
                 self._read_chunk_data(events)
-            elif state is ReaderState.CHUNK_END:
+            elif state is _STATES.CHUNK_END:
                 self._read_chunk_end()
-            elif state is ReaderState.TRAILERS:
+            elif state is _STATES.TRAILERS:
                 self._read_trailers(events)
         return events
 
@@ -320,10 +330,10 @@ class ResponseReader:
         ends here (a L{ResponseEnd}); a response already complete gives
         None; anything else raises L{ResponseIncomplete}.
         """
-        if self.state is ReaderState.DONE:
+        if self.state is _STATES.DONE:
             return None
-        if self.state is ReaderState.BODY_UNTIL_CLOSE:
-            self._move(_Event.CLOSED)
+        if self.state is _STATES.BODY_UNTIL_CLOSE:
+            self._move(_EVENTS.CLOSED)
             return ResponseEnd(delimited_by_close=True)
         raise ResponseIncomplete(self.state)
 
@@ -371,7 +381,7 @@ class ResponseReader:
             if status == 101:
                 raise self._misbehaved("upstream-switching-protocols", "101 to a request without Upgrade")
             # An interim response (100 Continue, 103 Early Hints): dropped.
-            self._move(_Event.INTERIM_HEAD)
+            self._move(_EVENTS.INTERIM_HEAD)
             return
         self._final_head(status, reason, version, headers, events)
 
@@ -420,8 +430,8 @@ class ResponseReader:
         length: int | None = None
         if self._no_body or status in _NO_BODY_STATUSES:
             # RFC 9112 section 6.3 (1): whatever the fields say.
-            framing = Framing.NONE
-            event = _Event.HEAD_NO_BODY
+            framing = _FRAMINGS.NONE
+            event = _EVENTS.HEAD_NO_BODY
             length = 0
         elif codings:
             coding = b",".join(codings).strip(b" \t").lower()
@@ -436,26 +446,26 @@ class ResponseReader:
                 raise self._misbehaved(
                     "upstream-bad-content-length", "Content-Length with Transfer-Encoding"
                 )
-            framing = Framing.CHUNKED
-            event = _Event.HEAD_CHUNKED
+            framing = _FRAMINGS.CHUNKED
+            event = _EVENTS.HEAD_CHUNKED
         elif lengths:
             length = self._content_length(lengths)
             if length == 0:
-                framing = Framing.LENGTH
-                event = _Event.HEAD_NO_BODY
+                framing = _FRAMINGS.LENGTH
+                event = _EVENTS.HEAD_NO_BODY
             else:
-                framing = Framing.LENGTH
-                event = _Event.HEAD_LENGTH
+                framing = _FRAMINGS.LENGTH
+                event = _EVENTS.HEAD_LENGTH
                 self._remaining = length
         else:
-            framing = Framing.UNTIL_CLOSE
-            event = _Event.HEAD_UNTIL_CLOSE
+            framing = _FRAMINGS.UNTIL_CLOSE
+            event = _EVENTS.HEAD_UNTIL_CLOSE
             keep_alive = False
         self._move(event)
         events.append(
             ResponseHead(status, reason, version, headers, framing, length, keep_alive)
         )
-        if self.state is ReaderState.DONE:
+        if self.state is _STATES.DONE:
             events.append(ResponseEnd())
 
     def _content_length(self, values: list[bytes]) -> int:
@@ -485,7 +495,7 @@ class ResponseReader:
         remaining = self._remaining
         if len(data) < remaining:
             self._remaining = remaining - len(data)
-            self._move(_Event.BODY_BYTES)
+            self._move(_EVENTS.BODY_BYTES)
             events.append(ResponseData(data))
             return events
         if len(data) > remaining:
@@ -494,7 +504,7 @@ class ResponseReader:
         self._remaining = 0
         if data:
             events.append(ResponseData(data))
-        self._move(_Event.BODY_COMPLETE)
+        self._move(_EVENTS.BODY_COMPLETE)
         events.append(ResponseEnd())
         return events
 
@@ -527,10 +537,10 @@ class ResponseReader:
             raise self._misbehaved("upstream-bad-chunk-size", line.decode("ascii"))
         if size == 0:
             self._head_bytes_used = 0
-            self._move(_Event.LAST_CHUNK)
+            self._move(_EVENTS.LAST_CHUNK)
             return
         self._remaining = size
-        self._move(_Event.CHUNK_SIZE)
+        self._move(_EVENTS.CHUNK_SIZE)
 
     def _read_chunk_data(self, events: list[Event]) -> None:
         buffer = self._buffer
@@ -540,13 +550,13 @@ class ResponseReader:
         if len(buffer) < remaining:
             self._remaining = remaining - len(buffer)
             self._buffer = b""
-            self._move(_Event.BODY_BYTES)
+            self._move(_EVENTS.BODY_BYTES)
             events.append(ResponseData(buffer))
             return
         self._buffer = buffer[remaining:]
         self._remaining = 0
         events.append(ResponseData(buffer[:remaining]))
-        self._move(_Event.CHUNK_COMPLETE)
+        self._move(_EVENTS.CHUNK_COMPLETE)
 
     def _read_chunk_end(self) -> None:
         buffer = self._buffer
@@ -558,7 +568,7 @@ class ResponseReader:
             return
         else:
             raise self._misbehaved("upstream-bad-chunk-size", "chunk data longer than its size")
-        self._move(_Event.CHUNK_END)
+        self._move(_EVENTS.CHUNK_END)
 
     def _read_trailers(self, events: list[Event]) -> None:
         # Trailer fields are read, bounded like a head, and dropped (RFC
@@ -571,7 +581,7 @@ class ResponseReader:
                 return
             self._head_bytes_used += before - len(self._buffer)
             if not line:
-                self._move(_Event.TRAILERS_END)
+                self._move(_EVENTS.TRAILERS_END)
                 events.append(ResponseEnd())
                 return
             self._field(line)
