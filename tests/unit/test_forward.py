@@ -6,6 +6,7 @@ StringTransport, a fake agent standing in for the upstream.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -24,7 +25,7 @@ from quayfront.config import RouteConfig
 from quayfront.limits import ConcurrencyLimiter
 from quayfront.metrics import Counters
 from quayfront.routing import Route, Router, Upstream
-from quayfront.site import FrontSite
+from quayfront.site import REQUEST_IDS, FrontSite, RequestIds
 
 
 class FakeAgent:
@@ -358,6 +359,50 @@ def test_request_ids_are_made_up_without_unique_id() -> None:
     channel.dataReceived(b"GET /v2/b HTTP/1.1\r\nHost: h\r\n\r\n")
     ids = [req["headers"].getRawHeaders(b"x-request-id")[0] for req in agent.requests]
     assert len(ids) == 2 and ids[0] != ids[1] and len(ids[0]) == 32
+
+
+def test_request_ids_are_a_prefix_per_process_and_a_counter() -> None:
+    """
+    32 lower-case hex digits: a random prefix drawn once (not per request)
+    and a counter; a new prefix when the counter runs out or after a fork.
+    """
+    draws = []
+
+    def urandom(n):
+        draws.append(n)
+        return bytes([len(draws)]) * n
+
+    ids = RequestIds(urandom)
+    first = [ids.next_id() for _ in range(3)]
+    assert first == ["01" * 10 + "%012x" % n for n in (1, 2, 3)]
+    assert draws == [10]
+    ids.start_over()
+    assert ids.next_id() == "02" * 10 + "000000000001"
+    ids._count = (1 << 48) - 2
+    assert ids.next_id() == "02" * 10 + "ffffffffffff"
+    assert ids.next_id() == "03" * 10 + "000000000001"
+    assert len(draws) == 3
+
+
+def test_a_forked_process_draws_its_own_request_id_prefix() -> None:
+    """Workers forked from one process do not share a prefix (and so ids)."""
+    parent = REQUEST_IDS.next_id()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, REQUEST_IDS.next_id().encode("ascii"))
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 64).decode("ascii")
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert len(child) == 32 and int(child, 16) >= 0 and child == child.lower()
+    assert child[:20] != parent[:20]
+    assert REQUEST_IDS.next_id()[:20] == parent[:20]
 
 
 def test_http10_without_host_gets_the_connected_address() -> None:
