@@ -55,7 +55,11 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
-from quayfront.headers import client_response_headers, upstream_request_headers
+from quayfront.headers import (
+    client_response_fields,
+    client_response_headers,
+    upstream_request_headers,
+)
 from quayfront.http import (
     AbortClient,
     Action,
@@ -643,6 +647,21 @@ class Forwarding:
 
     def _set_response_head(self, response) -> None:
         request = self.request
+        relay_response_head = getattr(request, "relay_response_head", None)
+        if relay_response_head is not None:
+            # quayfront's own request builds the head from the fields
+            # themselves (no Headers object filled and walked).
+            code = response.code
+            length = response.length
+            relay_response_head(
+                code,
+                response.phrase,
+                client_response_fields(response_fields(response)),
+                None
+                if length is UNKNOWN_LENGTH or request.method == b"HEAD" or code in NO_BODY_CODES
+                else length,
+            )
+            return
         request.setResponseCode(response.code, response.phrase)
         # Checked by the response reader (or Twisted's): added unchecked.
         add_checked_fields(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from twisted.web.http_headers import Headers
+
 HeaderPairs = list[tuple[bytes, bytes]]
 
 HOP_BY_HOP = frozenset(
@@ -156,3 +158,67 @@ def client_response_headers(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderPairs
         tokens.discard(b"")
         dropped = dropped | tokens
     return [(name, value) for lower, name, value in fields if lower not in dropped]
+
+
+# A field name as received -> (lower case, the case Twisted's Headers writes
+# it in), for the names responses bring; bounded, as Twisted bounds its own
+# cache, so that a stream of made-up names cannot grow it without end.
+_response_names: dict[bytes, tuple[bytes, bytes]] = {}
+_MAX_RESPONSE_NAMES = 10_000
+
+
+def _learn_name(name: bytes) -> tuple[bytes, bytes]:
+    # The case Headers writes a name in, asked of Headers itself.
+    headers = Headers()
+    headers.addRawHeader(name, b"")
+    [(written, _)] = headers.getAllRawHeaders()
+    known = (name.lower(), written)
+    if len(_response_names) < _MAX_RESPONSE_NAMES:
+        _response_names[name] = known
+    return known
+
+
+def written_name(name: bytes) -> bytes:
+    """
+    C{name} as a response head built by Twisted's C{Headers} writes it
+    (C{content-type}: C{Content-Type}; C{etag}: C{ETag}).
+    """
+    known = _response_names.get(name)
+    if known is None:
+        known = _learn_name(name)
+    return known[1]
+
+
+def client_response_fields(pairs: Iterable[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    """
+    L{client_response_headers} of C{pairs} as the response head relayed to
+    the client holds them (what Twisted's C{Headers} would hold after adding
+    them one by one, without building one): each name in the case
+    L{written_name} gives it, the values of a name repeated (in whatever
+    case) under its first appearance, in order.
+    """
+    fields: dict[bytes, list[bytes]] = {}
+    connection = None
+    names = _response_names
+    for name, value in pairs:
+        known = names.get(name)
+        if known is None:
+            known = _learn_name(name)
+        lower, written = known
+        if lower in HOP_BY_HOP:
+            if lower == b"connection":
+                connection = [value] if connection is None else [*connection, value]
+            continue
+        values = fields.get(written)
+        if values is None:
+            fields[written] = [value]
+        else:
+            values.append(value)
+    if connection is not None:
+        tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
+        tokens -= HOP_BY_HOP
+        tokens.discard(b"")
+        if tokens:
+            for written in [written for written in fields if written.lower() in tokens]:
+                del fields[written]
+    return fields

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server, static
-from twisted.web.http import parse_qs
+from twisted.web.http import NO_BODY_CODES, parse_qs, toChunk
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
@@ -57,7 +57,7 @@ from quayfront.forward import (
     header_pairs,
     respond_with_error,
 )
-from quayfront.headers import underscored_names
+from quayfront.headers import underscored_names, written_name
 from quayfront.http import (
     BodyData,
     MessageEnd,
@@ -572,6 +572,14 @@ class FrontChannel(TimeoutMixin, Protocol):
         self.flush_head()
         self._head_out = b"".join(parts)
 
+    def write_head(self, head: bytes) -> None:
+        """
+        Hold a response head its request built itself (a relayed one, see
+        L{FrontRequest.relay_response_head}), as L{writeHeaders} holds one.
+        """
+        self.flush_head()
+        self._head_out = head
+
     def flush_head(self) -> None:
         """
         Send a response head held back by L{writeHeaders}.
@@ -725,6 +733,10 @@ class FrontRequest(server.Request):
     _request_headers: Headers | None = None
     #: Fields not yet copied into C{requestHeaders}.
     _fields_pending: list[tuple[bytes, bytes]] | tuple = ()
+    _response_headers: Headers
+    #: A relayed response's head fields, as C{Headers} would hold them
+    #: (see L{relay_response_head}); None when C{responseHeaders} holds them.
+    _relayed: dict[bytes, list[bytes]] | None = None
 
     # The forwarding path reads the fields as pairs; C{requestHeaders}, which
     # Twisted's request and quayfront's own resources use, is filled from
@@ -744,6 +756,71 @@ class FrontRequest(server.Request):
     def requestHeaders(self, headers: Headers) -> None:
         self._request_headers = headers
         self._fields_pending = ()
+
+    # A relayed response's head is kept as the fields a Headers would hold
+    # and written from them (relay_response_head); C{responseHeaders},
+    # which twisted.web and quayfront's own answers use, holds them as a
+    # Headers again, and the head goes twisted.web's way, when something
+    # reads it.
+
+    @property
+    def responseHeaders(self) -> Headers:
+        fields = self._relayed
+        if fields is not None:
+            self._relayed = None
+            headers = self._response_headers = Headers()
+            for name, values in fields.items():
+                headers.setRawHeaders(name, values)
+        return self._response_headers
+
+    @responseHeaders.setter
+    def responseHeaders(self, headers: Headers) -> None:
+        self._response_headers = headers
+        self._relayed = None
+
+    def setHeader(self, name, value) -> None:
+        fields = self._relayed
+        if fields is None:
+            self._response_headers.setRawHeaders(name, [value])
+        elif (
+            type(name) is bytes
+            and type(value) is bytes
+            and b"\r" not in value
+            and b"\n" not in value
+        ):
+            # As Headers.setRawHeaders would set it: in place if present.
+            fields[written_name(name)] = [value]
+        else:
+            self.responseHeaders.setRawHeaders(name, [value])
+
+    def relay_response_head(
+        self, code: int, phrase: bytes | None, fields: dict[bytes, list[bytes]], length: int | None
+    ) -> None:
+        """
+        An upstream response's head, to relay: its status, the fields to
+        pass as L{quayfront.headers.client_response_fields} makes them, and
+        the C{Content-Length} to send, if any.  The head written is the one
+        C{responseHeaders} and twisted.web's C{Request.write} would write
+        (added to the fields set already, HSTS and C{Connection: close}
+        where quayfront adds them, chunked framing), built straight from
+        the fields.
+        """
+        self.setResponseCode(code, phrase)
+        if self._relayed is not None:
+            # Relayed twice: the first as Headers, then this one added.
+            self.responseHeaders
+        earlier = list(self._response_headers.getAllRawHeaders())
+        if earlier:
+            merged = {name: list(values) for name, values in earlier}
+            for name, values in fields.items():
+                merged.setdefault(name, []).extend(values)
+            fields = merged
+        if length is not None:
+            fields[b"Content-Length"] = [b"%d" % length]
+        self._relayed = fields
+        if not isinstance(self.channel, FrontChannel):
+            # Another channel takes heads as Headers only.
+            self.responseHeaders
 
     def received_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
         """
@@ -893,7 +970,15 @@ class FrontRequest(server.Request):
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
             site = self.site
-            if site.hsts and not self.responseHeaders.hasHeader(b"strict-transport-security"):
+            fields = self._relayed
+            if fields is not None:
+                if site.hsts and b"Strict-Transport-Security" not in fields:
+                    fields[b"Strict-Transport-Security"] = [site.hsts]
+                if site.draining:
+                    close_after_response(self)
+                if self._write_relayed_head(fields, data):
+                    return
+            elif site.hsts and not self.responseHeaders.hasHeader(b"strict-transport-security"):
                 self.responseHeaders.setRawHeaders(b"Strict-Transport-Security", [site.hsts])
             if site.draining:
                 close_after_response(self)
@@ -902,6 +987,52 @@ class FrontRequest(server.Request):
         if channel is not None:
             # The head goes out with the first body bytes, not later.
             channel.flush_head()
+
+    def _write_relayed_head(self, fields: dict[bytes, list[bytes]], data: bytes) -> bool:
+        """
+        What twisted.web's C{Request.write} does on its first call, for a
+        relayed head and the first body bytes; false, with nothing done, if
+        this request uses what that takes twisted.web's own way (a default
+        content type, an encoder, cookies...) or is over.
+        """
+        if (
+            self.finished
+            or self._disconnected
+            or self._inFakeHead
+            or self._encoder is not None
+            or self.defaultContentType is not None
+            or self.lastModified is not None
+            or self.etag is not None
+            or self.cookies
+        ):
+            return False
+        self.startedWriting = 1
+        version = self.clientproto
+        code = self.code
+        with_body = self.method != b"HEAD" and code not in NO_BODY_CODES
+        if with_body and version == b"HTTP/1.1" and b"Content-Length" not in fields:
+            # Chunked, so that the connection can carry another request.
+            fields[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = 1
+        lines = [b"%s %d %s" % (version, code, self.code_message)]
+        for name, values in fields.items():
+            for value in values:
+                lines.append(name + b": " + value)
+        lines.append(b"\r\n")
+        channel = self.channel
+        channel.write_head(b"\r\n".join(lines))
+        if with_body:
+            self.sentLength += len(data)
+            if data:
+                if self.chunked:
+                    channel.writeSequence(toChunk(data))
+                else:
+                    channel.write(data)
+        else:
+            # As twisted.web: no body is written for these, ever.
+            self.write = _write_nothing
+        channel.flush_head()
+        return True
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.forwarding is not None:
@@ -982,6 +1113,10 @@ class FrontRequest(server.Request):
                 remote_user=basic_auth_user(authorization),
             )
         )
+
+
+def _write_nothing(data: bytes) -> None:
+    pass
 
 
 class StaticDirectory(static.File):

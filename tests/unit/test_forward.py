@@ -9,6 +9,8 @@ import json
 import os
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
@@ -25,7 +27,7 @@ from quayfront.config import RouteConfig
 from quayfront.limits import ConcurrencyLimiter
 from quayfront.metrics import Counters
 from quayfront.routing import Route, Router, Upstream
-from quayfront.site import REQUEST_IDS, FrontSite, RequestIds
+from quayfront.site import REQUEST_IDS, FrontRequest, FrontSite, RequestIds
 
 
 class FakeAgent:
@@ -469,3 +471,146 @@ def test_the_timer_stops_with_the_exchange() -> None:
         r._bodyDataFinished(Failure(ResponseDone()))
         assert forwarding_timers(clock) == []
     assert [entry.outcome for entry in log.entries] == [None, None]
+
+
+class PairsResponse:
+    """
+    An upstream response as quayfront's agent hands it over: its fields as
+    received (C{header_pairs}), any case, repeats and hop-by-hop included.
+    """
+
+    version = (b"HTTP", 1, 1)
+
+    def __init__(self, code, phrase, pairs, length) -> None:
+        self.code = code
+        self.phrase = phrase
+        self.header_pairs = pairs
+        self.length = length
+        self.protocol = None
+
+    @property
+    def headers(self) -> Headers:
+        headers = Headers()
+        for name, value in self.header_pairs:
+            headers.addRawHeader(name, value)
+        return headers
+
+    def deliverBody(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(StringTransport())
+
+
+class TwistedWayRequest(FrontRequest):
+    """FrontRequest with the relayed head taken twisted.web's way (Headers, Request.write)."""
+
+    relay_response_head = None
+
+
+_FIELD_NAMES = [
+    b"content-type", b"Content-Type", b"CONTENT-TYPE", b"etag", b"ETag", b"Set-Cookie",
+    b"set-cookie", b"x-a", b"X-A", b"Connection", b"connection", b"Keep-Alive", b"TE",
+    b"Transfer-Encoding", b"strict-transport-security", b"Strict-Transport-Security",
+    b"Content-Length", b"content-length", b"x-secret", b"Upgrade", b"www-authenticate",
+    b"Docker-Distribution-API-Version", b"Date", b"Server",
+]
+_FIELD_VALUES = [b"1", b"close", b"keep-alive, x-secret", b"x-A", b"a b", b"", b"X-A, close", b"5, 5"]
+
+relayed_cases = st.fixed_dictionaries(
+    dict(
+        pairs=st.lists(
+            st.tuples(st.sampled_from(_FIELD_NAMES), st.sampled_from(_FIELD_VALUES)), max_size=12
+        ),
+        code=st.sampled_from([200, 201, 204, 304, 404]),
+        phrase=st.sampled_from([b"OK", b"Anything At All", b""]),
+        length=st.sampled_from([UNKNOWN_LENGTH, 0, 5]),
+        method=st.sampled_from([b"GET", b"HEAD"]),
+        version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"]),
+        client_closes=st.booleans(),
+        hsts=st.sampled_from(["", "max-age=63072000"]),
+        drain=st.sampled_from([None, "before", "after-head"]),
+        keepalive=st.booleans(),
+        early=st.booleans(),
+        chunks=st.sampled_from([[], [b"hello"], [b"he", b"llo"]]),
+    )
+)
+
+
+def relay_once(request_factory, case) -> tuple:
+    clock = MemoryReactorClock()
+    agent = FakeAgent()
+    log = RecordingLog()
+    site = site_for(
+        make_router(agent, clock, keepalive=case["keepalive"]),
+        clock,
+        access_log=log,
+        hsts=case["hsts"],
+    )
+    site.requestFactory = request_factory
+    channel, client = connect(site)
+    connection = b""
+    if case["client_closes"] and case["version"] == b"HTTP/1.1":
+        connection = b"Connection: close\r\n"
+    elif not case["client_closes"] and case["version"] == b"HTTP/1.0":
+        connection = b"Connection: keep-alive\r\n"
+    if case["early"]:
+        head = b"PUT /v2/x HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n" + connection + b"\r\nabc"
+    else:
+        head = case["method"] + b" /v2/x " + case["version"] + b"\r\nHost: h\r\n" + connection + b"\r\n"
+    if case["drain"] == "before":
+        site.drain()
+    channel.dataReceived(head)
+    request = channel.request
+    r = PairsResponse(case["code"], case["phrase"], list(case["pairs"]), case["length"])
+    agent.requests[0]["d"].callback(r)
+    if case["drain"] == "after-head":
+        site.drain()
+    for chunk in case["chunks"]:
+        r.protocol.dataReceived(chunk)
+    r.protocol.connectionLost(Failure(ResponseDone()))
+    [entry] = log.entries
+    return (
+        client.value(),
+        client.disconnecting,
+        (entry.status, entry.body_bytes_sent),
+        [(name, list(values)) for name, values in request.responseHeaders.getAllRawHeaders()],
+    )
+
+
+@given(relayed_cases)
+@example(
+    dict(
+        pairs=[(b"Connection", b"x-A"), (b"x-a", b"1"), (b"etag", b"e"), (b"Set-Cookie", b"1"),
+               (b"Date", b"d"), (b"set-cookie", b"2")],
+        code=200, phrase=b"OK", length=UNKNOWN_LENGTH, method=b"GET", version=b"HTTP/1.1",
+        client_closes=False, hsts="max-age=1", drain="after-head", keepalive=True, early=False,
+        chunks=[b"he", b"llo"],
+    )
+)
+def test_a_relayed_head_is_written_as_twisted_web_writes_it(case) -> None:
+    """
+    A proxied response's head, built from the upstream's fields, is byte for
+    byte the one Headers and twisted.web's Request.write make: names in
+    Headers' case, repeats grouped, hop-by-hop and Connection-named fields
+    dropped, Content-Length, HSTS, Connection: close (asked, route without
+    keep-alive, answered early, draining), chunked framing, HEAD, 204 and
+    304; so is what responseHeaders holds afterwards.
+    """
+    assert relay_once(FrontRequest, case) == relay_once(TwistedWayRequest, case)
+
+
+def test_a_relayed_head_is_built_without_headers() -> None:
+    """A proxied response's head is written without filling responseHeaders."""
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    request = channel.request
+    r = PairsResponse(
+        200, b"OK", [(b"content-type", b"a/b"), (b"Connection", b"keep-alive"), (b"x-a", b"1")], 2
+    )
+    agent.requests[0]["d"].callback(r)
+    r.protocol.dataReceived(b"ok")
+    r.protocol.connectionLost(Failure(ResponseDone()))
+    assert client.value() == (
+        b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
+    )
+    assert list(request._response_headers.getAllRawHeaders()) == []

@@ -2,7 +2,16 @@
 Which headers cross the proxy in each direction.
 """
 
-from quayfront.headers import client_response_headers, upstream_request_headers
+from hypothesis import example, given
+from hypothesis import strategies as st
+from twisted.web.http_headers import Headers
+
+from quayfront.headers import (
+    client_response_fields,
+    client_response_headers,
+    upstream_request_headers,
+    written_name,
+)
 
 
 def names(pairs):
@@ -83,3 +92,40 @@ def test_missing_host_gets_the_address_the_client_connected_to() -> None:
     assert (b"X-Forwarded-Host", b"[2001:db8::1]:8443") in out
     kept = upstream_request_headers([(b"Host", b"reg.example")], client_ip="192.0.2.1", default_host=b"10.0.0.1:8443")
     assert [v for n, v in kept if n == b"Host"] == [b"reg.example"]
+
+
+def test_response_fields_are_grouped_and_named_as_headers_holds_them() -> None:
+    """Names in Headers' case, repeats (in any case) under the first, hop-by-hop gone."""
+    pairs = [
+        (b"content-type", b"a/b"),
+        (b"Connection", b"keep-alive, x-hop"),
+        (b"set-cookie", b"a=1"),
+        (b"etag", b'"e"'),
+        (b"X-HOP", b"1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"TE", b"trailers"),
+    ]
+    assert client_response_fields(pairs) == {
+        b"Content-Type": [b"a/b"],
+        b"Set-Cookie": [b"a=1", b"b=2"],
+        b"ETag": [b'"e"'],
+    }
+    assert written_name(b"www-authenticate") == b"WWW-Authenticate"
+
+
+_names = st.sampled_from(
+    [b"x-a", b"X-A", b"x-B", b"Connection", b"connection", b"Keep-Alive", b"te", b"ETag", b"etag"]
+)
+_values = st.sampled_from([b"1", b"x-a", b"X-b, close", b" , x-A ,", b"keep-alive", b"te", b""])
+
+
+@given(st.lists(st.tuples(_names, _values), max_size=10))
+@example([(b"Connection", b"X-b, close"), (b"x-B", b"1"), (b"x-a", b"2")])
+def test_response_fields_are_what_headers_would_hold(pairs) -> None:
+    """client_response_fields(pairs) is client_response_headers(pairs) added to a Headers."""
+    headers = Headers()
+    for name, value in client_response_headers(pairs):
+        headers.addRawHeader(name, value)
+    assert list(client_response_fields(pairs).items()) == [
+        (name, list(values)) for name, values in headers.getAllRawHeaders()
+    ]
