@@ -733,10 +733,48 @@ class FrontRequest(server.Request):
     _request_headers: Headers | None = None
     #: Fields not yet copied into C{requestHeaders}.
     _fields_pending: list[tuple[bytes, bytes]] | tuple = ()
-    _response_headers: Headers
+    _response_headers: Headers | None = None
     #: A relayed response's head fields, as C{Headers} would hold them
     #: (see L{relay_response_head}); None when C{responseHeaders} holds them.
     _relayed: dict[bytes, list[bytes]] | None = None
+
+    #: What twisted.web's Request.__init__ sets (server's, with http's and
+    #: Componentized's under it); FrontRequest's own sets the same.
+    MIRRORED_ATTRIBUTES = frozenset(
+        {
+            "notifications",
+            "channel",
+            "client",
+            "host",
+            "requestHeaders",
+            "received_cookies",
+            "responseHeaders",
+            "cookies",
+            "transport",
+            "queued",
+            "_parsePOSTFormSubmission",
+            "_adapterCache",
+        }
+    )
+
+    def __init__(self, channel, *args, **kwargs) -> None:
+        if args or kwargs:
+            super().__init__(channel, *args, **kwargs)
+            return
+        # What twisted.web's Request.__init__ sets (MIRRORED_ATTRIBUTES), in
+        # one call instead of three, with its two Headers made only when
+        # something reads them (a relayed request never does).  A test
+        # holds twisted.web's to this list.
+        self.notifications = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.host = channel.getHost()
+        self.received_cookies = {}
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
+        self._adapterCache = {}
 
     # The forwarding path reads the fields as pairs; C{requestHeaders}, which
     # Twisted's request and quayfront's own resources use, is filled from
@@ -745,6 +783,8 @@ class FrontRequest(server.Request):
     @property
     def requestHeaders(self) -> Headers:
         headers = self._request_headers
+        if headers is None:
+            headers = self._request_headers = Headers()
         pending = self._fields_pending
         if pending:
             self._fields_pending = ()
@@ -771,7 +811,11 @@ class FrontRequest(server.Request):
             headers = self._response_headers = Headers()
             for name, values in fields.items():
                 headers.setRawHeaders(name, values)
-        return self._response_headers
+            return headers
+        headers = self._response_headers
+        if headers is None:
+            headers = self._response_headers = Headers()
+        return headers
 
     @responseHeaders.setter
     def responseHeaders(self, headers: Headers) -> None:
@@ -781,7 +825,7 @@ class FrontRequest(server.Request):
     def setHeader(self, name, value) -> None:
         fields = self._relayed
         if fields is None:
-            self._response_headers.setRawHeaders(name, [value])
+            self.responseHeaders.setRawHeaders(name, [value])
         elif (
             type(name) is bytes
             and type(value) is bytes
@@ -809,7 +853,8 @@ class FrontRequest(server.Request):
         if self._relayed is not None:
             # Relayed twice: the first as Headers, then this one added.
             self.responseHeaders
-        earlier = list(self._response_headers.getAllRawHeaders())
+        held = self._response_headers
+        earlier = () if held is None else list(held.getAllRawHeaders())
         if earlier:
             merged = {name: list(values) for name, values in earlier}
             for name, values in fields.items():

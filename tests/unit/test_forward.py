@@ -20,6 +20,7 @@ from twisted.web._newclient import Response
 from twisted.web.client import ResponseDone, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web import server
 from twisted.web.resource import Resource
 
 from quayfront.accesslog import AccessLog
@@ -613,4 +614,23 @@ def test_a_relayed_head_is_built_without_headers() -> None:
     assert client.value() == (
         b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
     )
-    assert list(request._response_headers.getAllRawHeaders()) == []
+    assert request._response_headers is None
+
+
+def test_a_request_is_made_as_twisted_web_makes_one() -> None:
+    """
+    FrontRequest's own __init__ sets what twisted.web's Request.__init__
+    sets (a Twisted that sets more fails here), to the same values; its
+    Headers are made when read.
+    """
+    site, _, _, _ = make_site()
+    channel, _ = connect(site)
+    plain = server.Request(channel)
+    assert set(vars(plain)) == FrontRequest.MIRRORED_ATTRIBUTES
+    front = FrontRequest(channel)
+    assert front._request_headers is None and front._response_headers is None
+    assert {name: getattr(front, name) for name in FrontRequest.MIRRORED_ATTRIBUTES} == vars(plain)
+    front.setHeader(b"x-a", b"1")
+    assert front.responseHeaders.getRawHeaders(b"X-A") == [b"1"]
+    queued = FrontRequest(channel, True)
+    assert queued.queued is True and queued.responseHeaders == Headers()
