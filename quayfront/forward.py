@@ -485,8 +485,9 @@ class Forwarding:
         if request.producer is not None:
             request.unregisterProducer()
         # PotentialDataLoss: a body delimited by the upstream closing the
-        # connection, complete by HTTP's own definition.
-        if reason.check(ResponseDone, PotentialDataLoss):
+        # connection, complete by HTTP's own definition.  (Failure.check
+        # would build each class's qualified name to compare, every time.)
+        if isinstance(reason.value, _COMPLETE_ENDS):
             self.feed(_RESPONSE_END)
         else:
             self.feed(_RESPONSE_TRUNCATED, detail=reason.getErrorMessage())
@@ -819,6 +820,9 @@ _DEADLINE_EVENTS = {
     _DRAIN_DEADLINE: _DRAIN_TIMEOUT,
 }
 
+
+#: How a response body ends complete (see Forwarding.response_ended).
+_COMPLETE_ENDS = (ResponseDone, PotentialDataLoss)
 
 #: The admission of an exchange that found a free slot: already fired, so
 #: cancelling it (the exchange's own ending) does nothing.

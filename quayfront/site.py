@@ -1316,6 +1316,8 @@ class FrontSite(server.Site):
         headers = []
         if self._request_id_header:
             headers.append((self._request_id_header, request_id.encode("ascii")))
+        if not self._tlv_headers and not self._tls_headers:
+            return headers
         for fields, configured in ((tlvs, self._tlv_headers), (tls or {}, self._tls_headers)):
             for field, name in configured:
                 if field in fields:
