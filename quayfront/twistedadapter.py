@@ -336,8 +336,13 @@ except ImportError:  # pragma: no cover - a pyOpenSSL without its bindings
     _BIO_BINDINGS = False
 
 
+#: BIO_get_mem_data's out-parameter (where the data starts), which
+#: _bio_pending does not read: one serves every call.
+_MEM_DATA_START = _ssl_ffi.new("char **") if _BIO_BINDINGS else None
+
+
 def _bio_pending(bio) -> int:
-    return _ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.new("char **"))
+    return _ssl_lib.BIO_get_mem_data(bio, _MEM_DATA_START)
 
 
 def release_handshake_bios(connection) -> bool:
