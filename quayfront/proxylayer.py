@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -60,6 +60,10 @@ class HeaderRule(enum.Enum):
     REFUSE = "refuse"
 
 
+#: Source addresses whose rule a listener remembers (see rule_for).
+MAX_REMEMBERED_SOURCES = 1024
+
+
 @dataclass(frozen=True)
 class ProxyHeaderPolicy:
     """
@@ -81,6 +85,12 @@ class ProxyHeaderPolicy:
     trusted: tuple[IPNetwork, ...] = ()
     exempt: tuple[IPNetwork, ...] = ()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Each source address's rule, as found: a listener's sources are its
+    #: few load balancers, and parsing an address and matching it against
+    #: the networks is most of the cost of a connection's first step.
+    _rules: dict[str, HeaderRule] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_config(
@@ -99,6 +109,19 @@ class ProxyHeaderPolicy:
     def rule_for(self, peer: IAddress) -> HeaderRule:
         if not self.required:
             return HeaderRule.NO_HEADER
+        host = getattr(peer, "host", None)
+        rule = self._rules.get(host) if isinstance(host, str) else None
+        if rule is None:
+            rule = self._rule_for(peer)
+            if isinstance(host, str):
+                if len(self._rules) >= MAX_REMEMBERED_SOURCES:
+                    # Sources beyond the load balancers (refused ones, say)
+                    # must not grow it without bound.
+                    self._rules.clear()
+                self._rules[host] = rule
+        return rule
+
+    def _rule_for(self, peer: IAddress) -> HeaderRule:
         ip = _peer_ip(peer)
         if ip is None:
             return HeaderRule.REFUSE
