@@ -26,7 +26,6 @@ from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from zope.interface import directlyProvides, providedBy
 
 from quayfront.config import (
     DEFAULT_MAX_CONNECTIONS,
@@ -36,7 +35,7 @@ from quayfront.config import (
     host_ip,
 )
 from quayfront.metrics import Counters
-from quayfront.twistedadapter import release_handshake_bios
+from quayfront.twistedadapter import provide_what_transport_provides, release_handshake_bios
 from quayfront.proxyprotocol import (
     Address,
     ProxyHeader,
@@ -289,7 +288,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def makeConnection(self, transport):
         # Unlike ProtocolWrapper, the wrapped protocol is connected only once
         # the header is known: see _connect_wrapped.
-        directlyProvides(self, providedBy(transport))
+        provide_what_transport_provides(self, transport)
         Protocol.makeConnection(self, transport)
 
     def connectionMade(self) -> None:

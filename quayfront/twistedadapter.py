@@ -478,6 +478,25 @@ class _Scratch:
         cls.ciphertext = _ssl_ffi.new("char[]", _SCRATCH_BYTES)
 
 
+#: The interfaces each transport declaration stands for, flattened once
+#: (by the declaration's id, kept with it so that the id stays its own).
+_INTERFACES_OF: dict[int, tuple] = {}
+
+
+def provide_what_transport_provides(wrapper, transport) -> None:
+    """
+    Declare on C{wrapper} the interfaces C{transport} provides, as
+    C{directlyProvides(wrapper, providedBy(transport))} does, without
+    flattening the same declaration again for every connection (most of
+    that call's cost).
+    """
+    declaration = _providedBy(transport)
+    known = _INTERFACES_OF.get(id(declaration))
+    if known is None or known[0] is not declaration:
+        known = _INTERFACES_OF[id(declaration)] = (declaration, tuple(declaration))
+    _directlyProvides(wrapper, *known[1])
+
+
 class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
     """
     Twisted's TLS protocol, but the records one read brings are handed to
@@ -494,7 +513,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         # steps in the same order, with the copy made once.
         self._tlsConnection = self.factory._creatorCallable(self)
         self._appSendBuffer = []
-        _directlyProvides(self, _providedBy(transport))
+        provide_what_transport_provides(self, transport)
         _Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         if self._connectWrapped:

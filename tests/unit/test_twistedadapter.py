@@ -620,6 +620,25 @@ def test_batched_tls_provides_what_twisted_tls_provides(monkeypatch) -> None:
     assert type(ours).__name__ == "BatchedReceiveTLS"
 
 
+def test_provide_what_transport_provides_is_directly_provides() -> None:
+    """The same declaration as directlyProvides(wrapper, providedBy(transport)), the first time and from the cache."""
+    from twisted.internet.interfaces import IPushProducer, ITCPTransport
+    from twisted.protocols.policies import ProtocolWrapper
+    from zope.interface import directlyProvides, providedBy
+
+    from quayfront.twistedadapter import provide_what_transport_provides
+
+    for _ in range(2):
+        transport = StringTransport()
+        directlyProvides(transport, ITCPTransport)
+        ours, stock = ProtocolWrapper(None, None), ProtocolWrapper(None, None)
+        provide_what_transport_provides(ours, transport)
+        directlyProvides(stock, providedBy(transport))
+        assert set(providedBy(ours)) == set(providedBy(stock))
+        assert ITCPTransport.providedBy(ours) and IPushProducer.providedBy(ours)
+        assert list(providedBy(ours).flattened()) == list(providedBy(stock).flattened())
+
+
 def _batched_tls_pair(server_app, tls_version=None, protocol=None):
     """
     A quayfront TLS server (L{BatchedReceiveTLS}, or C{protocol}) for
