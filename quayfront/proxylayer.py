@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from zope.interface import directlyProvides, providedBy
 
 from quayfront.config import (
     DEFAULT_MAX_CONNECTIONS,
@@ -36,7 +35,7 @@ from quayfront.config import (
     host_ip,
 )
 from quayfront.metrics import Counters
-from quayfront.twistedadapter import release_handshake_bios
+from quayfront.twistedadapter import provide_what_transport_provides, release_handshake_bios
 from quayfront.proxyprotocol import (
     Address,
     ProxyHeader,
@@ -60,6 +59,10 @@ class HeaderRule(enum.Enum):
     REFUSE = "refuse"
 
 
+#: Source addresses whose rule a listener remembers (see rule_for).
+MAX_REMEMBERED_SOURCES = 1024
+
+
 @dataclass(frozen=True)
 class ProxyHeaderPolicy:
     """
@@ -81,6 +84,12 @@ class ProxyHeaderPolicy:
     trusted: tuple[IPNetwork, ...] = ()
     exempt: tuple[IPNetwork, ...] = ()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    #: Each source address's rule, as found: a listener's sources are its
+    #: few load balancers, and parsing an address and matching it against
+    #: the networks is most of the cost of a connection's first step.
+    _rules: dict[str, HeaderRule] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def from_config(
@@ -99,6 +108,19 @@ class ProxyHeaderPolicy:
     def rule_for(self, peer: IAddress) -> HeaderRule:
         if not self.required:
             return HeaderRule.NO_HEADER
+        host = getattr(peer, "host", None)
+        rule = self._rules.get(host) if isinstance(host, str) else None
+        if rule is None:
+            rule = self._rule_for(peer)
+            if isinstance(host, str):
+                if len(self._rules) >= MAX_REMEMBERED_SOURCES:
+                    # Sources beyond the load balancers (refused ones, say)
+                    # must not grow it without bound.
+                    self._rules.clear()
+                self._rules[host] = rule
+        return rule
+
+    def _rule_for(self, peer: IAddress) -> HeaderRule:
         ip = _peer_ip(peer)
         if ip is None:
             return HeaderRule.REFUSE
@@ -266,7 +288,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def makeConnection(self, transport):
         # Unlike ProtocolWrapper, the wrapped protocol is connected only once
         # the header is known: see _connect_wrapped.
-        directlyProvides(self, providedBy(transport))
+        provide_what_transport_provides(self, transport)
         Protocol.makeConnection(self, transport)
 
     def connectionMade(self) -> None:

@@ -336,8 +336,13 @@ except ImportError:  # pragma: no cover - a pyOpenSSL without its bindings
     _BIO_BINDINGS = False
 
 
+#: BIO_get_mem_data's out-parameter (where the data starts), which
+#: _bio_pending does not read: one serves every call.
+_MEM_DATA_START = _ssl_ffi.new("char **") if _BIO_BINDINGS else None
+
+
 def _bio_pending(bio) -> int:
-    return _ssl_lib.BIO_get_mem_data(bio, _ssl_ffi.new("char **"))
+    return _ssl_lib.BIO_get_mem_data(bio, _MEM_DATA_START)
 
 
 def release_handshake_bios(connection) -> bool:
@@ -414,8 +419,10 @@ def add_checked_fields(headers: _Headers, fields) -> None:
 # data or "needs more bytes" goes through pyOpenSSL's own error handling
 # (C{Connection._raise_ssl_error}), so failures surface as before.
 #
-# Twisted's private names, each in the canary test: C{_flushReceiveBIO}
-# and C{_write} (replaced), C{_tlsConnection}, C{_lostTLSConnection},
+# Twisted's private names, each in the canary test: C{_flushReceiveBIO},
+# C{_write} and C{makeConnection} (replaced; the last for its copies of the
+# transport's interfaces), C{_creatorCallable}, C{_appSendBuffer},
+# C{_connectWrapped}, C{_checkHandshakeStatus}, C{_tlsConnection}, C{_lostTLSConnection},
 # C{_aborted}, C{_shutdownTLS}, C{_tlsShutdownFinished}, C{_bufferedWrite}
 # and C{_flushSendBIO}.  pyOpenSSL's: C{Connection._ssl}, C{._from_ssl},
 # C{._raise_ssl_error} and the bindings C{SSL_read}, C{SSL_write},
@@ -425,7 +432,10 @@ def add_checked_fields(headers: _Headers, fields) -> None:
 from OpenSSL.SSL import Error as _SSLError  # noqa: E402
 from OpenSSL.SSL import WantReadError as _WantReadError  # noqa: E402
 from OpenSSL.SSL import ZeroReturnError as _ZeroReturnError  # noqa: E402
+from twisted.internet.protocol import Protocol as _Protocol  # noqa: E402
 from twisted.protocols.tls import TLSMemoryBIOProtocol as _TLSMemoryBIOProtocol  # noqa: E402
+from zope.interface import directlyProvides as _directlyProvides  # noqa: E402
+from zope.interface import providedBy as _providedBy  # noqa: E402
 from twisted.python.failure import Failure as _Failure  # noqa: E402
 
 _RAW_TLS = _BIO_BINDINGS and all(
@@ -468,12 +478,49 @@ class _Scratch:
         cls.ciphertext = _ssl_ffi.new("char[]", _SCRATCH_BYTES)
 
 
+#: The interfaces each transport declaration stands for, flattened once
+#: (by the declaration's id, kept with it so that the id stays its own).
+_INTERFACES_OF: dict[int, tuple] = {}
+
+
+def provide_what_transport_provides(wrapper, transport) -> None:
+    """
+    Declare on C{wrapper} the interfaces C{transport} provides, as
+    C{directlyProvides(wrapper, providedBy(transport))} does, without
+    flattening the same declaration again for every connection (most of
+    that call's cost).
+    """
+    declaration = _providedBy(transport)
+    known = _INTERFACES_OF.get(id(declaration))
+    if known is None or known[0] is not declaration:
+        known = _INTERFACES_OF[id(declaration)] = (declaration, tuple(declaration))
+    _directlyProvides(wrapper, *known[1])
+
+
 class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
     """
     Twisted's TLS protocol, but the records one read brings are handed to
     the protocol above in one C{dataReceived}, the records of one write
     leave in one transport write, and OpenSSL is called directly.
     """
+
+    def makeConnection(self, transport) -> None:
+        # Twisted's makeConnection copies the transport's interfaces onto
+        # this protocol one at a time (each directlyProvides replacing the
+        # last), then ProtocolWrapper.makeConnection copies them all again:
+        # eleven zope.interface declarations per connection where one does
+        # (about 9 % of a new connection's CPU under cProfile).  The same
+        # steps in the same order, with the copy made once.
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        provide_what_transport_provides(self, transport)
+        _Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self._connectWrapped:
+            # ProtocolWrapper.makeConnection, but for its copy of the
+            # interfaces and the two calls just made.
+            self.wrappedProtocol.makeConnection(self)
+        self._checkHandshakeStatus()
 
     #: The read being handled, while it goes into the memory BIO: a cffi
     #: pointer to its bytes, how far it has gone in, and its length.

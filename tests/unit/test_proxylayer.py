@@ -87,6 +87,25 @@ def test_rules_by_source() -> None:
     assert policy(required=False).rule_for(IPv4Address("TCP", "198.51.100.1", 1)) is HeaderRule.NO_HEADER
 
 
+def test_rules_are_remembered_per_source_within_a_bound(monkeypatch) -> None:
+    """A source's rule is worked out once; the memory of sources is bounded, and what it gives never differs."""
+    from quayfront import proxylayer
+
+    p = policy()
+    worked_out = []
+    original = type(p)._rule_for
+    monkeypatch.setattr(type(p), "_rule_for", lambda self, peer: (worked_out.append(peer.host), original(self, peer))[1])
+    for _ in range(3):
+        assert p.rule_for(IPv4Address("TCP", "10.1.2.3", 1)) is HeaderRule.EXPECT_HEADER
+        assert p.rule_for(IPv4Address("TCP", "198.51.100.1", 2)) is HeaderRule.REFUSE
+    assert worked_out == ["10.1.2.3", "198.51.100.1"]
+    monkeypatch.setattr(proxylayer, "MAX_REMEMBERED_SOURCES", 4)
+    for last in range(10):
+        assert p.rule_for(IPv4Address("TCP", f"10.9.9.{last}", 1)) is HeaderRule.EXPECT_HEADER
+        assert len(p._rules) <= 4
+    assert p == policy() and hash(p) == hash(policy())
+
+
 def test_per_connection_records_have_no_instance_dict() -> None:
     """
     The connection's origin and its handshake watch, which live as long as

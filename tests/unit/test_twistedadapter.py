@@ -568,6 +568,77 @@ def test_canary_tls_receive_path() -> None:
     assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
 
 
+def test_canary_tls_make_connection() -> None:
+    """BatchedReceiveTLS.makeConnection repeats Twisted's steps: these are still what its makeConnection and ProtocolWrapper's do."""
+    from twisted.protocols.policies import ProtocolWrapper
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+
+    pieces = {
+        TLSMemoryBIOProtocol.makeConnection: (
+            "self._tlsConnection = self.factory._creatorCallable(self)",
+            "self._appSendBuffer = []",
+            "directlyProvides(self, interface)",
+            "Protocol.makeConnection(self, transport)",
+            "self.factory.registerProtocol(self)",
+            "if self._connectWrapped:",
+            "ProtocolWrapper.makeConnection(self, transport)",
+            "self._checkHandshakeStatus()",
+        ),
+        ProtocolWrapper.makeConnection: (
+            "directlyProvides(self, providedBy(transport))",
+            "Protocol.makeConnection(self, transport)",
+            "self.factory.registerProtocol(self)",
+            "self.wrappedProtocol.makeConnection(self)",
+        ),
+    }
+    for method, expected in pieces.items():
+        source = inspect.getsource(method)
+        for piece in expected:
+            assert piece in source, (method.__qualname__, piece)
+    # Calling Protocol.makeConnection once instead of twice is the same only
+    # while neither class has a connectionMade of its own.
+    for cls in (TLSMemoryBIOProtocol, ProtocolWrapper):
+        assert "connectionMade" not in vars(cls), cls
+
+
+def test_batched_tls_provides_what_twisted_tls_provides(monkeypatch) -> None:
+    """The same interfaces as Twisted's TLS protocol over the same transport, declared with one directlyProvides instead of eleven."""
+    from twisted.protocols.tls import TLSMemoryBIOProtocol
+    from zope.interface import providedBy
+
+    from quayfront import twistedadapter
+
+    calls = []
+    declare = twistedadapter._directlyProvides
+    monkeypatch.setattr(
+        twistedadapter, "_directlyProvides", lambda *args: (calls.append(args), declare(*args))
+    )
+    ours = _batched_tls_pair(_Recorder())[0]
+    twisteds = _batched_tls_pair(_Recorder(), protocol=TLSMemoryBIOProtocol)[0]
+    assert len(calls) == 1
+    assert set(providedBy(ours)) == set(providedBy(twisteds))
+    assert type(ours).__name__ == "BatchedReceiveTLS"
+
+
+def test_provide_what_transport_provides_is_directly_provides() -> None:
+    """The same declaration as directlyProvides(wrapper, providedBy(transport)), the first time and from the cache."""
+    from twisted.internet.interfaces import IPushProducer, ITCPTransport
+    from twisted.protocols.policies import ProtocolWrapper
+    from zope.interface import directlyProvides, providedBy
+
+    from quayfront.twistedadapter import provide_what_transport_provides
+
+    for _ in range(2):
+        transport = StringTransport()
+        directlyProvides(transport, ITCPTransport)
+        ours, stock = ProtocolWrapper(None, None), ProtocolWrapper(None, None)
+        provide_what_transport_provides(ours, transport)
+        directlyProvides(stock, providedBy(transport))
+        assert set(providedBy(ours)) == set(providedBy(stock))
+        assert ITCPTransport.providedBy(ours) and IPushProducer.providedBy(ours)
+        assert list(providedBy(ours).flattened()) == list(providedBy(stock).flattened())
+
+
 def _batched_tls_pair(server_app, tls_version=None, protocol=None):
     """
     A quayfront TLS server (L{BatchedReceiveTLS}, or C{protocol}) for
