@@ -233,7 +233,10 @@ class ResponseRelay(Protocol):
         self._forwarding.response_data(data)
 
     def connectionLost(self, reason: Failure) -> None:
-        self._forwarding.response_ended(reason)
+        # The body has ended: the forwarding (which holds this relay) is let
+        # go of, so that neither waits for the garbage collector.
+        forwarding, self._forwarding = self._forwarding, None
+        forwarding.response_ended(reason)
 
 
 class DiscardedResponse(Protocol):

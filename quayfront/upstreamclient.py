@@ -486,6 +486,11 @@ class _Outcome:
         if self.called:
             raise AlreadyCalledError()
         self.called = True
+        # Told once: the functions (bound to the caller) and the canceller
+        # (bound to the exchange) are let go, so that the exchange, its
+        # caller and this are freed by their reference counts rather than
+        # left for the garbage collector as a cycle.
+        self._on_response = self._on_failure = self._canceller = None
         try:
             function(result)
         except Exception:
@@ -532,7 +537,7 @@ class _Exchange:
         self._head = head
         self._body = body
         self.phase = _PHASES.CONNECTING
-        self.result: Deferred | _Outcome = (
+        self.result: Deferred | _Outcome | None = (
             Deferred(self._cancel) if outcome is None else _Outcome(*outcome, self._cancel)
         )
         self._connecting: Deferred | None = None
@@ -708,7 +713,10 @@ class _Exchange:
         response = UpstreamResponse(head, self, UpstreamBodyTransport(connection))
         self._response = response
         self._delivery_pending = True
-        self.result.callback(response)
+        # Told once and not needed after: a Deferred keeps its canceller
+        # (bound to this exchange), which would make a reference cycle.
+        result, self.result = self.result, None
+        result.callback(response)
         if self._delivery_pending and self.phase is _PHASES.RECEIVING:
             # Nobody reads the body yet: stop reading from the upstream.
             self._delivery_pending = False
@@ -748,9 +756,18 @@ class _Exchange:
             connection.abort()
         else:
             connection.close()
-        self._response.body_ended(
+        self._ended_response().body_ended(
             _DELIMITED_BY_CLOSE if end.delimited_by_close else _RESPONSE_COMPLETE
         )
+
+    def _ended_response(self) -> UpstreamResponse:
+        """
+        The response, let go of as its body ends: it points back here, and
+        nothing needs it once the exchange is done, so the two are freed by
+        their reference counts rather than left to the garbage collector.
+        """
+        response, self._response = self._response, None
+        return response
 
     def _misbehaved(self, failure: Failure) -> None:
         phase, self.phase = self.phase, _PHASES.DONE
@@ -762,7 +779,8 @@ class _Exchange:
             # nothing of ours left to send.
             connection.close()
         if phase is _PHASES.RECEIVING:
-            self._response.body_ended(Failure(ResponseFailed([failure], self._response)))
+            response = self._ended_response()
+            response.body_ended(Failure(ResponseFailed([failure], response)))
         else:
             self.result.errback(Failure(ResponseFailed([failure])))
 
@@ -770,18 +788,17 @@ class _Exchange:
         phase, self.phase = self.phase, _PHASES.DONE
         self.connection = None
         if phase is _PHASES.RECEIVING:
+            response = self._ended_response()
             try:
                 end = self._reader.connection_closed()
             except ResponseIncomplete:
-                self._response.body_ended(
-                    Failure(ResponseFailed([reason, Failure()], self._response))
-                )
+                response.body_ended(Failure(ResponseFailed([reason, Failure()], response)))
                 return
             if end is not None:
-                self._response.body_ended(Failure(PotentialDataLoss()))
+                response.body_ended(Failure(PotentialDataLoss()))
             else:
                 # Read to its end, but stopped before the end was delivered.
-                self._response.body_ended(Failure(ResponseFailed([reason], self._response)))
+                response.body_ended(Failure(ResponseFailed([reason], response)))
             return
         if phase is _PHASES.SENDING:
             self._stop_body()

@@ -104,6 +104,40 @@ def response(code=200, headers=None, length=UNKNOWN_LENGTH):
     return r
 
 
+def test_a_forwarded_request_is_freed_without_the_garbage_collector() -> None:
+    """
+    Once a forwarded request is over and logged, the request, its forwarding
+    and the relay of its response are freed by their reference counts (with
+    the collector off): no reference cycle is left for a collection that
+    would cost every request.
+    """
+    import gc
+    import weakref
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        site, agent, log, _ = make_site()
+        channel, client = connect(site)
+        channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+        forwarding = channel.request.forwarding
+        freed = [weakref.ref(channel.request), weakref.ref(forwarding)]
+        r = response(200, {}, 2)
+        agent.requests[0]["d"].callback(r)
+        freed.append(weakref.ref(forwarding._relay))
+        r._bodyDataReceived(b"ok")
+        r._bodyDataFinished(Failure(ResponseDone()))
+        assert client.value().endswith(b"\r\n\r\nok") and len(log.entries) == 1
+        # What the test itself holds: the agent's record of the request (its
+        # Deferred and body producer), the response, the forwarding.
+        del forwarding, r, agent.requests[:]
+        assert channel.request is None
+        assert [ref() for ref in freed] == [None] * len(freed)
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def test_upstream_request_starts_before_the_body_arrives() -> None:
     """The upstream request is made once the head is parsed, with the body still to come."""
     site, agent, _, _ = make_site()

@@ -157,6 +157,56 @@ def test_agent_and_response_provide_the_interfaces() -> None:
     assert response.request.method == b"GET"
 
 
+@pytest.mark.parametrize(
+    "answer, end",
+    [
+        (OK, "length"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", "chunked"),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nok", "connection closed"),
+    ],
+)
+def test_an_exchange_that_ends_well_is_freed_without_the_garbage_collector(answer, end) -> None:
+    """
+    Once its response has ended well, nothing of an exchange is left in a
+    reference cycle: the exchange, the response and the body protocol are
+    freed by their reference counts (with the collector off), not left for
+    a collection that costs every request.  (A failed response is not: the
+    ResponseFailed it ends with points back at it, as Twisted's does.)
+    """
+    import gc
+    import weakref
+
+    from quayfront.upstreamclient import _Exchange
+
+    upstream = Upstream()
+    made = []
+    original_init = _Exchange.__init__
+
+    def recording_init(self, *args, **kwargs):
+        made.append(weakref.ref(self))
+        original_init(self, *args, **kwargs)
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        _Exchange.__init__ = recording_init
+        _, outcome = upstream.request()
+        protocol, transport = upstream.accept()
+        protocol.dataReceived(answer)
+        response = outcome[0]
+        body = body_of(response)
+        if end == "connection closed":
+            protocol.connectionLost(Failure(ConnectionDone()))
+        assert body.reason is not None and body.data == b"ok"
+        freed = [weakref.ref(response), weakref.ref(body)] + made
+        del response, body, outcome[:]
+        assert [ref() for ref in freed] == [None] * len(freed)
+    finally:
+        _Exchange.__init__ = original_init
+        if collecting:
+            gc.enable()
+
+
 def test_request_head_as_given_with_host_from_the_headers() -> None:
     """Method, target and headers go out in order; Host is the caller's, not the URI's."""
     upstream = Upstream()
