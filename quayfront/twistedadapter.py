@@ -143,8 +143,8 @@ class EagerWrite:
     bufferSize = 2**18
 
     def write(self, data: bytes) -> None:
-        if type(data) is bytes and self._may_send_now(data):
-            sent = self._send_now(data)
+        if type(data) is bytes:
+            sent = self._send_at_once(data)
             if sent == len(data):
                 return
             data = data[sent:]
@@ -156,15 +156,17 @@ class EagerWrite:
         from where it is when the kernel takes it all at once; only what
         it does not take is copied (into the transport's buffer).
         """
-        if self._may_send_now(data):
-            sent = self._send_now(data)
-            if sent == len(data):
-                return
-            data = data[sent:]
-        super().write(bytes(data))
+        sent = self._send_at_once(data)
+        if sent == len(data):
+            return
+        super().write(bytes(data[sent:]))
 
-    def _may_send_now(self, data) -> bool:
-        return bool(
+    def _send_at_once(self, data) -> int:
+        """
+        How much of C{data} the kernel took at once: none unless nothing is
+        waiting in the transport's buffer (and the connection is open).
+        """
+        if not (
             len(data)
             and self.connected
             and not self.disconnecting
@@ -172,9 +174,8 @@ class EagerWrite:
             and not self.TLS
             and not self._tempDataBuffer
             and self.offset == len(self.dataBuffer)
-        )
-
-    def _send_now(self, data) -> int:
+        ):
+            return 0
         try:
             return self.socket.send(data)
         except (BlockingIOError, InterruptedError):
@@ -445,17 +446,6 @@ _RAW_TLS = _BIO_BINDINGS and all(
     )
 )
 
-def _nothing_to_send(connection) -> bool:
-    """
-    Whether C{connection}'s outgoing BIO is empty; False when that cannot
-    be known.
-    """
-    if not _BIO_BINDINGS:
-        return False
-    from_ssl = getattr(connection, "_from_ssl", None)
-    return from_ssl is not None and not _bio_pending(from_ssl)
-
-
 #: Bytes of a read put into the memory BIO at a time (see dataReceived).
 _BIO_FEED_BYTES = 2**16
 #: Plaintext bytes per TLS record (the protocol's maximum).
@@ -616,9 +606,11 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
-        if _nothing_to_send(self._tlsConnection):
-            # The usual case after a request is read: no bio_read that
-            # fails (an exception) to find out.
+        if _RAW_TLS and not _ssl_lib.BIO_get_mem_data(
+            self._tlsConnection._from_ssl, _MEM_DATA_START
+        ):
+            # The usual case after a request is read: nothing to send, known
+            # without a bio_read that fails (an exception).
             return
         super()._flushSendBIO()
 
