@@ -511,6 +511,9 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         else:
             self.factory.unregisterProtocol(self)
             self.wrappedProtocol = None
+        # The relay shortcut (the protocol above's own dataReceived) would
+        # keep the two in a reference cycle, left to the garbage collector.
+        self.__dict__.pop("dataReceived", None)
 
 
 def _format_peer(address: IAddress) -> str:

@@ -512,6 +512,13 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             self.wrappedProtocol.makeConnection(self)
         self._checkHandshakeStatus()
 
+    def connectionLost(self, reason) -> None:
+        super().connectionLost(reason)
+        # The protocol above registered itself as this transport's producer
+        # and is never unregistered once the connection is gone: let go of
+        # it, or the two stay in a reference cycle for the garbage collector.
+        self._producer = None
+
     #: The read being handled, while it goes into the memory BIO: a cffi
     #: pointer to its bytes, how far it has gone in, and its length.
     _input = None

@@ -117,6 +117,21 @@ def test_per_connection_records_have_no_instance_dict() -> None:
     assert not hasattr(HandshakeWatch(0.0, 1.0), "__dict__")
 
 
+@pytest.mark.parametrize("handshake_timeout", [None, 10.0])
+def test_a_closed_connection_lets_go_of_the_protocol_above(handshake_timeout) -> None:
+    """The relay shortcut (the protocol above's dataReceived) goes with the connection: no reference cycle is left."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    protocol, _, inner, _, _ = connect()
+    protocol.factory.handshake_timeout_s = handshake_timeout
+    protocol.dataReceived(V1)
+    assert "dataReceived" in vars(protocol)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert "dataReceived" not in vars(protocol)
+    assert protocol.wrappedProtocol is None
+
+
 def test_header_then_data_in_one_read() -> None:
     """Bytes after the header reach the wrapped protocol untouched, in the same read."""
     protocol, _, inner, _, _ = connect()

@@ -568,6 +568,18 @@ def test_canary_tls_receive_path() -> None:
     assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
 
 
+def test_batched_tls_lets_go_of_its_producer_when_the_connection_is_lost() -> None:
+    """The protocol above, registered as producer and never unregistered, is let go of: no reference cycle is left."""
+    from twisted.internet.error import ConnectionDone
+
+    app = _Recorder()
+    server, _, _, _, _ = _batched_tls_pair(app)
+    server.registerProducer(app, True)
+    assert server._producer is not None
+    server.connectionLost(Failure(ConnectionDone()))
+    assert server._producer is None and app.lost is not None
+
+
 def test_canary_tls_make_connection() -> None:
     """BatchedReceiveTLS.makeConnection repeats Twisted's steps: these are still what its makeConnection and ProtocolWrapper's do."""
     from twisted.protocols.policies import ProtocolWrapper
