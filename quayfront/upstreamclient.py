@@ -224,6 +224,10 @@ class UpstreamResponse:
 
     version = (b"HTTP", 1, 1)
     previousResponse = None
+    #: The whole body, while the response is told (to the Deferred's
+    #: callback or C{on_response}) and its body came with its head; else
+    #: None.  See L{take_whole_body}.
+    whole_body: bytes | None = None
 
     def __init__(self, head: ResponseHead, exchange: _Exchange, transport) -> None:
         self.version = (b"HTTP", 1, head.version[1])
@@ -238,6 +242,20 @@ class UpstreamResponse:
         self._protocol = None
         self._early: list[bytes] = []
         self._ended: Failure | None = None
+
+    def take_whole_body(self) -> bytes:
+        """
+        The whole body, while the response is told with it (L{whole_body}
+        is not None): the response is over once taken (its connection back
+        in the pool or closed, C{deliverBody} then tells only its end), so
+        a caller relays it in one go rather than through a body protocol.
+        """
+        body = self.whole_body
+        if body is None or self._protocol is not None:
+            raise RuntimeError("the response has no whole body to take")
+        self.whole_body = None
+        self._exchange.whole_taken()
+        return body
 
     @property
     def headers(self) -> Headers:
@@ -290,6 +308,7 @@ class UpstreamResponse:
 #: whole header parse).
 _RESPONSE_COMPLETE = Failure(ResponseDone())
 _DELIMITED_BY_CLOSE = Failure(PotentialDataLoss())
+_READ_TO_ITS_END = ResponseEnd()
 
 
 class _ClientRequest:
@@ -682,6 +701,23 @@ class _Exchange:
         except UpstreamMisbehaved:
             self._misbehaved(Failure())
             return
+        if (
+            len(events) > 1
+            and type(events[-1]) is ResponseEnd
+            and self.phase is _PHASES.WAITING
+        ):
+            # The whole response in one read (the common case of a small
+            # answer): its body is offered with its head, for a caller
+            # that takes both at once (UpstreamResponse.take_whole_body);
+            # if it does not, the events are told one by one as ever.
+            if len(events) == 2:
+                body = b""
+            elif len(events) == 3:
+                body = events[1].data
+            else:
+                body = b"".join([event.data for event in events[1:-1]])
+            self._got_head(events[0], body)
+            events = events[1:]
         connection = self.connection
         for event in events:
             if self.phase is _PHASES.DONE or connection.closed:
@@ -701,7 +737,7 @@ class _Exchange:
             except UpstreamMisbehaved:
                 self._misbehaved(Failure())
 
-    def _got_head(self, head: ResponseHead) -> None:
+    def _got_head(self, head: ResponseHead, whole_body: bytes | None = None) -> None:
         if self.phase is _PHASES.SENDING:
             # An early answer: the upstream will not read the rest, and the
             # connection is not reused with a request half sent.
@@ -713,10 +749,17 @@ class _Exchange:
         response = UpstreamResponse(head, self, UpstreamBodyTransport(connection))
         self._response = response
         self._delivery_pending = True
+        if whole_body is not None:
+            response.whole_body = whole_body
         # Told once and not needed after: a Deferred keeps its canceller
         # (bound to this exchange), which would make a reference cycle.
         result, self.result = self.result, None
         result.callback(response)
+        if self.phase is _PHASES.DONE:
+            # Taken whole, cancelled or failed: nothing more to tell.
+            return
+        # Offered only while the response is being told.
+        response.whole_body = None
         if self._delivery_pending and self.phase is _PHASES.RECEIVING:
             # Nobody reads the body yet: stop reading from the upstream.
             self._delivery_pending = False
@@ -731,6 +774,14 @@ class _Exchange:
             self._paused_for_delivery = False
             if self.connection is not None:
                 self.connection.resume_reading()
+
+    def whole_taken(self) -> None:
+        """
+        The caller took the whole body with the head (see
+        L{UpstreamResponse.take_whole_body}): the response is complete.
+        """
+        self._delivery_pending = False
+        self._response_complete(_READ_TO_ITS_END)
 
     def _response_complete(self, end: ResponseEnd) -> None:
         connection, self.connection = self.connection, None

@@ -119,6 +119,10 @@ class Event(enum.Enum):
     RESPONSE_HEAD = "response-head"
     RESPONSE_DATA = "response-data"
     RESPONSE_END = "response-end"
+    #: The head, the whole body and the end of a response, together (it
+    #: came in one read): what RESPONSE_HEAD, RESPONSE_DATA and
+    #: RESPONSE_END do, in one event.
+    RESPONSE_WHOLE = "response-whole"
     #: detail
     RESPONSE_TRUNCATED = "response-truncated"
     #: ending, detail
@@ -180,6 +184,12 @@ class Action(enum.Enum):
     #: A response head for an exchange already over: drop its body.
     DISCARD_RESPONSE = "discard-response"
     RELAY_DATA = "relay-data"
+    #: Relay the head and the whole body of a response that brought both
+    #: (L{Event.RESPONSE_WHOLE}), in one write.
+    RELAY_WHOLE_RESPONSE = "relay-whole-response"
+    #: The same, for an answer that came before the request body was
+    #: complete (as RELAY_EARLY_HEAD).
+    RELAY_EARLY_WHOLE_RESPONSE = "relay-early-whole-response"
     FINISH_RESPONSE = "finish-response"
 
 
@@ -269,6 +279,7 @@ EXCHANGE_TRANSITIONS: dict[ExchangeState, dict[Event, frozenset[ExchangeState]]]
     },
     S.AWAITING_RESPONSE: {
         E.RESPONSE_HEAD: frozenset({S.RELAYING}),
+        E.RESPONSE_WHOLE: _ENDS,
         E.UPSTREAM_FAILED: _ENDS,
         E.CLIENT_GONE: _ENDS,
         E.CLIENT_MISBEHAVED: _ENDS,
@@ -295,6 +306,7 @@ EXCHANGE_TRANSITIONS: dict[ExchangeState, dict[Event, frozenset[ExchangeState]]]
         E.RATE_LIMITED: _ENDS,
         E.ADMITTED: _ENDS,
         E.RESPONSE_HEAD: _ENDS,
+        E.RESPONSE_WHOLE: _ENDS,
         E.RESPONSE_DATA: _ENDS,
         E.RESPONSE_END: _ENDS,
         E.RESPONSE_TRUNCATED: _ENDS,
@@ -441,6 +453,8 @@ _RELAY_HEAD = Action.RELAY_HEAD
 _RELAY_EARLY_HEAD = Action.RELAY_EARLY_HEAD
 _DISCARD_RESPONSE = Action.DISCARD_RESPONSE
 _RELAY_DATA = Action.RELAY_DATA
+_RELAY_WHOLE_RESPONSE = Action.RELAY_WHOLE_RESPONSE
+_RELAY_EARLY_WHOLE_RESPONSE = Action.RELAY_EARLY_WHOLE_RESPONSE
 _FINISH_RESPONSE = Action.FINISH_RESPONSE
 _BODY_CHUNK_EVENT = Event.BODY_CHUNK
 _RESPONSE_DATA_EVENT = Event.RESPONSE_DATA
@@ -628,6 +642,17 @@ class Exchange:
             return (_DISCARD_RESPONSE,)
         self.state = _RELAYING
         return (_RELAY_HEAD,) if self.body_complete else (_RELAY_EARLY_HEAD,)
+
+    def _on_response_whole(self) -> tuple:
+        # RESPONSE_HEAD, RESPONSE_DATA and RESPONSE_END in turn, with the
+        # relay of the head and of the data one action.
+        if self.state is _ENDED:
+            return (_DISCARD_RESPONSE,)
+        self.state = _RELAYING
+        relay = (
+            (_RELAY_WHOLE_RESPONSE,) if self.body_complete else (_RELAY_EARLY_WHOLE_RESPONSE,)
+        )
+        return relay + self._on_response_end()
 
     def _on_response_data(self) -> tuple:
         return () if self.state is _ENDED else (_RELAY_DATA,)

@@ -183,7 +183,7 @@ def test_each_event_in_each_state(start: str, path: tuple[Event, ...], event: Ev
     if exchange.state is S.ENDED:
         assert exchange.armed == frozenset()
     if before[0] is not S.ENDED and exchange.state is S.ENDED:
-        assert_ending_actions(before, exchange, actions)
+        assert_ending_actions(before, exchange, actions, event)
     elif before[0] is S.ENDED:
         # Late news for an exchange that is over: at most a slot to give
         # back or a response to drop; nothing reaches the client.
@@ -198,11 +198,14 @@ def test_each_event_in_each_state(start: str, path: tuple[Event, ...], event: Ev
         }
 
 
-def assert_ending_actions(before: tuple, exchange: Exchange, actions: list) -> None:
+def assert_ending_actions(
+    before: tuple, exchange: Exchange, actions: list, event: Event | None = None
+) -> None:
     """
     An exchange that ends stops what is under way upstream, frees its slot,
     stops the body, and answers or aborts the client exactly once (unless
-    it completed or the client left).
+    it completed or the client left).  A whole response ends an exchange
+    whose upstream request is over: nothing to cancel.
     """
     state, body, _ = before
     ending = exchange.ending
@@ -217,7 +220,8 @@ def assert_ending_actions(before: tuple, exchange: Exchange, actions: list) -> N
         assert (A.STOP_UPSTREAM_RESPONSE in plain) == (ending is not endings.COMPLETED)
     if state is S.AWAITING_RESPONSE:
         upstream_failed = ending.counter == endings.UPSTREAM_COUNTER and ending.status == 502
-        assert (A.CANCEL_UPSTREAM_REQUEST in plain) == (not upstream_failed)
+        upstream_over = upstream_failed or event is E.RESPONSE_WHOLE
+        assert (A.CANCEL_UPSTREAM_REQUEST in plain) == (not upstream_over)
     told = [a for a in actions if isinstance(a, (Answer, AbortClient))]
     if ending in (endings.COMPLETED, endings.CLIENT_CLOSED):
         assert told == []
@@ -534,3 +538,42 @@ def test_data_shortcuts_equal_handle(start: str, path: tuple[Event, ...]) -> Non
         assert shortcut.response_data() == (expected == [A.RELAY_DATA])
         assert expected in ([A.RELAY_DATA], [])
     assert key(shortcut) == key(by_table)
+
+
+# A whole response in one event.
+
+#: What RESPONSE_WHOLE relays in one action, for the head's action.
+WHOLE_FOR_HEAD = {A.RELAY_HEAD: A.RELAY_WHOLE_RESPONSE, A.RELAY_EARLY_HEAD: A.RELAY_EARLY_WHOLE_RESPONSE}
+
+
+@pytest.mark.parametrize("start, path", sorted(set(REACHABLE.values()), key=str))
+def test_a_whole_response_is_its_head_data_and_end_in_one_event(start: str, path: tuple[Event, ...]) -> None:
+    """
+    RESPONSE_WHOLE, in every reachable state, is RESPONSE_HEAD, RESPONSE_DATA
+    and RESPONSE_END in turn: accepted where the head is, to the same state
+    and ending, with the same actions (the head's and the data's relay one
+    action), but the deadline armed for the body and disarmed at its end.
+    """
+    whole, in_turn = replay(start, path), replay(start, path)
+    if not accepts(*key(in_turn), E.RESPONSE_HEAD):
+        assert not accepts(*key(whole), E.RESPONSE_WHOLE)
+        with pytest.raises(ExchangeMisused, match="RESPONSE_WHOLE"):
+            handle(whole, E.RESPONSE_WHOLE)
+        return
+    armed = whole.armed
+    actions = handle(whole, E.RESPONSE_WHOLE)
+    expected = []
+    for event in (E.RESPONSE_HEAD, E.RESPONSE_DATA, E.RESPONSE_END):
+        expected += handle(in_turn, event)
+    expected = [WHOLE_FOR_HEAD.get(a, a) for a in expected if a != A.RELAY_DATA]
+    deadlines = (Arm, Disarm)
+    assert [a for a in actions if not isinstance(a, deadlines)] == [
+        a for a in expected if not isinstance(a, deadlines)
+    ]
+    assert {a.deadline for a in actions if isinstance(a, Disarm)} == armed
+    assert not [a for a in actions if isinstance(a, Arm)]
+    assert (key(whole), whole.ending, whole.body_bytes) == (
+        key(in_turn),
+        in_turn.ending,
+        in_turn.body_bytes,
+    )

@@ -535,6 +535,23 @@ class PairsResponse:
         protocol.makeConnection(StringTransport())
 
 
+class WholePairsResponse(PairsResponse):
+    """
+    A PairsResponse whose body came with its head, offered whole as
+    quayfront's agent offers it (C{whole_body}, C{take_whole_body}).
+    """
+
+    def __init__(self, code, phrase, pairs, length, body: bytes) -> None:
+        super().__init__(code, phrase, pairs, length)
+        self.whole_body = body
+        self.taken = 0
+
+    def take_whole_body(self) -> bytes:
+        body, self.whole_body = self.whole_body, None
+        self.taken += 1
+        return body
+
+
 class TwistedWayRequest(FrontRequest):
     """FrontRequest with the relayed head taken twisted.web's way (Headers, Request.write)."""
 
@@ -570,7 +587,7 @@ relayed_cases = st.fixed_dictionaries(
 )
 
 
-def relay_once(request_factory, case) -> tuple:
+def relay_once(request_factory, case, whole: bool = False) -> tuple:
     clock = MemoryReactorClock()
     agent = FakeAgent()
     log = RecordingLog()
@@ -595,13 +612,21 @@ def relay_once(request_factory, case) -> tuple:
         site.drain()
     channel.dataReceived(head)
     request = channel.request
-    r = PairsResponse(case["code"], case["phrase"], list(case["pairs"]), case["length"])
-    agent.requests[0]["d"].callback(r)
-    if case["drain"] == "after-head":
-        site.drain()
-    for chunk in case["chunks"]:
-        r.protocol.dataReceived(chunk)
-    r.protocol.connectionLost(Failure(ResponseDone()))
+    if whole:
+        r = WholePairsResponse(
+            case["code"], case["phrase"], list(case["pairs"]), case["length"],
+            b"".join(case["chunks"]),
+        )
+        agent.requests[0]["d"].callback(r)
+        assert (r.taken, r.protocol) == (1, None)
+    else:
+        r = PairsResponse(case["code"], case["phrase"], list(case["pairs"]), case["length"])
+        agent.requests[0]["d"].callback(r)
+        if case["drain"] == "after-head":
+            site.drain()
+        for chunk in case["chunks"]:
+            r.protocol.dataReceived(chunk)
+        r.protocol.connectionLost(Failure(ResponseDone()))
     [entry] = log.entries
     return (
         client.value(),
@@ -631,6 +656,34 @@ def test_a_relayed_head_is_written_as_twisted_web_writes_it(case) -> None:
     304; so is what responseHeaders holds afterwards.
     """
     assert relay_once(FrontRequest, case) == relay_once(TwistedWayRequest, case)
+
+
+@given(relayed_cases.filter(lambda case: case["drain"] != "after-head"))
+def test_a_whole_response_is_relayed_as_a_streamed_one(case) -> None:
+    """
+    A response offered whole (its body read with its head) and relayed in
+    one event gives the client the same bytes, close, access log entry and
+    responseHeaders as the same response streamed through the body
+    protocol in one piece, answered early or not.
+    """
+    body = b"".join(case["chunks"])
+    in_one_piece = dict(case, chunks=[body] if body else [])
+    assert relay_once(FrontRequest, case, whole=True) == relay_once(FrontRequest, in_one_piece)
+
+
+def test_a_whole_response_goes_out_in_one_write() -> None:
+    """A response offered whole reaches the client's transport as one write: head and body."""
+    site, agent, log, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    writes = []
+    client.write = writes.append
+    client.writeSequence = lambda seq: writes.append(b"".join(seq))
+    r = WholePairsResponse(200, b"OK", [(b"content-type", b"a/b")], 2, b"ok")
+    agent.requests[0]["d"].callback(r)
+    assert writes == [b"HTTP/1.1 200 OK\r\nContent-Type: a/b\r\nContent-Length: 2\r\n\r\nok"]
+    assert [(e.status, e.body_bytes_sent, e.outcome) for e in log.entries] == [(200, 2, None)]
+    assert channel.request is None
 
 
 def test_a_relayed_head_is_built_without_headers() -> None:

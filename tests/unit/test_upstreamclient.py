@@ -570,6 +570,76 @@ def test_a_complete_response_before_deliver_body_is_delivered_whole() -> None:
     assert transport.producerState == "producing"  # back in the pool, reading
 
 
+def handled_by(upstream: Upstream, on_response, on_failure) -> None:
+    """A GET whose outcome goes to the two functions, made the way the test runs."""
+    if Upstream.via == "callbacks":
+        upstream.agent.request_with(on_response, on_failure, b"GET", upstream_uri(b"/v2/"))
+    else:
+        upstream.agent.request(b"GET", upstream_uri(b"/v2/")).addCallbacks(on_response, on_failure)
+
+
+def taking_whole(taken: list):
+    """An outcome handler that takes the whole body, with the pool's state then."""
+
+    def take(response) -> None:
+        offered = response.whole_body
+        body = response.take_whole_body()
+        taken.append((offered, body, response.whole_body))
+
+    return take
+
+
+@pytest.mark.parametrize(
+    "answer, body",
+    [
+        (OK, b"ok"),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", b""),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n1\r\n!\r\n0\r\n\r\n", b"ok!"),
+    ],
+)
+def test_a_response_read_in_one_piece_is_offered_whole(answer: bytes, body: bytes) -> None:
+    """
+    A response whose head, body and end arrive in one read is told with its
+    whole body; taking it ends the response (the connection back in the
+    pool at once), and deliverBody afterwards tells only its end.
+    """
+    upstream = Upstream()
+    taken: list = []
+    handled_by(upstream, taking_whole(taken), taken.append)
+    protocol, transport = upstream.accept()
+    respond(protocol, transport, answer)
+    assert taken == [(body, body, None)]
+    assert upstream.agent.pool.idle_count(upstream.agent.key) == 1
+    assert not transport.disconnecting
+
+
+def test_a_whole_body_not_taken_is_delivered_as_ever() -> None:
+    """A response offered whole but not taken is delivered through deliverBody, and the offer ends."""
+    upstream = Upstream()
+    _, outcome = upstream.request()
+    protocol, transport = upstream.accept()
+    protocol.dataReceived(OK)
+    [response] = outcome
+    assert response.whole_body is None
+    with pytest.raises(RuntimeError):
+        response.take_whole_body()
+    body = body_of(response)
+    assert body.data == b"ok"
+    body.reason.trap(ResponseDone)
+    assert upstream.agent.pool.idle_count(upstream.agent.key) == 1
+
+
+def test_no_whole_body_is_offered_for_a_body_still_coming() -> None:
+    """A response whose body is not all there with its head is not offered whole."""
+    upstream = Upstream()
+    offered: list = []
+    handled_by(upstream, lambda response: offered.append(response.whole_body), offered.append)
+    protocol, transport = upstream.accept()
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
+    assert offered == [None]
+
+
 def test_close_delimited_body_ends_with_potential_data_loss() -> None:
     """A body delimited by the close ends with PotentialDataLoss, and its connection is not reused."""
     upstream = Upstream()
