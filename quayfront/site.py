@@ -1085,6 +1085,38 @@ class FrontRequest(server.Request):
         channel.flush_head()
         return True
 
+    def finish(self) -> None:
+        """
+        What twisted.web's C{Request.finish} (and its C{_cleanup}) does, in
+        one call, for a response whose head is written and that nothing
+        else holds (no encoder, producer, queue or spooled body: a relayed
+        one); anything else goes twisted.web's way.
+        """
+        if (
+            not self.startedWriting
+            or self.finished
+            or self._disconnected
+            or self.queued
+            or self.producer is not None
+            or self._encoder is not None
+            or self.content is not None
+            or not isinstance(self.channel, FrontChannel)
+        ):
+            super().finish()
+            return
+        channel = self.channel
+        if self.chunked:
+            # The last chunk.
+            channel.write(b"0\r\n\r\n")
+        # twisted.web hands the request to the site's log here: FrontSite's
+        # does nothing (the request logs itself when it is over).
+        self.finished = 1
+        channel.requestDone(self)
+        del self.channel
+        for notification in self.notifications:
+            notification.callback(None)
+        self.notifications = []
+
     def handleContentChunk(self, data: bytes) -> None:
         if self.forwarding is not None:
             self.forwarding.body_chunk(data)
@@ -1121,7 +1153,7 @@ class FrontRequest(server.Request):
         origin = self.origin
         text = self._origin_text
         status = self.code
-        if isinstance(result, Failure) and not self.startedWriting:
+        if result is not None and isinstance(result, Failure) and not self.startedWriting:
             status = CLIENT_CLOSED_REQUEST
         referer = user_agent = authorization = None
         for name, value in self.field_pairs():
@@ -1132,10 +1164,22 @@ class FrontRequest(server.Request):
                 referer = value if referer is None else referer
             elif lower == b"authorization":
                 authorization = value if authorization is None else authorization
+        if forwarding is not None:
+            exchange = forwarding.exchange
+            ending = exchange.ending
+            outcome = None if ending is None else ending.reason
+            request_length = self._head_length + exchange.body_bytes
+            upstream_response_time_s = forwarding.upstream_response_time_s
+        else:
+            outcome = self.answered_with
+            request_length = self._head_length
+            upstream_response_time_s = None
+        # One reading of the clock: the line's time and the request's end.
+        now_s = site.clock.seconds()
         site.counters.increment("http_responses", str(status))
         site.access_log.write(
             AccessLogEntry(
-                timestamp=site.clock.seconds(),
+                timestamp=now_s,
                 socket_peer=text.socket_peer,
                 client=text.client,
                 method=self.method,
@@ -1145,23 +1189,20 @@ class FrontRequest(server.Request):
                 body_bytes_sent=self.sentLength,
                 referer=referer,
                 user_agent=user_agent,
-                request_time_s=site.clock.seconds() - self._received_s,
-                request_length=self._head_length
-                + (forwarding.body_bytes_received if forwarding else 0),
-                upstream_response_time_s=forwarding.upstream_response_time_s
-                if forwarding
-                else None,
+                request_time_s=now_s - self._received_s,
+                request_length=request_length,
+                upstream_response_time_s=upstream_response_time_s,
                 listener=origin.listener,
                 client_port=text.client_port,
                 request_id=self.request_id,
                 tlvs=self.tlvs,
                 tls=self._tls,
                 proxy_version=text.proxy_version,
-                outcome=forwarding.failure_reason if forwarding else self.answered_with,
+                outcome=outcome,
                 # The metrics' label, known here: not routed again.  Local
                 # answers leave it to the path.
                 route_label=self.route.config.prefix if self.route is not None else None,
-                remote_user=basic_auth_user(authorization),
+                remote_user=None if authorization is None else basic_auth_user(authorization),
             )
         )
 

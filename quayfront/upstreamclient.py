@@ -800,8 +800,10 @@ class _Exchange:
         if reusable:
             # Back to the pool before the body protocol hears the end, so a
             # request it starts can take this connection (as Agent does).
-            connection.resume_reading()
-            self._agent.pool.put(self._agent.key, connection, self._agent)
+            if connection.reading_paused:
+                connection.resume_reading()
+            agent = self._agent
+            agent.pool.put(agent.key, connection, agent)
         elif self._answered_early:
             # The upstream may still be waiting for the rest of the body.
             connection.abort()

@@ -45,10 +45,18 @@ _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7
 _NO_BODY_STATUSES = frozenset((204, 304))
 
 
+# Members are looked up in the transition table on every move: hashed by
+# identity (in C) rather than by Enum's own __hash__ (in Python); equality
+# is identity either way.
+_identity_hash = object.__hash__
+
+
 class ReaderState(enum.Enum):
     """
     Where a L{ResponseReader} is in the response.
     """
+
+    __hash__ = _identity_hash
 
     #: Reading a response head (after any number of 1xx heads).
     HEAD = "head"
@@ -74,6 +82,8 @@ class _Event(enum.Enum):
     """
     What moves a reader from one state to the next.
     """
+
+    __hash__ = _identity_hash
 
     INTERIM_HEAD = "interim-head"
     HEAD_NO_BODY = "head-without-body"
@@ -152,6 +162,7 @@ class Framing(enum.Enum):
 _STATES = SimpleNamespace(**ReaderState.__members__)
 _EVENTS = SimpleNamespace(**_Event.__members__)
 _FRAMINGS = SimpleNamespace(**Framing.__members__)
+_BODY_COMPLETE = _Event.BODY_COMPLETE
 
 
 # Events are named tuples: one is made per head and per read, and a
@@ -194,6 +205,9 @@ class ResponseEnd(NamedTuple):
 
 
 Event = ResponseHead | ResponseData | ResponseEnd
+
+# An end is the same every time: made once.
+_END = ResponseEnd()
 
 
 class ResponseReader:
@@ -449,7 +463,14 @@ class ResponseReader:
             framing = _FRAMINGS.CHUNKED
             event = _EVENTS.HEAD_CHUNKED
         elif lengths:
-            length = self._content_length(lengths)
+            value = lengths[0]
+            if len(lengths) == 1 and len(value) < 19 and value.isdigit():
+                # One plain value (the common case): what _content_length
+                # answers for it, without its general checks; under 19
+                # digits it cannot exceed MAX_RESPONSE_BODY_LENGTH.
+                length = int(value)
+            else:
+                length = self._content_length(lengths)
             if length == 0:
                 framing = _FRAMINGS.LENGTH
                 event = _EVENTS.HEAD_NO_BODY
@@ -461,12 +482,15 @@ class ResponseReader:
             framing = _FRAMINGS.UNTIL_CLOSE
             event = _EVENTS.HEAD_UNTIL_CLOSE
             keep_alive = False
-        self._move(event)
+        try:
+            self.state = _TRANSITIONS[self.state, event]
+        except KeyError:
+            self._move(event)
         events.append(
             ResponseHead(status, reason, version, headers, framing, length, keep_alive)
         )
         if self.state is _STATES.DONE:
-            events.append(ResponseEnd())
+            events.append(_END)
 
     def _content_length(self, values: list[bytes]) -> int:
         # RFC 9110 section 8.6: a list of identical values is one value.
@@ -504,8 +528,12 @@ class ResponseReader:
         self._remaining = 0
         if data:
             events.append(ResponseData(data))
-        self._move(_EVENTS.BODY_COMPLETE)
-        events.append(ResponseEnd())
+        try:
+            self.state = _TRANSITIONS[self.state, _BODY_COMPLETE]
+        except KeyError:
+            # Names the state and the event.
+            self._move(_BODY_COMPLETE)
+        events.append(_END)
         return events
 
     def _line(self, max_bytes: int, reason: str) -> bytes | None:

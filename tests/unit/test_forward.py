@@ -553,9 +553,10 @@ class WholePairsResponse(PairsResponse):
 
 
 class TwistedWayRequest(FrontRequest):
-    """FrontRequest with the relayed head taken twisted.web's way (Headers, Request.write)."""
+    """FrontRequest with the relayed head taken twisted.web's way (Headers, Request.write), finished by twisted.web's Request.finish."""
 
     relay_response_head = None
+    finish = server.Request.finish
 
 
 _FIELD_NAMES = [

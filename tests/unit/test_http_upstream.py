@@ -8,6 +8,8 @@ reason.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quayfront.http import (
     Framing,
@@ -302,3 +304,24 @@ def test_transition_table_names_state_and_event() -> None:
             assert leaving == set()
         else:
             assert _Event.MISBEHAVED in leaving
+
+
+@given(
+    st.text(alphabet="0123456789", max_size=24).map(str.encode)
+    | st.sampled_from([b"", b" 5", b"5 ", b"+5", b"-1", b"0x10", b"\xd9\xa3", b"5;"])
+)
+def test_one_plain_content_length_reads_as_the_general_rule_does(value: bytes) -> None:
+    """
+    A single Content-Length value, read the short way, gives the length (or
+    the refusal) the general rule gives the same value repeated in a list.
+    """
+
+    def read(field: bytes):
+        reader = ResponseReader(b"GET", 65536, 100)
+        try:
+            [head] = reader.receive(b"HTTP/1.1 200 OK\r\nContent-Length: " + field + b"\r\n\r\n")[:1]
+        except UpstreamMisbehaved as refused:
+            return refused.reason
+        return head.length
+
+    assert read(value) == read(value + b", " + value)
