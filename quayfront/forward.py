@@ -103,7 +103,6 @@ _RATE_LIMITED = Event.RATE_LIMITED
 _RESPONSE_DATA = Event.RESPONSE_DATA
 _RESPONSE_END = Event.RESPONSE_END
 _RESPONSE_HEAD = Event.RESPONSE_HEAD
-_RESPONSE_WHOLE = Event.RESPONSE_WHOLE
 _RESPONSE_TIMEOUT = Event.RESPONSE_TIMEOUT
 _RESPONSE_TRUNCATED = Event.RESPONSE_TRUNCATED
 _UPLOAD_IDLE_TIMEOUT = Event.UPLOAD_IDLE_TIMEOUT
@@ -322,7 +321,9 @@ class Forwarding:
         # actions that make them (the exchange never asks for one before).
         self._admission: Deferred
         self._upstream: Deferred  # or what UpstreamAgent.request_with answers
-        self._relay = ResponseRelay(self)
+        # Made when a body is relayed (a response relayed whole needs none):
+        # it points back here until the body ends.
+        self._relay: ResponseRelay | None = None
         self.upstream_transport = None
         self._client = _ClientReading(request)
         # The armed deadlines, in the order they were armed, each with the
@@ -409,8 +410,15 @@ class Forwarding:
         try:
             while True:
                 for action in actions:
-                    if type(action) is Action:
+                    kind = type(action)
+                    if kind is Action:
                         _ACTIONS[action](self, data)
+                    elif kind is Disarm:
+                        # The watchdog stays: the next deadline may use it,
+                        # and the end of this stops it once nothing is armed.
+                        del self._armed[action.deadline]
+                    elif kind is Arm:
+                        self._arm(action.deadline)
                     else:
                         self._act(action)
                 if not events:
@@ -482,7 +490,7 @@ class Forwarding:
         # not while other events wait their turn, as the offer ends when
         # this returns.
         if not self._handling and getattr(response, "whole_body", None) is not None:
-            self.feed(_RESPONSE_WHOLE, response)
+            self._carry_out(self.exchange.response_whole(), response)
         else:
             self.feed(_RESPONSE_HEAD, response)
 
@@ -604,8 +612,9 @@ class Forwarding:
         self._upstream.cancel()
 
     def _stop_upstream_response(self, _) -> None:
-        if self._relay.transport is not None:
-            self._relay.transport.stopProducing()
+        relay = self._relay
+        if relay is not None and relay.transport is not None:
+            relay.transport.stopProducing()
 
     def _abort_upstream_connection(self, _) -> None:
         if self.upstream_transport is not None:
@@ -692,10 +701,14 @@ class Forwarding:
             # themselves (no Headers object filled and walked).
             code = response.code
             length = response.length
+            # response_fields(response), written out: once per response.
+            pairs = getattr(response, "header_pairs", None)
+            if pairs is None:
+                pairs = header_pairs(response.headers)
             relay_response_head(
                 code,
                 response.phrase,
-                client_response_fields(response_fields(response)),
+                client_response_fields(pairs),
                 None
                 if length is UNKNOWN_LENGTH or request.method == b"HEAD" or code in NO_BODY_CODES
                 else length,
@@ -714,14 +727,15 @@ class Forwarding:
             request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % response.length])
 
     def _deliver(self, response) -> None:
-        response.deliverBody(self._relay)
+        relay = self._relay = ResponseRelay(self)
+        response.deliverBody(relay)
         channel = getattr(self.request, "channel", None)
-        if self._relay.transport is not None and waiting_for_client(channel):
+        if relay.transport is not None and waiting_for_client(channel):
             # A pipelined response starting while the client has not read
             # the previous one: the channel pauses producers only when its
             # transport fills, so this one must start paused (and only after
             # deliverBody, which resumes the upstream on its way out).
-            self._relay.transport.pauseProducing()
+            relay.transport.pauseProducing()
 
     def _discard_response(self, response) -> None:
         response.deliverBody(DiscardedResponse())

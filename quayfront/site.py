@@ -540,7 +540,8 @@ class FrontChannel(TimeoutMixin, Protocol):
         """
         if request is not self.request:
             raise TypeError(f"{request!r} is not the request of this channel")
-        self.flush_head()
+        if self._head_out is not None:
+            self.flush_head()
         self.request = None
         self.handling_request = False
         if self._receiving_body:
@@ -579,6 +580,18 @@ class FrontChannel(TimeoutMixin, Protocol):
         """
         self.flush_head()
         self._head_out = head
+
+    def write_response_start(self, head: bytes | list[bytes]) -> None:
+        """
+        Send a response head its request built itself (with the first body
+        bytes, as a list), at once, after any head held back.
+        """
+        if self._head_out is not None:
+            self.flush_head()
+        if type(head) is bytes:
+            self.transport.write(head)
+        else:
+            self.transport.writeSequence(head)
 
     def flush_head(self) -> None:
         """
@@ -849,7 +862,12 @@ class FrontRequest(server.Request):
         where quayfront adds them, chunked framing), built straight from
         the fields.
         """
-        self.setResponseCode(code, phrase)
+        if type(code) is int and type(phrase) is bytes:
+            # What setResponseCode sets, for what it would accept as is.
+            self.code = code
+            self.code_message = phrase
+        else:
+            self.setResponseCode(code, phrase)
         if self._relayed is not None:
             # Relayed twice: the first as Headers, then this one added.
             self.responseHeaders
@@ -1071,18 +1089,20 @@ class FrontRequest(server.Request):
                 lines.append(name + b": " + value)
         lines.append(b"\r\n")
         channel = self.channel
-        channel.write_head(b"\r\n".join(lines))
+        head = b"\r\n".join(lines)
         if with_body:
             self.sentLength += len(data)
             if data:
                 if self.chunked:
-                    channel.writeSequence(toChunk(data))
+                    head = [head, *toChunk(data)]
                 else:
-                    channel.write(data)
+                    head = [head, data]
         else:
             # As twisted.web: no body is written for these, ever.
             self.write = _write_nothing
-        channel.flush_head()
+        # The head and the first body bytes in one write, at once (what
+        # write_head, write and flush_head would send).
+        channel.write_response_start(head)
         return True
 
     def finish(self) -> None:
@@ -1295,7 +1315,8 @@ class FrontSite(server.Site):
 
     def request_ended(self) -> None:
         self.in_flight -= 1
-        self._check_drained()
+        if self._drained:
+            self._check_drained()
 
     def channel_opened(self, channel: FrontChannel) -> None:
         self.channels.add(channel)

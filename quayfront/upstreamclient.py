@@ -254,7 +254,7 @@ class UpstreamResponse:
         if body is None or self._protocol is not None:
             raise RuntimeError("the response has no whole body to take")
         self.whole_body = None
-        self._exchange.whole_taken()
+        self._exchange._response_complete(_READ_TO_ITS_END)
         return body
 
     @property
@@ -496,7 +496,16 @@ class _Outcome:
         self.called = False
 
     def callback(self, response: object) -> None:
-        self._tell(self._on_response, response)
+        # _tell, written out: once per request.
+        if self.called:
+            raise AlreadyCalledError()
+        self.called = True
+        on_response = self._on_response
+        self._on_response = self._on_failure = self._canceller = None
+        try:
+            on_response(response)
+        except Exception:
+            self._log.failure("handling an upstream response")
 
     def errback(self, failure: Failure) -> None:
         self._tell(self._on_failure, failure)
@@ -775,14 +784,6 @@ class _Exchange:
             if self.connection is not None:
                 self.connection.resume_reading()
 
-    def whole_taken(self) -> None:
-        """
-        The caller took the whole body with the head (see
-        L{UpstreamResponse.take_whole_body}): the response is complete.
-        """
-        self._delivery_pending = False
-        self._response_complete(_READ_TO_ITS_END)
-
     def _response_complete(self, end: ResponseEnd) -> None:
         connection, self.connection = self.connection, None
         self.phase = _PHASES.DONE
@@ -809,9 +810,9 @@ class _Exchange:
             connection.abort()
         else:
             connection.close()
-        self._ended_response().body_ended(
-            _DELIMITED_BY_CLOSE if end.delimited_by_close else _RESPONSE_COMPLETE
-        )
+        # Let go of (see _ended_response) as it hears its end.
+        response, self._response = self._response, None
+        response.body_ended(_DELIMITED_BY_CLOSE if end.delimited_by_close else _RESPONSE_COMPLETE)
 
     def _ended_response(self) -> UpstreamResponse:
         """

@@ -458,6 +458,7 @@ _RELAY_EARLY_WHOLE_RESPONSE = Action.RELAY_EARLY_WHOLE_RESPONSE
 _FINISH_RESPONSE = Action.FINISH_RESPONSE
 _BODY_CHUNK_EVENT = Event.BODY_CHUNK
 _RESPONSE_DATA_EVENT = Event.RESPONSE_DATA
+_RESPONSE_WHOLE_EVENT = Event.RESPONSE_WHOLE
 _FORWARD_ONLY = (_FORWARD_CHUNK,)
 _COMPLETED = _endings.COMPLETED
 _CLIENT_CLOSED = _endings.CLIENT_CLOSED
@@ -535,6 +536,20 @@ class Exchange:
         if state is _ENDED:
             return False
         raise ExchangeMisused(state, _RESPONSE_DATA_EVENT)
+
+    def response_whole(self) -> tuple:
+        """
+        C{handle(Event.RESPONSE_WHOLE)}, with a short way through the
+        common case: a response awaited, the request body complete (or
+        none), no drain.
+        """
+        if self.state is _AWAITING_RESPONSE and not self.draining:
+            body = self.body
+            if body is _NONE or body is _COMPLETE:
+                self.state = _ENDED
+                self.ending = _COMPLETED
+                return _WHOLE_ACTIONS[body]
+        return self.handle(_RESPONSE_WHOLE_EVENT)
 
     # The request side.
 
@@ -795,3 +810,15 @@ _DEADLINE_ACTIONS: dict[tuple, tuple] = {
     for now in _SETS.values()
     for fired in (None, *Deadline)
 }
+
+
+def _whole_actions(body: BodyState) -> tuple:
+    # What handle() answers for RESPONSE_WHOLE while a response is awaited
+    # with the request body complete (or none), not draining: made once
+    # (the tests hold response_whole() to handle() in every state).
+    exchange = Exchange(has_body=body is not _NONE)
+    exchange.state, exchange.body = _AWAITING_RESPONSE, body
+    return exchange.handle(_RESPONSE_WHOLE_EVENT)
+
+
+_WHOLE_ACTIONS = {body: _whole_actions(body) for body in (_NONE, _COMPLETE)}

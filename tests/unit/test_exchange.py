@@ -513,7 +513,7 @@ def test_misuse_names_state_and_event() -> None:
 
 @pytest.mark.parametrize("start, path", sorted(set(REACHABLE.values()), key=str))
 def test_data_shortcuts_equal_handle(start: str, path: tuple[Event, ...]) -> None:
-    """body_chunk() and response_data(), the per-chunk paths, answer and change exactly what handle() does."""
+    """body_chunk(), response_data() and response_whole(), the short ways, answer and change exactly what handle() does."""
     for size in (1, 4, 100):
         by_table, shortcut = replay(start, path), replay(start, path)
         try:
@@ -538,6 +538,15 @@ def test_data_shortcuts_equal_handle(start: str, path: tuple[Event, ...]) -> Non
         assert shortcut.response_data() == (expected == [A.RELAY_DATA])
         assert expected in ([A.RELAY_DATA], [])
     assert key(shortcut) == key(by_table)
+    by_table, shortcut = replay(start, path), replay(start, path)
+    try:
+        expected = handle(by_table, E.RESPONSE_WHOLE)
+    except ExchangeMisused as error:
+        with pytest.raises(ExchangeMisused, match=str(error)):
+            shortcut.response_whole()
+    else:
+        assert list(shortcut.response_whole()) == expected
+    assert (key(shortcut), shortcut.ending) == (key(by_table), by_table.ending)
 
 
 # A whole response in one event.

@@ -138,6 +138,34 @@ def test_a_forwarded_request_is_freed_without_the_garbage_collector() -> None:
             gc.enable()
 
 
+def test_a_request_answered_whole_is_freed_without_the_garbage_collector() -> None:
+    """
+    A forwarded request whose response was relayed whole leaves no
+    reference cycle either (with the collector off, its request and
+    forwarding are freed by their reference counts).
+    """
+    import gc
+    import weakref
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        site, agent, log, _ = make_site()
+        channel, client = connect(site)
+        channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+        forwarding = channel.request.forwarding
+        freed = [weakref.ref(channel.request), weakref.ref(forwarding)]
+        r = WholePairsResponse(200, b"OK", [], 2, b"ok")
+        agent.requests[0]["d"].callback(r)
+        assert client.value().endswith(b"\r\n\r\nok") and len(log.entries) == 1
+        del forwarding, r, agent.requests[:]
+        assert channel.request is None
+        assert [ref() for ref in freed] == [None] * len(freed)
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def test_upstream_request_starts_before_the_body_arrives() -> None:
     """The upstream request is made once the head is parsed, with the body still to come."""
     site, agent, _, _ = make_site()
