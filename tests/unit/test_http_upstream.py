@@ -325,3 +325,20 @@ def test_one_plain_content_length_reads_as_the_general_rule_does(value: bytes) -
         return head.length
 
     assert read(value) == read(value + b", " + value)
+
+
+@pytest.mark.parametrize(
+    "answer, line",
+    [
+        (b"HTTX/1.1 200 OK\r\n\r\n", "HTTX/1.1 200 OK"),
+        (b"HTTP/1.1 99 X\n\nab\r", "HTTP/1.1 99 X"),
+        (b"\n\r\nbody\r", ""),
+        (b"\r\n\r\n", ""),
+    ],
+)
+def test_a_bad_status_line_is_named_without_its_line_end(answer: bytes, line: str) -> None:
+    """A refused status line is named as received, without its CR, and nothing else."""
+    reader = ResponseReader(b"GET", 65536, 100)
+    with pytest.raises(UpstreamMisbehaved) as refused:
+        reader.receive(answer)
+    assert (refused.value.reason, refused.value.detail) == ("upstream-bad-status-line", line)
