@@ -1084,9 +1084,7 @@ class FrontRequest(server.Request):
             fields[b"Transfer-Encoding"] = [b"chunked"]
             self.chunked = 1
         lines = [b"%s %d %s" % (version, code, self.code_message)]
-        for name, values in fields.items():
-            for value in values:
-                lines.append(name + b": " + value)
+        lines += [name + b": " + value for name, values in fields.items() for value in values]
         lines.append(b"\r\n")
         channel = self.channel
         head = b"\r\n".join(lines)

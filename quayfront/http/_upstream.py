@@ -310,6 +310,22 @@ class ResponseReader:
             return events
         if self.state is _STATES.BODY_LENGTH and not self._buffer:
             return self._length_body(data, events)
+        if self.state is _STATES.HEAD and not self._buffer:
+            # The common case of a response's first read: its head and a
+            # body of known length (or none), without the loop below,
+            # which takes whatever else there is (interim heads, a head in
+            # pieces, chunks) as ever.
+            self._buffer = data
+            self._read_head(events)
+            state = self.state
+            if state is _STATES.BODY_LENGTH:
+                buffer, self._buffer = self._buffer, b""
+                if buffer:
+                    self._length_body(buffer, events)
+                return events
+            if state is _STATES.DONE:
+                return events
+            data = b""
         self._buffer = self._buffer + data if self._buffer else data
         progress = None
         # Each step moves the state or consumes bytes, or the loop stops:

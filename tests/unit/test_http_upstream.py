@@ -342,3 +342,4 @@ def test_a_bad_status_line_is_named_without_its_line_end(answer: bytes, line: st
     with pytest.raises(UpstreamMisbehaved) as refused:
         reader.receive(answer)
     assert (refused.value.reason, refused.value.detail) == ("upstream-bad-status-line", line)
+
