@@ -165,6 +165,9 @@ def client_response_headers(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderPairs
 # cache, so that a stream of made-up names cannot grow it without end.
 _response_names: dict[bytes, tuple[bytes, bytes]] = {}
 _MAX_RESPONSE_NAMES = 10_000
+# The names of _response_names that are not hop-by-hop -> the case Headers
+# writes them in (as bounded): the fields a response relays.
+_relayed_names: dict[bytes, bytes] = {}
 
 
 def _learn_name(name: bytes) -> tuple[bytes, bytes]:
@@ -199,21 +202,25 @@ def client_response_fields(pairs: Iterable[tuple[bytes, bytes]]) -> dict[bytes, 
     """
     fields: dict[bytes, list[bytes]] = {}
     connection = None
-    names = _response_names
+    relayed = _relayed_names
     for name, value in pairs:
-        known = names.get(name)
-        if known is None:
-            known = _learn_name(name)
-        lower, written = known
-        if lower in HOP_BY_HOP:
-            if lower == b"connection":
-                connection = [value] if connection is None else [*connection, value]
-            continue
-        values = fields.get(written)
-        if values is None:
-            fields[written] = [value]
+        # One lookup for a name seen before and relayed (nearly all).
+        written = relayed.get(name)
+        if written is None:
+            known = _response_names.get(name)
+            if known is None:
+                known = _learn_name(name)
+            lower, written = known
+            if lower in HOP_BY_HOP:
+                if lower == b"connection":
+                    connection = [value] if connection is None else [*connection, value]
+                continue
+            if len(relayed) < _MAX_RESPONSE_NAMES:
+                relayed[name] = written
+        if written in fields:
+            fields[written].append(value)
         else:
-            values.append(value)
+            fields[written] = [value]
     if connection is not None:
         tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
         tokens -= HOP_BY_HOP
