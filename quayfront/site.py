@@ -1126,8 +1126,11 @@ class FrontRequest(server.Request):
         if self.chunked:
             # The last chunk.
             channel.write(b"0\r\n\r\n")
-        # twisted.web hands the request to the site's log here: FrontSite's
-        # does nothing (the request logs itself when it is over).
+        factory = channel.factory
+        if factory is not None:
+            # FrontSite's does nothing (the request logs itself when it is
+            # over); another factory's is called as twisted.web calls it.
+            factory.log(self)
         self.finished = 1
         channel.requestDone(self)
         del self.channel
