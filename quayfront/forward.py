@@ -304,18 +304,25 @@ class Forwarding:
         reserved_headers: frozenset[bytes] = frozenset(),
         default_host: bytes = b"",
         watch_client: bool = True,
+        head=None,
+        now_s: float | None = None,
     ) -> None:
         """
         @param watch_client: whether to learn of the client going away from
             C{request.notifyFinish()} itself; false when the caller reports
             it through L{client_gone} (one Deferred per request fewer).
+        @param head: the request's head as the channel's framer framed it
+            (L{quayfront.http.RequestHead}), whose fields and lower-cased
+            names are used as they are; None to read the request's fields.
+        @param now_s: the clock's time when the head arrived, if the caller
+            has read it already.
         """
         self.request = request
         self.route = route
         self._limits = route.config
         self._clock = clock
         self._client_ip = client_ip
-        self._started_s = clock.seconds()
+        self._started_s = clock.seconds() if now_s is None else now_s
         self.upstream_response_time_s: float | None = None
         # The Twisted objects the exchange's actions act on, set by the
         # actions that make them (the exchange never asks for one before).
@@ -323,7 +330,8 @@ class Forwarding:
         self._upstream: Deferred  # or what UpstreamAgent.request_with answers
         self._relay = ResponseRelay(self)
         self.upstream_transport = None
-        self._client = _ClientReading(request)
+        # Made when the client is first paused (a request with a body).
+        self._client_reading: _ClientReading | None = None
         # The armed deadlines, in the order they were armed, each with the
         # time it falls due (an idle one: as armed; it runs from the last
         # activity).  One timer, the watchdog, serves them all, set for no
@@ -340,7 +348,12 @@ class Forwarding:
         self._events: deque[tuple[Event, bytes | object, dict]] = deque()
         self._handling = False
 
-        fields = request_fields(request)
+        if head is None:
+            fields = request_fields(request)
+            names = None
+        else:
+            fields = head.headers
+            names = head.names
         # Sent upstream as pairs, in order: no Headers object is made.
         self._headers = upstream_request_headers(
             fields,
@@ -348,12 +361,18 @@ class Forwarding:
             vouched=vouched_headers,
             reserved=reserved_headers,
             default_host=default_host,
+            names=names,
         )
 
         # The channel reports length None for a chunked body and 0 both for
         # "Content-Length: 0" and for no body at all; only the first two are
         # sent with a body (the agent writes the framing itself).
-        has_body = length is None or any(name.lower() == b"content-length" for name, _ in fields)
+        if length is None:
+            has_body = True
+        elif names is not None:
+            has_body = b"content-length" in names
+        else:
+            has_body = any(name.lower() == b"content-length" for name, _ in fields)
         self.exchange = Exchange(
             has_body=has_body, length=length, max_body_bytes=self._limits.max_body_bytes
         )
@@ -618,6 +637,13 @@ class Forwarding:
 
     def _stop_upload(self, _) -> None:
         self.body.stop()
+
+    @property
+    def _client(self) -> _ClientReading:
+        client = self._client_reading
+        if client is None:
+            client = self._client_reading = _ClientReading(self.request)
+        return client
 
     def _pause_client(self, _) -> None:
         self._client.pause()

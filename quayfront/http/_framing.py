@@ -112,6 +112,9 @@ _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1
 # (a lazy quantifier retries the rest of the line at every byte, about
 # twice the cost); on lines _FIELD_LINES accepted, the pairs are the same.
 _FIELD_PAIR = re.compile(rb"([^:\r\n]+):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r\n")
+# The names alone, on the same lines lower-cased: every name lowered in two
+# calls rather than one per field.
+_FIELD_NAME = re.compile(rb"([^:\r\n]+):[^\r\n]*\r\n")
 # Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name
 # (which also covers IPv4 addresses), RFC 3986 section 3.2.2.
 _HOST = re.compile(
@@ -168,6 +171,13 @@ class RequestHead:
     content_length: int | None
     keep_alive: bool
     raw: bytes = field(repr=False)
+    #: What the framer learnt of the fields in its one pass, so that no
+    #: later stage walks them again: each name lower-cased, in order.
+    names: list[bytes] = field(default_factory=list, repr=False, compare=False)
+    #: The C{Host} value (there is one at most), or None.
+    host: bytes | None = field(default=None, repr=False, compare=False)
+    #: The first C{Expect} value, or None.
+    expect: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @frozen_record
@@ -244,6 +254,41 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
         if name.lower() == b"connection"
         for token in value.split(b",")
     }
+
+
+# The fields whose values decide the framing, the connection's persistence or
+# an answer of the channel's own: a head with none of them (the usual GET)
+# needs only its Host checked.
+_DECIDING_FIELDS = frozenset({b"transfer-encoding", b"content-length", b"connection", b"expect"})
+
+
+def head_facts(
+    version: bytes, headers: list[tuple[bytes, bytes]], names: list[bytes]
+) -> tuple[int | None, bool, bytes | None, bytes | None]:
+    """
+    C{(content_length, keep_alive, host, expect)} of a head whose fields
+    are C{headers} and whose lower-cased names are C{names}: the body
+    length as L{body_framing} answers it (raising what it raises), whether
+    the connection persists after the request, the C{Host} value and the
+    first C{Expect} value (None when absent).
+    """
+    hosts = names.count(b"host")
+    host = headers[names.index(b"host")][1] if hosts else None
+    if _DECIDING_FIELDS.isdisjoint(names):
+        # body_framing's verdict, in its order, for a head without
+        # Transfer-Encoding or Content-Length.
+        if hosts > 1:
+            raise PeerMisbehaved(400, "duplicate-host")
+        if host is None:
+            if version == b"HTTP/1.1":
+                raise PeerMisbehaved(400, "missing-host")
+        elif not _HOST.match(host):
+            raise PeerMisbehaved(400, "bad-host")
+        return 0, version == b"HTTP/1.1", host, None
+    length = body_framing(version, headers)
+    keep_alive = version == b"HTTP/1.1" and b"close" not in _connection_tokens(headers)
+    expect = headers[names.index(b"expect")][1] if b"expect" in names else None
+    return length, keep_alive, host, expect
 
 
 def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
@@ -424,9 +469,20 @@ class RequestFramer:
         self._buffer += data
 
     def next_event(self) -> RequestHead | BodyData | MessageEnd | _NeedData:
-        if self._error is not None:
+        state = self._state
+        if state is _STATES.HEAD:
+            if not self._buffer:
+                # Between requests, the usual case: nothing to scan.
+                return NEED_DATA
+        elif state is _STATES.END:
+            # The end of a request without a body (or whose body is all
+            # there): nothing left to check.
+            return self._end_message(b"", [])
+        elif self._error is not None:
             raise self._error
         try:
+            if state is _STATES.HEAD:
+                return self._next_head()
             return self._next_event()
         except PeerMisbehaved as error:
             if self._state is _STATES.HEAD:
@@ -591,7 +647,7 @@ class RequestFramer:
                     raise PeerMisbehaved(431, "too-many-headers")
                 self._headers.append(parse_field_line(line))
                 continue
-            return self._head_complete(end + 2)
+            return self._head_complete(end + 2, [name.lower() for name, _ in self._headers])
 
     def _whole_head(self) -> RequestHead | None:
         """
@@ -623,14 +679,12 @@ class RequestFramer:
             return None
         self._request_line = request_line
         self._headers = _FIELD_PAIR.findall(lines, line_end + 2)
-        return self._head_complete(end + 4)
+        return self._head_complete(end + 4, _FIELD_NAME.findall(lines.lower(), line_end + 2))
 
-    def _head_complete(self, head_end: int) -> RequestHead:
+    def _head_complete(self, head_end: int, names: list[bytes]) -> RequestHead:
         method, target, version = self._request_line
         headers = self._headers
-        length = body_framing(version, headers)
-        tokens = _connection_tokens(headers)
-        keep_alive = version == b"HTTP/1.1" and b"close" not in tokens
+        length, keep_alive, host, expect = head_facts(version, headers, names)
         raw = self._take(head_end)
         self._request_line = None
         self._headers = []
@@ -643,4 +697,6 @@ class RequestFramer:
             self._remaining = length
         else:
             self._state = _STATES.END
-        return RequestHead(method, target, version, headers, length, keep_alive, raw)
+        return RequestHead(
+            method, target, version, headers, length, keep_alive, raw, names, host, expect
+        )

@@ -1,0 +1,133 @@
+"""
+The request half's short ways through the common case, each held to the
+general path it stands in for: on every generated input both give the same
+answer (or refuse with the same status and reason).
+"""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quayfront.headers import upstream_request_headers
+from quayfront.http import PeerMisbehaved, RequestFramer, RequestHead, normalise_path
+from quayfront.http._framing import _connection_tokens, body_framing, head_facts
+
+# Names the rules look at, in several cases, and a few they do not.
+NAMES = st.sampled_from(
+    [
+        b"Host", b"host", b"HOST", b"Content-Length", b"content-length",
+        b"Transfer-Encoding", b"Connection", b"connection", b"Expect", b"expect",
+        b"Keep-Alive", b"TE", b"Upgrade", b"X-Forwarded-For", b"X-Real-IP",
+        b"X-Request-ID", b"x-request-id", b"X-Client-Cert", b"Accept", b"User-Agent",
+        b"X_Forwarded_For", b"Authorization", b"Docker-Distribution-Api-Version",
+    ]
+)
+VALUES = st.sampled_from(
+    [
+        b"", b"a", b"example.test", b"example.test:443", b"[::1]:8443", b"bad host",
+        b"0", b"12", b"1, 2", b"99999999999999999999", b"chunked", b"identity",
+        b"gzip, chunked", b"close", b"keep-alive, Close", b"Upgrade, x-request-id",
+        b"accept, host", b"100-continue", b"100-Continue", b"*/*", b"Bearer a_b",
+    ]
+)
+FIELDS = st.lists(st.tuples(NAMES, VALUES), max_size=8)
+VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"])
+
+
+def general_facts(version, headers):
+    """What the channel and the framer worked out before head_facts."""
+    length = body_framing(version, headers)
+    keep_alive = version == b"HTTP/1.1" and b"close" not in _connection_tokens(headers)
+    host = next((v for n, v in headers if n.lower() == b"host"), None)
+    expect = next((v for n, v in headers if n.lower() == b"expect"), None)
+    return length, keep_alive, host, expect
+
+
+def outcome(function, *args):
+    try:
+        return function(*args)
+    except PeerMisbehaved as refusal:
+        return ("refused", refusal.status, refusal.reason)
+
+
+@given(VERSIONS, FIELDS)
+def test_head_facts_agree_with_body_framing_and_the_connection_tokens(version, headers):
+    names = [name.lower() for name, _ in headers]
+    assert outcome(head_facts, version, headers, names) == outcome(
+        general_facts, version, headers
+    )
+
+
+def frame_head(pieces):
+    framer = RequestFramer()
+    for piece in pieces:
+        framer.feed(piece)
+        event = framer.next_event()
+        if type(event) is RequestHead:
+            return event
+    raise AssertionError("no head")
+
+
+@given(FIELDS.filter(lambda fields: sum(n.lower() == b"host" for n, _ in fields) == 1))
+def test_the_head_carries_its_names_host_and_expect_whole_or_byte_by_byte(headers):
+    data = b"GET / HTTP/1.1\r\n" + b"".join(
+        name + b": " + value + b"\r\n" for name, value in headers
+    ) + b"\r\n"
+    try:
+        whole = frame_head([data])
+    except PeerMisbehaved:
+        return
+    bytewise = frame_head([data[i : i + 1] for i in range(len(data))])
+    for head in (whole, bytewise):
+        assert head.headers == headers
+        assert head.names == [name.lower() for name, _ in headers]
+        assert head.host == next(v for n, v in headers if n.lower() == b"host")
+        assert head.expect == next((v for n, v in headers if n.lower() == b"expect"), None)
+
+
+def test_the_head_says_expect_for_a_body_that_waits_for_it():
+    head = frame_head(
+        [b"PUT /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"]
+    )
+    assert (head.content_length, head.expect, head.host) == (3, b"100-continue", b"a")
+
+
+RESERVED = st.sampled_from(
+    [frozenset(), frozenset({b"x-request-id"}), frozenset({b"x-request-id", b"x-client-cert"})]
+)
+VOUCHED = st.sampled_from(
+    [[], [(b"X-Request-ID", b"0123")], [(b"X-Request-ID", b"1"), (b"X-Other", b"2")]]
+)
+
+
+@given(FIELDS, RESERVED, VOUCHED, st.sampled_from([b"", b"127.0.0.1:443"]))
+def test_upstream_headers_from_the_framers_names_agree_with_the_general_path(
+    pairs, reserved, vouched, default_host
+):
+    names = [name.lower() for name, _ in pairs]
+    settings = dict(
+        client_ip="192.0.2.1", vouched=vouched, reserved=reserved, default_host=default_host
+    )
+    given_names = upstream_request_headers(pairs, names=names, **settings)
+    assert given_names == upstream_request_headers(pairs, **settings)
+    # The request's own fields are never changed.
+    assert names == [name.lower() for name, _ in pairs]
+
+
+SEGMENT = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789-._~:@!$&'()*+,;=", max_size=6
+).map(str.encode)
+TARGETS = st.tuples(st.lists(SEGMENT, min_size=1, max_size=5), st.booleans(), SEGMENT).map(
+    lambda parts: b"/" + b"/".join(parts[0]) + (b"?" + parts[2] if parts[1] else b"")
+)
+
+
+@given(TARGETS)
+def test_a_target_without_escapes_or_dot_segments_routes_as_sent(target):
+    # FrontRequest.gotLength routes such a target on the path as the
+    # channel split it, without normalising it.
+    if b"%" in target or b"/." in target:
+        return
+    path = target.partition(b"?")[0]
+    assert normalise_path(path) == path
