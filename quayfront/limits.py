@@ -145,7 +145,7 @@ class RateLimiter:
         Take a token for C{client}: C{None} when allowed, else the seconds
         until a token will be available (for C{Retry-After}).
         """
-        if self._exempted(client):
+        if self._exempt and self._exempted(client):
             return None
         now = self._clock.seconds()
         self._expire(now)

@@ -6,11 +6,22 @@ answer (or refuse with the same status and reason).
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from quayfront.headers import upstream_request_headers
-from quayfront.http import PeerMisbehaved, RequestFramer, RequestHead, normalise_path
+from quayfront.http import (
+    BodyState,
+    Event,
+    Exchange,
+    ExchangeState,
+    PeerMisbehaved,
+    RequestFramer,
+    RequestHead,
+    normalise_path,
+)
+from quayfront.http._exchange import accepts
 from quayfront.http._framing import _connection_tokens, body_framing, head_facts
 
 # Names the rules look at, in several cases, and a few they do not.
@@ -131,3 +142,18 @@ def test_a_target_without_escapes_or_dot_segments_routes_as_sent(target):
         return
     path = target.partition(b"?")[0]
     assert normalise_path(path) == path
+
+
+@pytest.mark.parametrize("draining", [False, True])
+@pytest.mark.parametrize("state", list(ExchangeState))
+def test_the_end_of_no_body_changes_nothing_in_any_state(state, draining):
+    # Forwarding.body_done skips Event.BODY_END for a bodiless exchange:
+    # the model must take it everywhere, and do nothing with it.
+    exchange = Exchange(has_body=False)
+    exchange.state, exchange.draining = state, draining
+    assert exchange.body is BodyState.NONE
+    assert accepts(state, BodyState.NONE, draining, Event.BODY_END)
+    assert exchange.handle(Event.BODY_END) == ()
+    assert (exchange.state, exchange.body, exchange.draining) == (
+        state, BodyState.NONE, draining
+    )
