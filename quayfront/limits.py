@@ -148,8 +148,11 @@ class RateLimiter:
         if self._exempt and self._exempted(client):
             return None
         now = self._clock.seconds()
-        self._expire(now)
-        tokens, updated = self._buckets.pop(client, (self._burst, now))
+        buckets = self._buckets
+        if buckets and now - next(iter(buckets.values()))[1] >= self._refill_s:
+            # The least recently used bucket is full again: drop such ones.
+            self._expire(now)
+        tokens, updated = buckets.pop(client, (self._burst, now))
         tokens = min(self._burst, tokens + (now - updated) * self._rate)
         if tokens >= 1.0:
             self._buckets[client] = (tokens - 1.0, now)

@@ -123,6 +123,11 @@ _HOST = re.compile(
 )
 
 
+# The usual Host, a name or IPv4 address and a port: a part of what _HOST
+# takes, found without its per-byte alternation.
+_PLAIN_HOST = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=]+(?::[0-9]*)?\Z")
+
+
 class PeerMisbehaved(Exception):
     """
     The client sent something that is not an acceptable request: answer
@@ -199,6 +204,11 @@ class MessageEnd:
 
     trailers: list[tuple[bytes, bytes]]
     raw: bytes = field(repr=False)
+
+
+#: The trailers of a request without chunks (never changed), and its end.
+_NO_TRAILERS: list[tuple[bytes, bytes]] = []
+_PLAIN_END = MessageEnd(_NO_TRAILERS, b"")
 
 
 class _State(enum.Enum):
@@ -282,7 +292,7 @@ def head_facts(
         if host is None:
             if version == b"HTTP/1.1":
                 raise PeerMisbehaved(400, "missing-host")
-        elif not _HOST.match(host):
+        elif not _PLAIN_HOST.match(host) and not _HOST.match(host):
             raise PeerMisbehaved(400, "bad-host")
         return 0, version == b"HTTP/1.1", host, None
     length = body_framing(version, headers)
@@ -477,7 +487,7 @@ class RequestFramer:
         elif state is _STATES.END:
             # The end of a request without a body (or whose body is all
             # there): nothing left to check.
-            return self._end_message(b"", [])
+            return self._end_message(b"", _NO_TRAILERS)
         elif self._error is not None:
             raise self._error
         try:
@@ -501,7 +511,13 @@ class RequestFramer:
         return bytes(buffer[start:end]).rstrip(b"\r")
 
     def _take(self, count: int) -> bytes:
-        with memoryview(self._buffer) as view:
+        buffer = self._buffer
+        if count == len(buffer):
+            # All of it (a head that came alone, the usual case).
+            taken = bytes(buffer)
+            buffer.clear()
+            return taken
+        with memoryview(buffer) as view:
             taken = bytes(view[:count])
         del self._buffer[:count]
         return taken
@@ -572,7 +588,7 @@ class RequestFramer:
         if state is _STATES.TRAILER:
             return self._next_trailer()
         if state is _STATES.END:
-            return self._end_message(b"", [])
+            return self._end_message(b"", _NO_TRAILERS)
         # CLOSED: nothing more is accepted; ERROR is raised above.
         return NEED_DATA
 
@@ -582,6 +598,9 @@ class RequestFramer:
         self._skipped_empty_line = False
         if not self._keep_alive:
             self._buffer = bytearray()
+        if trailers is _NO_TRAILERS:
+            # The end of a request without chunks, the same every time.
+            return _PLAIN_END
         return MessageEnd(trailers, raw)
 
     def _next_trailer(self) -> MessageEnd | _NeedData:

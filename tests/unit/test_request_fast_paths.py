@@ -22,7 +22,13 @@ from quayfront.http import (
     normalise_path,
 )
 from quayfront.http._exchange import accepts
-from quayfront.http._framing import _connection_tokens, body_framing, head_facts
+from quayfront.http._framing import (
+    _HOST,
+    _PLAIN_HOST,
+    _connection_tokens,
+    body_framing,
+    head_facts,
+)
 
 # Names the rules look at, in several cases, and a few they do not.
 NAMES = st.sampled_from(
@@ -157,3 +163,13 @@ def test_the_end_of_no_body_changes_nothing_in_any_state(state, draining):
     assert (exchange.state, exchange.body, exchange.draining) == (
         state, BodyState.NONE, draining
     )
+
+
+HOST_BYTES = st.sampled_from(list(b"aZ09-._~!$&'()*+,;=%:[]@/ \x00\x7fvV")).map(lambda b: bytes((b,)))
+
+
+@given(st.lists(HOST_BYTES, max_size=16).map(b"".join))
+def test_the_plain_host_pattern_takes_only_what_the_full_one_takes(host):
+    # head_facts tries _PLAIN_HOST first: the verdict must stay _HOST's.
+    if _PLAIN_HOST.match(host):
+        assert _HOST.match(host)
