@@ -548,6 +548,16 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             self.wrappedProtocol.makeConnection(self)
         self._checkHandshakeStatus()
 
+    # The protocol above stops and resumes reading through these (the end
+    # of every response resumes it).  ProtocolWrapper.__getattr__ would find
+    # them on the transport below, at the cost of a failed lookup and two
+    # more calls each time.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         # The protocol above registered itself as this transport's producer

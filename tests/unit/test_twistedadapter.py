@@ -883,6 +883,25 @@ def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> 
     assert b"".join(received) == payload
 
 
+def test_batched_tls_pause_and_resume_reach_the_transport_without_attribute_relay(monkeypatch) -> None:
+    """The protocol above stops and resumes reading through BatchedReceiveTLS's own methods, not ProtocolWrapper.__getattr__."""
+    from twisted.protocols.policies import ProtocolWrapper
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    calls = []
+    server.transport.pauseProducing = lambda: calls.append("pause")
+    server.transport.resumeProducing = lambda: calls.append("resume")
+
+    def no_relay(self, name):
+        raise AssertionError(f"{name} relayed by __getattr__")
+
+    monkeypatch.setattr(ProtocolWrapper, "__getattr__", no_relay)
+    app.transport.pauseProducing()
+    app.transport.resumeProducing()
+    assert calls == ["pause", "resume"]
+
+
 def test_batched_tls_write_sequence_is_one_write_and_none_after_close() -> None:
     """writeSequence sends its pieces as one write, in order; once the connection is closing (no producer) it sends nothing, as Twisted's does."""
     app = _Recorder()
