@@ -129,7 +129,12 @@ def proxied_transport(transport):
 import errno as _errno
 import sys as _sys
 
+from select import EPOLLIN as _EPOLLIN
+
+from twisted.internet import main as _main
 from twisted.internet import tcp as _tcp
+from twisted.internet.posixbase import _NO_FILEDESC
+from twisted.internet.tcp import EWOULDBLOCK as _EWOULDBLOCK
 from twisted.internet.epollreactor import EPollReactor as _EPollReactor
 from twisted.python import log as _legacy_log
 
@@ -141,6 +146,20 @@ class EagerWrite:
     """
 
     bufferSize = 2**18
+
+    def doRead(self):
+        # tcp.Connection.doRead and its _dataReceived in one call (one per
+        # read on every connection).
+        try:
+            data = self.socket.recv(self.bufferSize)
+        except OSError as e:
+            if e.args[0] == _EWOULDBLOCK:
+                return None
+            return _main.CONNECTION_LOST
+        if not data:
+            return _main.CONNECTION_DONE
+        self.protocol.dataReceived(data)
+        return None
 
     def write(self, data: bytes) -> None:
         if type(data) is bytes:
@@ -255,7 +274,24 @@ class LeanEPollReactor(_EPollReactor):
             if selectable is None:
                 continue
             try:
-                handle(selectable, fd, event)
+                if event == _EPOLLIN:
+                    # Input alone, most events: _doReadOrWrite's read
+                    # branch, without its call and its tests for the others.
+                    try:
+                        if selectable.fileno() == -1:
+                            why = _NO_FILEDESC
+                            in_read = False
+                        else:
+                            why = selectable.doRead()
+                            in_read = True
+                    except BaseException:
+                        why = _sys.exc_info()[1]
+                        in_read = False
+                        _legacy_log.err()
+                    if why:
+                        self._disconnectSelectable(selectable, why, in_read)
+                else:
+                    handle(selectable, fd, event)
             except KeyboardInterrupt:
                 raise
             except BaseException:
@@ -512,6 +548,16 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             self.wrappedProtocol.makeConnection(self)
         self._checkHandshakeStatus()
 
+    # The protocol above stops and resumes reading through these (the end
+    # of every response resumes it).  ProtocolWrapper.__getattr__ would find
+    # them on the transport below, at the cost of a failed lookup and two
+    # more calls each time.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         # The protocol above registered itself as this transport's producer
@@ -539,8 +585,13 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             return super().dataReceived(data)
         with _ssl_ffi.from_buffer(data) as pointer:
             self._input = pointer
-            self._input_fed = 0
-            self._input_length = len(data)
+            self._input_length = length = len(data)
+            # The first piece now: reading before it would only find the
+            # BIO empty.
+            piece = min(_BIO_FEED_BYTES, length)
+            if _ssl_lib.BIO_write(self._tlsConnection._into_ssl, pointer, piece) != piece:
+                raise MemoryError(f"BIO_write of {piece} bytes failed")
+            self._input_fed = piece
             try:
                 if self._appSendBuffer:
                     self._unbufferPendingWrites()
@@ -587,7 +638,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                     used = 0
                 count = ssl_read(ssl, buffer + used, size - used)
             if _ssl_lib.SSL_get_error(ssl, count) == _ssl_lib.SSL_ERROR_WANT_READ:
-                if self._feed_input():
+                if self._input_fed < self._input_length and self._feed_input():
                     continue
                 # Nothing more decrypts until more bytes arrive.
                 break
@@ -606,8 +657,9 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                 self._tlsShutdownFinished(_Failure())
             else:
                 break
-        if used:
-            self._deliver(_ssl_ffi.buffer(buffer, used)[:])
+        if used and not self._aborted:
+            # _deliver, for the last (mostly the only) delivery of a read.
+            self.wrappedProtocol.dataReceived(_ssl_ffi.buffer(buffer, used)[:])
         # What the records read may call for (a handshake reply, a key
         # update) goes out now.
         self._flushSendBIO()
@@ -661,7 +713,19 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                     if used == _SCRATCH_BYTES:
                         self._send_encrypted(used)
                         used = 0
-        self._send_encrypted(used)
+        if used:
+            # _send_encrypted, for the last (mostly the only) send of a write.
+            write_borrowed = self._write_borrowed
+            if write_borrowed:
+                write_borrowed(_ssl_ffi.buffer(buffer, used))
+            else:
+                self._send_encrypted(used)
+
+    def writeSequence(self, iovec) -> None:
+        # Twisted's writeSequence and write in one call.
+        if self.disconnecting and self._producer is None:
+            return
+        self._write(b"".join(iovec))
 
     #: The transport's L{EagerWrite.write_borrowed}, or None: looked up once.
     _write_borrowed: object = False

@@ -23,6 +23,7 @@ Environment (all optional):
   BENCH_RIG_CONNECTIONS          wrk's keep-alive connections (32)
   BENCH_RIG_SECONDS              seconds of each wrk run (5)
   BENCH_ROUNDS                   rounds of every measurement (3)
+  BENCH_TRANSFER_ROUNDS          rounds of the rig's transfers (5, at least BENCH_ROUNDS)
   BENCH_BYTES                    download/upload size (rig: 512 MiB, profile: 1 GiB)
   BENCH_HELD_CONNECTIONS         idle connections for memory per connection (400)
   BENCH_HELD_ROUNDS              rounds of the held-connection part (3)

@@ -80,6 +80,10 @@ CONNECTIONS = _env_int("BENCH_RIG_CONNECTIONS", 32)
 SECONDS = _env_int("BENCH_RIG_SECONDS", 5)
 #: Rounds of every measurement; the fronts' order alternates.
 ROUNDS = _env_int("BENCH_ROUNDS", 3)
+#: Rounds of the transfers: more than of the rest, as a 0.5 GiB transfer
+#: takes about a second and its CPU per GiB varies more between rounds
+#: than a 5 s load does.
+TRANSFER_ROUNDS = _env_int("BENCH_TRANSFER_ROUNDS", max(ROUNDS, 5))
 #: Idle connections held to measure memory per connection.
 HELD_CONNECTIONS = _env_int("BENCH_HELD_CONNECTIONS", 400)
 #: Download and upload size.
@@ -476,6 +480,8 @@ def measure(subjects: list[Subject], upstream: Upstream, source: Path) -> Result
             small_requests(s, upstream.front, results.keepalive[s.label])
         for s in order:
             small_requests(s, upstream.front, results.fresh[s.label], close=True)
+    for round_ in range(TRANSFER_ROUNDS):
+        order = subjects if round_ % 2 == 0 else subjects[::-1]
         for s in order:
             download(s, results.down[s.label])
         for s in order:
@@ -507,6 +513,10 @@ def _issue11(r: Results, q: str, n: str) -> str:
         "   same PROXY v2 + TLS front behind HAProxy, null upstream",
         "",
         table(["metric", "quayfront", "nginx", "ratio q/n", "issue 11 asks"], rows),
+        "",
+        "   CPU per GiB in each transfer round, s (the table gives the medians):",
+        *(f"   {label:<10} {name}: " + " ".join(fmt(x, 2) for x in by[name].cpu_s_per_gib)
+          for label, by in (("uploaded", u), ("downloaded", d)) for name in (q, n)),
     ])
 
 
@@ -587,8 +597,9 @@ def _notes(labels: list[str]) -> str:
         "  CPU per request is the front's CPU over all rounds / all requests.  Every answer",
         "  must be 2xx (wrk's non-2xx and socket-error counts abort the run).",
         "Front CPU: utime + stime of the front's processes only (quayfront main + workers,",
-        "  nginx master + workers), from /proc.  Transfers: curl, one connection, median",
-        "  round.  Memory per held connection: summed RSS growth from "
+        "  nginx master + workers), from /proc.  Transfers: curl, one connection, "
+        f"{TRANSFER_ROUNDS} rounds,",
+        "  median round.  Memory per held connection: summed RSS growth from "
         f"{HELD_CONNECTIONS // 2} to {HELD_CONNECTIONS} idle",
         "  connections (PROXY header read, TLS handshake done), through HAProxy, per",
         "  added connection.",

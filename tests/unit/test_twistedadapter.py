@@ -117,6 +117,7 @@ def test_canary_client_gone() -> None:
 
 # --- The reactor and TCP transports: per-event log context, eager writes ---
 
+import select  # noqa: E402
 import socket  # noqa: E402
 
 from twisted.internet import abstract, epollreactor, tcp  # noqa: E402
@@ -359,7 +360,8 @@ def test_lean_reactor_logs_an_escaped_error_and_goes_on() -> None:
             raise RuntimeError("boom")
 
         reactor._doReadOrWrite = explode
-        reactor._poller.register(a.fileno(), reactor._POLL_IN)
+        # Readable and writable: the general path, through _doReadOrWrite.
+        reactor._poller.register(a.fileno(), reactor._POLL_IN | reactor._POLL_OUT)
         b.send(b"x")
         reactor.doPoll(0)
         reactor._doReadOrWrite = original
@@ -374,6 +376,130 @@ def test_lean_reactor_logs_an_escaped_error_and_goes_on() -> None:
     assert len(failures) == 1
     assert failures[0]["system"] == "broken-thing"
     assert failures[0]["failure"].check(RuntimeError)
+
+
+def test_canary_do_read_or_write_read_branch() -> None:
+    """_doReadOrWrite's read branch is what the lean reactor's input-only path repeats."""
+    from twisted.internet import posixbase
+
+    source = inspect.getsource(posixbase._PollLikeMixin._doReadOrWrite)
+    for piece in (
+        "if selectable.fileno() == -1:",
+        "why = _NO_FILEDESC",
+        "why = selectable.doRead()",
+        "inRead = True",
+        "why = sys.exc_info()[1]",
+        "log.err()",
+        "self._disconnectSelectable(selectable, why, inRead)",
+    ):
+        assert piece in source, piece
+    assert epollreactor.EPollReactor._POLL_IN == select.EPOLLIN
+
+
+class _ReadOutcome(abstract.FileDescriptor):
+    """A selectable whose doRead does what it is told: return, or raise."""
+
+    def __init__(self, reactor, descriptor: int, outcome) -> None:
+        super().__init__(reactor=reactor)
+        self._descriptor = descriptor
+        self._outcome = outcome
+        self.reads = 0
+
+    def fileno(self) -> int:
+        return self._descriptor
+
+    def doRead(self):
+        self.reads += 1
+        how, what = self._outcome
+        if how == "raise":
+            raise what
+        return what
+
+
+@pytest.mark.unhandled_errors_expected
+@pytest.mark.parametrize(
+    "outcome",
+    [("return", None), ("return", ConnectionDone()), ("raise", RuntimeError("read failed")),
+     "closed"],
+    ids=["data", "end", "raises", "fd-gone"],
+)
+def test_lean_reactor_input_only_event_as_do_read_or_write(monkeypatch, outcome) -> None:
+    """An input-only event is handled as _doReadOrWrite handles it: the same read, disconnect and log."""
+    from twisted.python import log
+
+    def run(through_poll: bool) -> tuple[int, list, int]:
+        reactor = LeanEPollReactor()
+        a, b = socket.socketpair()
+        errors: list[dict] = []
+        log.addObserver(errors.append)
+        try:
+            descriptor = -1 if outcome == "closed" else a.fileno()
+            selectable = _ReadOutcome(
+                reactor, descriptor, ("return", None) if outcome == "closed" else outcome
+            )
+            disconnected: list = []
+            monkeypatch.setattr(
+                reactor, "_disconnectSelectable",
+                lambda s, why, in_read: disconnected.append((s, type(why), in_read)),
+            )
+            if through_poll:
+                reactor._selectables[a.fileno()] = selectable
+                reactor._poller.register(a.fileno(), select.EPOLLIN)
+                b.send(b"x")
+                reactor.doPoll(0)
+                reactor._poller.unregister(a.fileno())
+            else:
+                reactor._doReadOrWrite(selectable, a.fileno(), select.EPOLLIN)
+        finally:
+            log.removeObserver(errors.append)
+            reactor._poller.close()
+            a.close()
+            b.close()
+        return (
+            selectable.reads,
+            [(why, in_read) for _, why, in_read in disconnected],
+            len([e for e in errors if e.get("isError")]),
+        )
+
+    assert run(through_poll=True) == run(through_poll=False)
+
+
+def test_canary_tcp_do_read() -> None:
+    """tcp.Connection.doRead and _dataReceived still read as EagerWrite.doRead repeats them."""
+    do_read = inspect.getsource(tcp.Connection.doRead)
+    for piece in ("self.socket.recv(self.bufferSize)", "if se.args[0] == EWOULDBLOCK:",
+                  "return main.CONNECTION_LOST", "return self._dataReceived(data)"):
+        assert piece in do_read, piece
+    received = inspect.getsource(tcp.Connection._dataReceived)
+    for piece in ("if not data:", "return main.CONNECTION_DONE",
+                  "self.protocol.dataReceived(data)", "return None"):
+        assert piece in received, piece
+
+
+def test_eager_do_read_reads_ends_and_waits() -> None:
+    """EagerWrite.doRead hands a read to the protocol, reports the end, and waits when nothing is there."""
+    from twisted.internet import main
+
+    class Recorder(Protocol):
+        def __init__(self) -> None:
+            self.received: list[bytes] = []
+
+        def dataReceived(self, data: bytes) -> None:
+            self.received.append(data)
+
+    a, b = socket.socketpair()
+    protocol = Recorder()
+    transport = EagerWriteServer(a, protocol, ("127.0.0.1", 1), None, 1, MemoryReactor())
+    try:
+        assert transport.doRead() is None and protocol.received == []
+        b.send(b"hello")
+        assert transport.doRead() is None and protocol.received == [b"hello"]
+        b.shutdown(socket.SHUT_WR)
+        assert transport.doRead() is main.CONNECTION_DONE
+        a.close()
+        assert transport.doRead() is main.CONNECTION_LOST
+    finally:
+        b.close()
 
 
 def test_install_lean_reactor_keeps_an_installed_reactor(monkeypatch) -> None:
@@ -566,6 +692,11 @@ def test_canary_tls_receive_path() -> None:
             assert piece in source, (method.__name__, piece)
     assert callable(TLSMemoryBIOProtocol._bufferedWrite)
     assert "self._write(" in inspect.getsource(TLSMemoryBIOProtocol.write)
+    # BatchedReceiveTLS.writeSequence is these two in one call.
+    assert "if self.disconnecting and self._producer is None:" in inspect.getsource(
+        TLSMemoryBIOProtocol.write)
+    assert 'self.write(b"".join(iovec))' in inspect.getsource(
+        TLSMemoryBIOProtocol.writeSequence)
 
 
 def test_batched_tls_lets_go_of_its_producer_when_the_connection_is_lost() -> None:
@@ -750,6 +881,53 @@ def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> 
         pump.flush()
         clock.advance(0)
     assert b"".join(received) == payload
+
+
+def test_batched_tls_pause_and_resume_reach_the_transport_without_attribute_relay(monkeypatch) -> None:
+    """The protocol above stops and resumes reading through BatchedReceiveTLS's own methods, not ProtocolWrapper.__getattr__."""
+    from twisted.protocols.policies import ProtocolWrapper
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    calls = []
+    server.transport.pauseProducing = lambda: calls.append("pause")
+    server.transport.resumeProducing = lambda: calls.append("resume")
+
+    def no_relay(self, name):
+        raise AssertionError(f"{name} relayed by __getattr__")
+
+    monkeypatch.setattr(ProtocolWrapper, "__getattr__", no_relay)
+    app.transport.pauseProducing()
+    app.transport.resumeProducing()
+    assert calls == ["pause", "resume"]
+
+
+def test_batched_tls_write_sequence_is_one_write_and_none_after_close() -> None:
+    """writeSequence sends its pieces as one write, in order; once the connection is closing (no producer) it sends nothing, as Twisted's does."""
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    received = []
+    client_app.dataReceived = received.append
+    writes = []
+    underlying = server.transport.write
+    server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
+    app.transport.writeSequence([b"HTTP/1.1 200 OK\r\n\r\n", b"body", b""])
+    assert len(writes) == 1
+    pump.flush()
+    assert b"".join(received) == b"HTTP/1.1 200 OK\r\n\r\nbody"
+    # Closing with no producer: dropped before it reaches OpenSSL (the
+    # state loseConnection leaves while a close waits for writes).
+    server.disconnecting = True
+    writes.clear()
+    app.transport.writeSequence([b"late"])
+    assert writes == []
+    # A registered producer may still write, as with Twisted's.
+    server._producer = object()
+    app.transport.writeSequence([b"still", b" flowing"])
+    server._producer = None
+    server.disconnecting = False
+    pump.flush()
+    assert b"".join(received).endswith(b"body" + b"still flowing")
 
 
 def test_batched_tls_reads_a_request_without_failing_calls(monkeypatch) -> None:
