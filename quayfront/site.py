@@ -378,7 +378,11 @@ class FrontChannel(TimeoutMixin, Protocol):
             self._misbehaved(refusal)
         finally:
             self._driving = False
-        if self.request is None and self._head_deadline is None:
+        if (
+            self.request is None
+            and self._head_deadline is None
+            and self._framer.head_in_progress
+        ):
             self._watch_head()
 
     def _head_received(self, head: RequestHead) -> None:

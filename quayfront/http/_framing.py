@@ -76,6 +76,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import field
+from operator import itemgetter
 from types import SimpleNamespace
 
 from ._record import frozen_record
@@ -112,9 +113,6 @@ _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1
 # (a lazy quantifier retries the rest of the line at every byte, about
 # twice the cost); on lines _FIELD_LINES accepted, the pairs are the same.
 _FIELD_PAIR = re.compile(rb"([^:\r\n]+):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r\n")
-# The names alone, on the same lines lower-cased: every name lowered in two
-# calls rather than one per field.
-_FIELD_NAME = re.compile(rb"([^:\r\n]+):[^\r\n]*\r\n")
 # Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name
 # (which also covers IPv4 addresses), RFC 3986 section 3.2.2.
 _HOST = re.compile(
@@ -231,6 +229,7 @@ _STATES = SimpleNamespace(**_State.__members__)
 
 
 _BODY_BYTES = (_STATES.BODY_LENGTH, _STATES.CHUNK_DATA)
+_name_of = itemgetter(0)
 
 
 def _line_end(buffer: bytearray, start: int, scan_from: int, limit: int, reason: str,
@@ -301,6 +300,12 @@ def head_facts(
     return length, keep_alive, host, expect
 
 
+_COMMON_METHODS = frozenset(
+    (b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE", b"OPTIONS")
+)
+_SUPPORTED_VERSIONS = frozenset((b"HTTP/1.1", b"HTTP/1.0"))
+
+
 def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     """
     C{(method, target, version)} of a request line without its CRLF, or
@@ -312,14 +317,15 @@ def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
             raise PeerMisbehaved(400, "bad-request-target")
         raise PeerMisbehaved(400, "bad-request-line")
     method, target, version = parts
-    if not _TOKEN.match(method):
+    # The usual methods are tokens, the usual versions valid: no pattern
+    # is run for them.
+    if method not in _COMMON_METHODS and not _TOKEN.match(method):
         raise PeerMisbehaved(400, "bad-request-line", "method is not a token")
     if not _TARGET.match(target):
         raise PeerMisbehaved(400, "bad-request-target")
-    matched = _VERSION.match(version)
-    if matched is None:
-        raise PeerMisbehaved(400, "bad-version")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+    if version not in _SUPPORTED_VERSIONS:
+        if _VERSION.match(version) is None:
+            raise PeerMisbehaved(400, "bad-version")
         raise PeerMisbehaved(505, "unsupported-version")
     return method, target, version
 
@@ -697,8 +703,8 @@ class RequestFramer:
         except PeerMisbehaved:
             return None
         self._request_line = request_line
-        self._headers = _FIELD_PAIR.findall(lines, line_end + 2)
-        return self._head_complete(end + 4, _FIELD_NAME.findall(lines.lower(), line_end + 2))
+        self._headers = headers = _FIELD_PAIR.findall(lines, line_end + 2)
+        return self._head_complete(end + 4, list(map(bytes.lower, map(_name_of, headers))))
 
     def _head_complete(self, head_end: int, names: list[bytes]) -> RequestHead:
         method, target, version = self._request_line

@@ -25,6 +25,11 @@ from quayfront.http._exchange import accepts
 from quayfront.http._framing import (
     _HOST,
     _PLAIN_HOST,
+    _TARGET,
+    _TARGET_BAD_BYTE,
+    _TOKEN,
+    _VERSION,
+    parse_request_line,
     _connection_tokens,
     body_framing,
     head_facts,
@@ -173,3 +178,33 @@ def test_the_plain_host_pattern_takes_only_what_the_full_one_takes(host):
     # head_facts tries _PLAIN_HOST first: the verdict must stay _HOST's.
     if _PLAIN_HOST.match(host):
         assert _HOST.match(host)
+
+
+def reference_request_line(line):
+    """parse_request_line as it was before its short ways for common values."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        if _TARGET_BAD_BYTE.search(line.replace(b" ", b"")):
+            raise PeerMisbehaved(400, "bad-request-target")
+        raise PeerMisbehaved(400, "bad-request-line")
+    method, target, version = parts
+    if not _TOKEN.match(method):
+        raise PeerMisbehaved(400, "bad-request-line")
+    if not _TARGET.match(target):
+        raise PeerMisbehaved(400, "bad-request-target")
+    if _VERSION.match(version) is None:
+        raise PeerMisbehaved(400, "bad-version")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise PeerMisbehaved(505, "unsupported-version")
+    return method, target, version
+
+
+LINE_PARTS = st.sampled_from(
+    [b"GET", b"get", b"PUT", b"OPTIONS", b"M-SEARCH", b"G(T", b"", b"/", b"/a?b", b"/#",
+     b"/\x7f", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.12", b"http/1.1", b" "]
+)
+
+
+@given(st.lists(LINE_PARTS, max_size=5).map(b" ".join))
+def test_the_request_line_parser_agrees_with_its_reference(line):
+    assert outcome(parse_request_line, line) == outcome(reference_request_line, line)
