@@ -73,6 +73,8 @@ def _connection_tokens(pairs: HeaderPairs) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+_name_of = itemgetter(0)
+
 # Dropped from every request whatever else is; with a site's reserved names
 # added, made once per set of reserved names (a site has one).
 _ALWAYS_DROPPED = HOP_BY_HOP | FORWARDING | FRAMING
@@ -114,7 +116,7 @@ def upstream_request_headers(
     dropped = _dropped_with.get(reserved)
     if dropped is None:
         dropped = _dropped_with[reserved] = _ALWAYS_DROPPED | reserved
-    own = frozenset(map(bytes.lower, map(itemgetter(0), vouched)))
+    own = frozenset(map(bytes.lower, map(_name_of, vouched)))
     if not own <= reserved:
         dropped = dropped | own
     if (

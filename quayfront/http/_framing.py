@@ -57,6 +57,9 @@ A head that arrived whole is framed in one pass (two regular expressions
 over its field lines); anything the one-pass path is not sure of goes line
 by line, which gives the same verdict and names the error.  Bodies are
 handed on without being copied when nothing is buffered before them.
+Either way the head carries what its one pass learnt of the fields (each
+name lower-cased, the C{Host}, the first C{Expect}; L{head_facts}), so
+that nothing after the framer walks them again.
 
 Not httptools (llhttp): it parses a small head several times faster, but
 by itself accepts C{Transfer-Encoding} on HTTP/1.0, a missing or repeated

@@ -128,13 +128,14 @@ def test_upstream_headers_from_the_framers_names_agree_with_the_general_path(
     pairs, reserved, vouched, default_host
 ):
     names = [name.lower() for name, _ in pairs]
+    sent = list(pairs)
     settings = dict(
         client_ip="192.0.2.1", vouched=vouched, reserved=reserved, default_host=default_host
     )
     given_names = upstream_request_headers(pairs, names=names, **settings)
     assert given_names == upstream_request_headers(pairs, **settings)
     # The request's own fields are never changed.
-    assert names == [name.lower() for name, _ in pairs]
+    assert pairs == sent and names == [name.lower() for name, _ in pairs]
 
 
 SEGMENT = st.text(
