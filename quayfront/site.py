@@ -402,6 +402,9 @@ class FrontChannel(TimeoutMixin, Protocol):
         received_head = getattr(request, "received_head", None)
         if received_head is not None:
             received_head(head)
+        elif getattr(request, "received_fields", None) is not None:
+            # A request that takes the fields alone.
+            request.received_fields(fields)
         else:
             # Any other twisted.web request.
             headers = request.requestHeaders

@@ -209,3 +209,27 @@ LINE_PARTS = st.sampled_from(
 @given(st.lists(LINE_PARTS, max_size=5).map(b" ".join))
 def test_the_request_line_parser_agrees_with_its_reference(line):
     assert outcome(parse_request_line, line) == outcome(reference_request_line, line)
+
+
+def test_a_request_that_takes_the_fields_alone_still_gets_them():
+    from twisted.web import server
+
+    from tests.unit.test_forward import connect, make_site
+
+    got = []
+
+    class FieldsOnly(server.Request):
+        def received_fields(self, fields):
+            got.append(list(fields))
+
+        def gotLength(self, length):
+            pass
+
+        def requestReceived(self, command, path, version):
+            pass
+
+    site, _, _, _ = make_site()
+    site.requestFactory = FieldsOnly
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\nAccept: a\r\n\r\n")
+    assert got == [[(b"Host", b"h"), (b"Accept", b"a")]]
