@@ -661,8 +661,10 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             # _deliver, for the last (mostly the only) delivery of a read.
             self.wrappedProtocol.dataReceived(_ssl_ffi.buffer(buffer, used)[:])
         # What the records read may call for (a handshake reply, a key
-        # update) goes out now.
-        self._flushSendBIO()
+        # update) goes out now: _flushSendBIO, with its usual case (nothing
+        # to send) found here.
+        if _ssl_lib.BIO_get_mem_data(self._tlsConnection._from_ssl, _MEM_DATA_START):
+            _TLSMemoryBIOProtocol._flushSendBIO(self)
 
     def _flushSendBIO(self) -> None:
         if _RAW_TLS and not _ssl_lib.BIO_get_mem_data(
