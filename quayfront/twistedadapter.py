@@ -692,7 +692,10 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         offset = used = 0
         with _ssl_ffi.from_buffer(data) as plaintext:
             while offset < total:
-                count = ssl_write(ssl, plaintext + offset, min(_RECORD_BYTES, total - offset))
+                count = total - offset
+                if count > _RECORD_BYTES:
+                    count = _RECORD_BYTES
+                count = ssl_write(ssl, plaintext + offset, count)
                 if count <= 0:
                     try:
                         connection._raise_ssl_error(ssl, count)
@@ -707,14 +710,16 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                     # SSL_write returns more than zero unless it failed.
                     raise AssertionError(f"SSL_write returned {count} without an error")
                 offset += count
-                while True:
-                    read = bio_read(from_ssl, buffer + used, _SCRATCH_BYTES - used)
-                    if read <= 0:
-                        break
+                # The record just made, in one read unless it fills the
+                # buffer (then sent, and the rest read after it).
+                read = bio_read(from_ssl, buffer + used, _SCRATCH_BYTES - used)
+                while read > 0:
                     used += read
-                    if used == _SCRATCH_BYTES:
-                        self._send_encrypted(used)
-                        used = 0
+                    if used < _SCRATCH_BYTES:
+                        break
+                    self._send_encrypted(used)
+                    used = 0
+                    read = bio_read(from_ssl, buffer, _SCRATCH_BYTES)
         if used:
             # _send_encrypted, for the last (mostly the only) send of a write.
             write_borrowed = self._write_borrowed
