@@ -1026,6 +1026,10 @@ def test_batched_tls_reads_and_writes_more_than_its_buffers(tls_version, monkeyp
     server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
     app.transport.write(payload[::-1])
     assert len(writes) == 3
+    # Everything the write encrypted left with it: nothing waits in the
+    # memory BIO for a later flush.
+    assert bindings.BIO_get_mem_data(
+        server._tlsConnection._from_ssl, twistedadapter._MEM_DATA_START) == 0
     for _ in range(20):
         pump.flush()
         clock.advance(0)
