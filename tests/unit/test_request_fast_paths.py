@@ -233,3 +233,88 @@ def test_a_request_that_takes_the_fields_alone_still_gets_them():
     channel, _ = connect(site)
     channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\nAccept: a\r\n\r\n")
     assert got == [[(b"Host", b"h"), (b"Accept", b"a")]]
+
+
+def admission_run(monkeypatch, scenario: str, general: bool):
+    """
+    The events each exchange was handed (with the actions it answered),
+    the upstream requests made and what each client got, for requests
+    through Forwarding's short way to admission or (general) through
+    feed(HEAD_COMPLETE) and the action queue.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from quayfront import forward
+    from quayfront.config import RateLimitConfig, RouteConfig
+    from quayfront.limits import ConcurrencyLimiter, RateLimiter
+    from quayfront.routing import Route, Router, Upstream
+    from tests.unit.test_channel import answer
+    from tests.unit.test_forward import FakeAgent, connect, site_for
+
+    handled = []
+    handle = Exchange.handle
+
+    def recording(exchange, event, **payload):
+        actions = handle(exchange, event, **payload)
+        handled.append((id(exchange), event, actions))
+        return actions
+
+    monkeypatch.setattr(Exchange, "handle", recording)
+    if general:
+        monkeypatch.setattr(
+            forward.Forwarding, "_head_complete", lambda self: self.feed(Event.HEAD_COMPLETE)
+        )
+    clock = MemoryReactorClock()
+    agent = FakeAgent()
+    rate_limiter = (
+        RateLimiter(clock, RateLimitConfig(requests_per_s=0.5, burst=1 if scenario == "limited" else 5))
+        if scenario in ("limited", "free")
+        else None
+    )
+    route = Route(
+        RouteConfig(prefix="/", max_body_bytes=5 if scenario == "too-large" else 0),
+        upstream=Upstream(
+            "default", agent, ConcurrencyLimiter(clock, 1 if scenario == "queued" else 0, 2, 30.0)
+        ),
+        rate_limiter=rate_limiter,
+    )
+    site = site_for(Router([route]), clock)
+    request = (
+        b"PUT /v2/a HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n"
+        if scenario == "too-large"
+        else b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    clients = []
+    for _ in range(2):
+        channel, client = connect(site)
+        channel.dataReceived(request)
+        clients.append(client)
+    clock.advance(0)
+    while agent.requests and not agent.requests[0]["d"].called:
+        answer(agent, 0)
+        agent.requests.pop(0)
+        clock.advance(0)
+    ids = {}
+    events = [(ids.setdefault(key, len(ids)), event, actions) for key, event, actions in handled]
+    outputs = [
+        (client.value().split(b"\r\n", 1)[0], client.disconnecting) for client in clients
+    ]
+    return events, outputs
+
+
+@pytest.mark.parametrize("scenario", ["free", "limited", "queued", "too-large", "no-limiter"])
+def test_the_short_way_to_admission_agrees_with_the_action_queue(monkeypatch, scenario):
+    short = admission_run(monkeypatch, scenario, general=False)
+    monkeypatch.undo()
+    general = admission_run(monkeypatch, scenario, general=True)
+    assert short == general
+    # Each scenario reaches what it is about.
+    statuses = [line.split(b" ")[1] for line, _ in short[1]]
+    expected = {
+        "free": [b"200", b"200"],
+        "limited": [b"200", b"429"],
+        "queued": [b"200", b"200"],
+        "too-large": [b"413", b"413"],
+        "no-limiter": [b"200", b"200"],
+    }[scenario]
+    assert statuses == expected
