@@ -65,6 +65,7 @@ from quayfront.http import (
     Action,
     Answer,
     Arm,
+    BodyState,
     Deadline,
     Disarm,
     Ending,
@@ -83,7 +84,7 @@ from quayfront.twistedadapter import (
     proxied_transport,
     waiting_for_client,
 )
-from quayfront.upstream import upstream_uri
+from quayfront.upstream import UPSTREAM_AUTHORITY, upstream_uri
 
 # The events and deadlines Forwarding uses, as module-level names: on
 # Python 3.11 reading an Enum member through its class costs a descriptor
@@ -111,6 +112,7 @@ _UPLOAD_RESUMED = Event.UPLOAD_RESUMED
 _UPLOAD_STOPPED = Event.UPLOAD_STOPPED
 _UPSTREAM_FAILED = Event.UPSTREAM_FAILED
 _UPSTREAM_READY = Event.UPSTREAM_READY
+_NO_BODY = BodyState.NONE
 _DOWNLOAD_IDLE_DEADLINE = Deadline.DOWNLOAD_IDLE
 _DRAIN_DEADLINE = Deadline.DRAIN
 _RESPONSE_DEADLINE = Deadline.RESPONSE
@@ -304,18 +306,25 @@ class Forwarding:
         reserved_headers: frozenset[bytes] = frozenset(),
         default_host: bytes = b"",
         watch_client: bool = True,
+        head=None,
+        now_s: float | None = None,
     ) -> None:
         """
         @param watch_client: whether to learn of the client going away from
             C{request.notifyFinish()} itself; false when the caller reports
             it through L{client_gone} (one Deferred per request fewer).
+        @param head: the request's head as the channel's framer framed it
+            (L{quayfront.http.RequestHead}), whose fields and lower-cased
+            names are used as they are; None to read the request's fields.
+        @param now_s: the clock's time when the head arrived, if the caller
+            has read it already.
         """
         self.request = request
         self.route = route
         self._limits = route.config
         self._clock = clock
         self._client_ip = client_ip
-        self._started_s = clock.seconds()
+        self._started_s = clock.seconds() if now_s is None else now_s
         self.upstream_response_time_s: float | None = None
         # The Twisted objects the exchange's actions act on, set by the
         # actions that make them (the exchange never asks for one before).
@@ -325,7 +334,8 @@ class Forwarding:
         # it points back here until the body ends.
         self._relay: ResponseRelay | None = None
         self.upstream_transport = None
-        self._client = _ClientReading(request)
+        # Made when the client is first paused (a request with a body).
+        self._client_reading: _ClientReading | None = None
         # The armed deadlines, in the order they were armed, each with the
         # time it falls due (an idle one: as armed; it runs from the last
         # activity).  One timer, the watchdog, serves them all, set for no
@@ -342,7 +352,12 @@ class Forwarding:
         self._events: deque[tuple[Event, bytes | object, dict]] = deque()
         self._handling = False
 
-        fields = request_fields(request)
+        if head is None:
+            fields = request_fields(request)
+            names = None
+        else:
+            fields = head.headers
+            names = head.names
         # Sent upstream as pairs, in order: no Headers object is made.
         self._headers = upstream_request_headers(
             fields,
@@ -350,12 +365,18 @@ class Forwarding:
             vouched=vouched_headers,
             reserved=reserved_headers,
             default_host=default_host,
+            names=names,
         )
 
         # The channel reports length None for a chunked body and 0 both for
         # "Content-Length: 0" and for no body at all; only the first two are
         # sent with a body (the agent writes the framing itself).
-        has_body = length is None or any(name.lower() == b"content-length" for name, _ in fields)
+        if length is None:
+            has_body = True
+        elif names is not None:
+            has_body = b"content-length" in names
+        else:
+            has_body = any(name.lower() == b"content-length" for name, _ in fields)
         self.exchange = Exchange(
             has_body=has_body, length=length, max_body_bytes=self._limits.max_body_bytes
         )
@@ -366,7 +387,44 @@ class Forwarding:
         )
         if watch_client:
             request.notifyFinish().addErrback(self.client_gone)
-        self.feed(_HEAD_COMPLETE)
+        self._head_complete()
+
+    def _head_complete(self) -> None:
+        """
+        C{feed(HEAD_COMPLETE)}, the usual admission taken the short way:
+        when the exchange asks only for the rate limiter and it allows at
+        once, then only for a slot and one is free, the exchange is handed
+        the same events in the same order, and the limiters asked the same
+        questions, as the action queue would; only the queue is skipped.
+        Anything else goes the general way from where it stands.
+        """
+        handle = self.exchange.handle
+        actions = handle(_HEAD_COMPLETE)
+        if actions == _ASKS_RATE_LIMITER:
+            limiter = self.route.rate_limiter
+            wait_s = None if limiter is None else limiter.check(self._client_ip)
+            if wait_s is not None:
+                # Limited, or decided later: as _ask_rate_limiter does.
+                if isinstance(wait_s, Deferred):
+                    wait_s.addCallback(self._rate_limit_decided)
+                else:
+                    self._rate_limit_decided(wait_s)
+                return
+            actions = handle(_RATE_ALLOWED)
+            if actions == _ASKS_ADMISSION:
+                limiter = self.route.upstream.limiter
+                try_acquire = getattr(limiter, "try_acquire", None)
+                if try_acquire is None:
+                    self._carry_out(actions, None)
+                    return
+                if not try_acquire():
+                    # Waits for a slot: as _ask_admission does.
+                    self._admission = limiter.acquire()
+                    self._admission.addCallbacks(self._admitted, self._not_admitted)
+                    return
+                self._admission = _ADMITTED_AT_ONCE
+                actions = handle(_ADMITTED)
+        self._carry_out(actions, None)
 
     # What site.py and the access log read.
 
@@ -440,6 +498,11 @@ class Forwarding:
             self._carry_out(self.exchange.body_chunk(len(data)), data)
 
     def body_done(self) -> None:
+        if self.exchange.body is _NO_BODY:
+            # Every state takes BODY_END on a bodiless exchange and it
+            # changes nothing, answers nothing (the model's tables say so,
+            # and a test holds them to it): the usual GET skips it.
+            return
         self.feed(_BODY_END)
 
     def client_misbehaved(self, status: int, reason: str) -> None:
@@ -544,7 +607,11 @@ class Forwarding:
     def _ask_rate_limiter(self, _) -> None:
         limiter = self.route.rate_limiter
         wait_s = None if limiter is None else limiter.check(self._client_ip)
-        if isinstance(wait_s, Deferred):
+        if wait_s is None and self._handling:
+            # Allowed at once, the common case: the event waits its turn
+            # in _carry_out's queue, as feed would put it there.
+            self._events.append((_RATE_ALLOWED, None, _NO_PAYLOAD))
+        elif isinstance(wait_s, Deferred):
             # A zone in the shared store decides later (within its
             # op_timeout_s); the Deferred never fails.
             wait_s.addCallback(self._rate_limit_decided)
@@ -557,7 +624,11 @@ class Forwarding:
         if try_acquire is not None and try_acquire():
             # A free slot, the common case: no Deferred made and fired.
             self._admission = _ADMITTED_AT_ONCE
-            self._admitted(None)
+            if self._handling:
+                # As feed would queue it.
+                self._events.append((_ADMITTED, None, _NO_PAYLOAD))
+            else:
+                self._admitted(None)
             return
         self._admission = limiter.acquire()
         self._admission.addCallbacks(self._admitted, self._not_admitted)
@@ -573,10 +644,23 @@ class Forwarding:
         try:
             agent = self.route.upstream.agent
             headers = self._headers
+            request_target_with = getattr(agent, "request_target_with", None)
+            if request_target_with is not None:
+                # quayfront's own agent: the outcome comes to the two
+                # methods, no Deferred made and fired for it, and the
+                # target is given as it is, not inside a URI.
+                self._upstream = request_target_with(
+                    self._got_response,
+                    self._upstream_failed,
+                    request.method,
+                    UPSTREAM_AUTHORITY,
+                    request.upstream_target,
+                    headers,
+                    self.body,
+                )
+                return
             request_with = getattr(agent, "request_with", None)
             if request_with is not None:
-                # quayfront's own agent: the outcome comes to the two
-                # methods, no Deferred made and fired for it.
                 self._upstream = request_with(
                     self._got_response,
                     self._upstream_failed,
@@ -637,6 +721,13 @@ class Forwarding:
 
     def _stop_upload(self, _) -> None:
         self.body.stop()
+
+    @property
+    def _client(self) -> _ClientReading:
+        client = self._client_reading
+        if client is None:
+            client = self._client_reading = _ClientReading(self.request)
+        return client
 
     def _pause_client(self, _) -> None:
         self._client.pause()
@@ -875,6 +966,13 @@ _DEADLINE_EVENTS = {
 
 #: How a response body ends complete (see Forwarding.response_ended).
 _COMPLETE_ENDS = (ResponseDone, PotentialDataLoss)
+
+#: What the exchange answers HEAD_COMPLETE and RATE_ALLOWED with, usually.
+_ASKS_RATE_LIMITER = (Action.ASK_RATE_LIMITER,)
+_ASKS_ADMISSION = (Action.ASK_ADMISSION,)
+
+#: The payload of an event queued without one (never changed).
+_NO_PAYLOAD: dict = {}
 
 #: The admission of an exchange that found a free slot: already fired, so
 #: cancelling it (the exchange's own ending) does nothing.

@@ -10,6 +10,7 @@ on each side from the body it actually sends.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Iterable
 
 from twisted.web.http_headers import Headers
@@ -72,6 +73,8 @@ def _connection_tokens(pairs: HeaderPairs) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
+_name_of = itemgetter(0)
+
 # Dropped from every request whatever else is; with a site's reserved names
 # added, made once per set of reserved names (a site has one).
 _ALWAYS_DROPPED = HOP_BY_HOP | FORWARDING | FRAMING
@@ -86,6 +89,7 @@ def upstream_request_headers(
     vouched: Iterable[tuple[bytes, bytes]] = (),
     reserved: Iterable[bytes] = (),
     default_host: bytes = b"",
+    names: list[bytes] | None = None,
 ) -> HeaderPairs:
     """
     The headers to send upstream for a client request with C{pairs}.
@@ -103,38 +107,51 @@ def upstream_request_headers(
         cannot pose as the load balancer.
     @param default_host: the C{Host} to send when the client sent none (an
         HTTP/1.0 client): the address it connected to.
+    @param names: the names of C{pairs} (a list) lower-cased, in order, if
+        the caller has them (the request framer does): a request with no
+        field to drop is then passed on without walking its fields.
     """
-    # One pass to lower-case the names (every rule below compares them).
-    fields = [(name.lower(), name, value) for name, value in pairs]
-    vouched = list(vouched)
+    vouched = vouched if type(vouched) is list else list(vouched)
     reserved = reserved if isinstance(reserved, frozenset) else frozenset(reserved)
     dropped = _dropped_with.get(reserved)
     if dropped is None:
         dropped = _dropped_with[reserved] = _ALWAYS_DROPPED | reserved
-    own = {name.lower() for name, _ in vouched}
+    own = frozenset(map(bytes.lower, map(_name_of, vouched)))
     if not own <= reserved:
         dropped = dropped | own
-    connection = [value for lower, _, value in fields if lower == b"connection"]
-    if connection:
-        own |= reserved
-        nominated = {
-            token
-            for token in (
-                t.strip().lower() for value in connection for t in value.split(b",")
-            )
-            if token
-            and token not in NEVER_NOMINATED
-            and token not in own
-            and not token.startswith(b"x-forwarded-")
-        }
-        dropped = dropped | nominated
-    forwarded = []
-    host = None
-    for lower, name, value in fields:
-        if lower == b"host" and host is None:
-            host = value
-        if lower not in dropped and b"_" not in name:
-            forwarded.append((name, value))
+    if (
+        names is not None
+        and dropped.isdisjoint(names)
+        and b"_" not in b"".join(names)
+    ):
+        # Nothing to drop (so no Connection either): the fields as they
+        # came, which the loop below would keep one by one.
+        forwarded = list(pairs)
+        host = pairs[names.index(b"host")][1] if b"host" in names else None
+    else:
+        # One pass to lower-case the names (every rule below compares them).
+        fields = [(name.lower(), name, value) for name, value in pairs]
+        connection = [value for lower, _, value in fields if lower == b"connection"]
+        if connection:
+            own |= reserved
+            nominated = {
+                token
+                for token in (
+                    t.strip().lower() for value in connection for t in value.split(b",")
+                )
+                if token
+                and token not in NEVER_NOMINATED
+                and token not in own
+                and not token.startswith(b"x-forwarded-")
+            }
+            dropped = dropped | nominated
+        forwarded = []
+        host = None
+        for lower, name, value in fields:
+            if lower == b"host" and host is None:
+                host = value
+            if lower not in dropped and b"_" not in name:
+                forwarded.append((name, value))
     if host is None and default_host:
         forwarded.insert(0, (b"Host", default_host))
         host = default_host

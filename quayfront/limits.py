@@ -145,11 +145,14 @@ class RateLimiter:
         Take a token for C{client}: C{None} when allowed, else the seconds
         until a token will be available (for C{Retry-After}).
         """
-        if self._exempted(client):
+        if self._exempt and self._exempted(client):
             return None
         now = self._clock.seconds()
-        self._expire(now)
-        tokens, updated = self._buckets.pop(client, (self._burst, now))
+        buckets = self._buckets
+        if buckets and now - next(iter(buckets.values()))[1] >= self._refill_s:
+            # The least recently used bucket is full again: drop such ones.
+            self._expire(now)
+        tokens, updated = buckets.pop(client, (self._burst, now))
         tokens = min(self._burst, tokens + (now - updated) * self._rate)
         if tokens >= 1.0:
             self._buckets[client] = (tokens - 1.0, now)

@@ -291,6 +291,15 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         provide_what_transport_provides(self, transport)
         Protocol.makeConnection(self, transport)
 
+    # What ProtocolWrapper.__getattr__ would find on the transport, without
+    # a failed lookup first: the protocols above resume reading at the end
+    # of every response.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
     def connectionMade(self) -> None:
         self.factory.registerProtocol(self)
         policy = self.factory.policy

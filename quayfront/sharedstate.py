@@ -41,6 +41,14 @@ from quayfront.limits import ConcurrencyLimiter, Overloaded, is_exempt
 _BUCKET = struct.Struct("<Qdd")  # key hash, tokens, last update (seconds)
 _PROBE_WINDOW = 16
 _COUNTER = struct.Struct("<q")
+#: Client addresses whose bucket keys a limiter remembers (then forgets
+#: them all and starts again): a key is a hash, worth not recomputing for
+#: every request of a client.
+_REMEMBERED_KEYS = 4096
+
+_lockf = fcntl.lockf
+_LOCK_EX = fcntl.LOCK_EX
+_LOCK_UN = fcntl.LOCK_UN
 
 
 def _table_file(path: str, size: int, create: bool) -> tuple[int, mmap.mmap]:
@@ -55,6 +63,14 @@ class _Locked:
     def __init__(self, path: str, size: int, create: bool) -> None:
         self.path = path
         self._fd, self.memory = _table_file(path, size, create)
+
+    def lock(self) -> None:
+        # The per-request paths call lock() and unlock() themselves: a
+        # generator-based context manager costs more than the lock does.
+        _lockf(self._fd, _LOCK_EX)
+
+    def unlock(self) -> None:
+        _lockf(self._fd, _LOCK_UN)
 
     @contextmanager
     def locked(self) -> Iterator[mmap.mmap]:
@@ -93,6 +109,7 @@ class SharedRateLimiter:
         self._refill_s = self._burst / self._rate
         self._slots = bucket_slots(config.max_clients)
         self._table = _Locked(path, self._slots * _BUCKET.size, create)
+        self._keys: dict[str, int] = {}
 
     def __len__(self) -> int:
         now = self._clock.seconds()
@@ -114,12 +131,15 @@ class SharedRateLimiter:
         """
         if self._exempted(client):
             return None
-        digest = hashlib.blake2b(client.encode("utf-8", "surrogateescape"), digest_size=8)
-        # 0 marks an empty slot.
-        key = int.from_bytes(digest.digest(), "little") or 1
+        key = self._keys.get(client)
+        if key is None:
+            key = self._key(client)
         first = key & (self._slots - 1)
         now = self._clock.seconds()
-        with self._table.locked() as memory:
+        table = self._table
+        memory = table.memory
+        table.lock()
+        try:
             found = reusable = None
             oldest_at = None
             for step in range(_PROBE_WINDOW):
@@ -142,7 +162,19 @@ class SharedRateLimiter:
             if allowed:
                 tokens -= 1.0
             _BUCKET.pack_into(memory, offset, key, tokens, now)
+        finally:
+            table.unlock()
         return None if allowed else (1.0 - tokens) / self._rate
+
+    def _key(self, client: str) -> int:
+        digest = hashlib.blake2b(client.encode("utf-8", "surrogateescape"), digest_size=8)
+        # 0 marks an empty slot.
+        key = int.from_bytes(digest.digest(), "little") or 1
+        keys = self._keys
+        if len(keys) >= _REMEMBERED_KEYS:
+            keys.clear()
+        keys[client] = key
+        return key
 
 
 class SharedSlotCounts:
@@ -153,22 +185,33 @@ class SharedSlotCounts:
     def __init__(self, path: str, workers: int, create: bool = False) -> None:
         self.workers = workers
         self._table = _Locked(path, max(1, workers) * _COUNTER.size, create)
+        # Every worker's count in one unpack.
+        self._all = struct.Struct(f"<{workers}q")
 
     def try_take(self, worker: int, cap: int) -> bool:
-        with self._table.locked() as memory:
-            total = sum(
-                _COUNTER.unpack_from(memory, i * _COUNTER.size)[0] for i in range(self.workers)
-            )
-            if total >= cap:
+        table = self._table
+        memory = table.memory
+        table.lock()
+        try:
+            if sum(self._all.unpack_from(memory)) >= cap:
                 return False
-            (mine,) = _COUNTER.unpack_from(memory, worker * _COUNTER.size)
-            _COUNTER.pack_into(memory, worker * _COUNTER.size, mine + 1)
+            offset = worker * _COUNTER.size
+            (mine,) = _COUNTER.unpack_from(memory, offset)
+            _COUNTER.pack_into(memory, offset, mine + 1)
             return True
+        finally:
+            table.unlock()
 
     def give_back(self, worker: int) -> None:
-        with self._table.locked() as memory:
-            (mine,) = _COUNTER.unpack_from(memory, worker * _COUNTER.size)
-            _COUNTER.pack_into(memory, worker * _COUNTER.size, max(0, mine - 1))
+        table = self._table
+        memory = table.memory
+        offset = worker * _COUNTER.size
+        table.lock()
+        try:
+            (mine,) = _COUNTER.unpack_from(memory, offset)
+            _COUNTER.pack_into(memory, offset, max(0, mine - 1))
+        finally:
+            table.unlock()
 
     def clear(self, worker: int) -> None:
         """A worker ended: whatever it held is free again."""

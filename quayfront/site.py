@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from io import BytesIO
+from itertools import chain
 from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
@@ -377,10 +378,16 @@ class FrontChannel(TimeoutMixin, Protocol):
             self._misbehaved(refusal)
         finally:
             self._driving = False
-        self._watch_head()
+        if (
+            self.request is None
+            and self._head_deadline is None
+            and self._framer.head_in_progress
+        ):
+            self._watch_head()
 
     def _head_received(self, head: RequestHead) -> None:
-        self._cancel_head_deadline()
+        if self._head_deadline is not None:
+            self._cancel_head_deadline()
         request = self.requestFactory(self)
         self.request = request
         self._receiving_body = True
@@ -392,9 +399,12 @@ class FrontChannel(TimeoutMixin, Protocol):
         request.path = path
         request.args = parse_qs(query, 1) if question else {}
         fields = head.headers
-        received_fields = getattr(request, "received_fields", None)
-        if received_fields is not None:
-            received_fields(fields)
+        received_head = getattr(request, "received_head", None)
+        if received_head is not None:
+            received_head(head)
+        elif getattr(request, "received_fields", None) is not None:
+            # A request that takes the fields alone.
+            request.received_fields(fields)
         else:
             # Any other twisted.web request.
             headers = request.requestHeaders
@@ -408,7 +418,7 @@ class FrontChannel(TimeoutMixin, Protocol):
         request.gotLength(head.content_length)
         if self.request is not request or self._refused or self._closing:
             return
-        expect = first_field(fields, b"expect")
+        expect = head.expect
         # As Twisted's channel: the first Expect header, on HTTP/1.1.
         if expect is not None and expect.lower() == b"100-continue" and version == b"HTTP/1.1":
             if not self.hold_continue():
@@ -743,6 +753,8 @@ class FrontRequest(server.Request):
     _log = Logger()
     #: The request's header fields, in order, as the channel parsed them.
     fields: list[tuple[bytes, bytes]] | None = None
+    #: The head as the channel's framer framed it, when it did.
+    head: RequestHead | None = None
     _request_headers: Headers | None = None
     #: Fields not yet copied into C{requestHeaders}.
     _fields_pending: list[tuple[bytes, bytes]] | tuple = ()
@@ -885,6 +897,14 @@ class FrontRequest(server.Request):
             # Another channel takes heads as Headers only.
             self.responseHeaders
 
+    def received_head(self, head: RequestHead) -> None:
+        """
+        The channel framed the request's head: its fields, in order, and
+        what the framer learnt of them (L{RequestHead}).
+        """
+        self.head = head
+        self.fields = self._fields_pending = head.headers
+
     def received_fields(self, fields: list[tuple[bytes, bytes]]) -> None:
         """
         The channel parsed the request's head: its header fields, in order.
@@ -906,59 +926,67 @@ class FrontRequest(server.Request):
         # The channel has set method, uri, clientproto, path, args and the
         # headers from the parsed head.
         channel = self.channel
+        head = self.head
         # Routed on the normalised path and sent upstream as routed; the
         # access log keeps the target as the client sent it.
-        self.upstream_target = self.uri
-        self._target_refused = None
-        if self.uri.startswith(b"/"):
-            try:
-                self.path, self.upstream_target = normalise_target(self.uri)
-            except TargetRefused as refused:
-                self._target_refused = refused.reason
+        uri = self.upstream_target = self.uri
+        if uri[:1] == b"/":
+            if head is None or b"%" in uri or b"/." in uri:
+                try:
+                    self.path, self.upstream_target = normalise_target(uri)
+                except TargetRefused as refused:
+                    self._target_refused = refused.reason
+            # Else nothing to decode and no dot segment: the channel's path
+            # is the normalised one (normalise_target would answer it).
         self.site = site = channel.site
-        self._received_s = site.clock.seconds()
+        self._received_s = now_s = site.clock.seconds()
         # Read now: the channel is gone by the time an aborted request logs.
         self.origin, self._tls, self.tlvs, self._origin_text = channel.connection_facts()
-        fields = self.field_pairs()
+        fields = self.fields
+        if fields is None:
+            fields = self.field_pairs()
         self._head_length = (
-            len(self.method) + len(self.uri) + len(self.clientproto) + 4
-            + sum(len(name) + len(value) + 4 for name, value in fields)
-            + 2
+            len(self.method) + len(uri) + len(self.clientproto) + 6
+            + sum(map(len, chain.from_iterable(fields))) + 4 * len(fields)
         )
         # The load balancer's UNIQUE_ID names the request where it has one,
         # so its logs and the registry's can be joined.
         self.request_id = self.tlvs.get("unique_id") or REQUEST_IDS.next_id()
         site.request_started()
-        underscored = underscored_names(fields)
-        if underscored:
-            self._log.info(
-                "dropped request headers with underscores from {peer}: {names}",
-                peer=self._origin_text.client,
-                names=", ".join(_text(name) for name in underscored),
-            )
-            for _ in underscored:
-                # One at a time: the agreed Counters interface is (name, label).
-                site.counters.increment("http_headers_dropped", "underscore")
+        if head is None or b"_" in b"".join(head.names):
+            underscored = underscored_names(fields)
+            if underscored:
+                self._log.info(
+                    "dropped request headers with underscores from {peer}: {names}",
+                    peer=self._origin_text.client,
+                    names=", ".join(_text(name) for name in underscored),
+                )
+                for _ in underscored:
+                    # One at a time: the agreed Counters interface is (name, label).
+                    site.counters.increment("http_headers_dropped", "underscore")
 
         # A head from the channel's framer has one Host at most (it refuses
         # more): only the rest of _forwardable is left to check.
         if site.local_resource(self.path) is None and (
-            self._forwardable_target()
-            if self.fields is not None and isinstance(channel, FrontChannel)
+            (uri[:1] == b"/" and self._target_refused is None)
+            if head is not None and isinstance(channel, FrontChannel)
             else self._forwardable()
         ):
             self.route = site.router.route_for(self.path)
-        if self.route is not None and self.route.upstream is not None:
+        route = self.route
+        if route is not None and route.upstream is not None:
             self.forwarding = Forwarding(
                 self,
                 length,
-                self.route,
+                route,
                 site.clock,
                 client_ip=self._origin_text.client,
                 vouched_headers=site.vouched_headers(self.request_id, self.tlvs, self._tls),
                 reserved_headers=site.reserved_headers,
                 default_host=self._origin_text.default_host,
                 watch_client=False,
+                head=head,
+                now_s=now_s,
             )
         else:
             # Local answers take no body; whatever is sent is read and

@@ -548,6 +548,16 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             self.wrappedProtocol.makeConnection(self)
         self._checkHandshakeStatus()
 
+    # The protocol above stops and resumes reading through these (the end
+    # of every response resumes it).  ProtocolWrapper.__getattr__ would find
+    # them on the transport below, at the cost of a failed lookup and two
+    # more calls each time.
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
         # The protocol above registered itself as this transport's producer
@@ -651,8 +661,10 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             # _deliver, for the last (mostly the only) delivery of a read.
             self.wrappedProtocol.dataReceived(_ssl_ffi.buffer(buffer, used)[:])
         # What the records read may call for (a handshake reply, a key
-        # update) goes out now.
-        self._flushSendBIO()
+        # update) goes out now: _flushSendBIO, with its usual case (nothing
+        # to send) found here.
+        if _ssl_lib.BIO_get_mem_data(self._tlsConnection._from_ssl, _MEM_DATA_START):
+            _TLSMemoryBIOProtocol._flushSendBIO(self)
 
     def _flushSendBIO(self) -> None:
         if _RAW_TLS and not _ssl_lib.BIO_get_mem_data(
@@ -680,7 +692,10 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         offset = used = 0
         with _ssl_ffi.from_buffer(data) as plaintext:
             while offset < total:
-                count = ssl_write(ssl, plaintext + offset, min(_RECORD_BYTES, total - offset))
+                count = total - offset
+                if count > _RECORD_BYTES:
+                    count = _RECORD_BYTES
+                count = ssl_write(ssl, plaintext + offset, count)
                 if count <= 0:
                     try:
                         connection._raise_ssl_error(ssl, count)
@@ -695,14 +710,16 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                     # SSL_write returns more than zero unless it failed.
                     raise AssertionError(f"SSL_write returned {count} without an error")
                 offset += count
-                while True:
-                    read = bio_read(from_ssl, buffer + used, _SCRATCH_BYTES - used)
-                    if read <= 0:
-                        break
+                # The record just made, in one read unless it fills the
+                # buffer (then sent, and the rest read after it).
+                read = bio_read(from_ssl, buffer + used, _SCRATCH_BYTES - used)
+                while read > 0:
                     used += read
-                    if used == _SCRATCH_BYTES:
-                        self._send_encrypted(used)
-                        used = 0
+                    if used < _SCRATCH_BYTES:
+                        break
+                    self._send_encrypted(used)
+                    used = 0
+                    read = bio_read(from_ssl, buffer, _SCRATCH_BYTES)
         if used:
             # _send_encrypted, for the last (mostly the only) send of a write.
             write_borrowed = self._write_borrowed

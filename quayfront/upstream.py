@@ -22,7 +22,8 @@ from quayfront.upstreamclient import UpstreamAgent, UpstreamPool
 
 # Requests go to this URI authority; the agent ignores it, and the client's
 # own Host header is sent instead.
-UPSTREAM_URI_PREFIX = b"http://upstream"
+UPSTREAM_AUTHORITY = b"upstream"
+UPSTREAM_URI_PREFIX = b"http://" + UPSTREAM_AUTHORITY
 
 
 def upstream_uri(target: bytes) -> bytes:

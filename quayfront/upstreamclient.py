@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from types import SimpleNamespace
 from typing import Union
 
@@ -127,6 +128,8 @@ def split_uri(uri: bytes) -> tuple[bytes, bytes]:
 
 HeaderFields = Union[Headers, Sequence[tuple[bytes, bytes]], None]
 
+_name_of = itemgetter(0)
+
 
 def _pairs_of(headers: HeaderFields) -> Sequence[tuple[bytes, bytes]]:
     """
@@ -166,12 +169,11 @@ def request_head(
         lines.append(b"Transfer-Encoding: chunked\r\n")
     else:
         lines.append(b"Content-Length: %d\r\n" % body_length)
-    has_host = False
-    for name, value in _pairs_of(headers):
-        if not has_host and name.lower() == b"host":
-            has_host = True
-        lines += (name, b": ", value, b"\r\n")
-    if not has_host:
+    pairs = headers if type(headers) is list else _pairs_of(headers)
+    if pairs:
+        # Each field as "name: value", in order (no Python-level loop).
+        lines += (b"\r\n".join(map(b": ".join, pairs)), b"\r\n")
+    if b"host" not in map(bytes.lower, map(_name_of, pairs)):
         lines += (b"Host: ", authority, b"\r\n")
     lines.append(b"\r\n")
     return b"".join(lines)
@@ -879,9 +881,14 @@ class _Exchange:
 
 
 def _asks_close(headers: HeaderFields) -> bool:
+    pairs = headers if type(headers) is list else _pairs_of(headers)
+    if b"connection" not in map(bytes.lower, map(_name_of, pairs)):
+        # The usual case (a forwarded request never has one), found
+        # without a Python-level loop.
+        return False
     return any(
         token.strip().lower() == b"close"
-        for name, value in _pairs_of(headers)
+        for name, value in pairs
         if name.lower() == b"connection"
         for token in value.split(b",")
     )
@@ -949,8 +956,31 @@ class UpstreamAgent:
         """
         return self._start(method, uri, headers, bodyProducer, (on_response, on_failure)).result
 
-    def _start(self, method, uri, headers, bodyProducer, outcome) -> _Exchange:
-        authority, target = split_uri(uri)
+    def request_target_with(
+        self,
+        on_response: Callable[[UpstreamResponse], object],
+        on_failure: Callable[[Failure], object],
+        method: bytes,
+        authority: bytes,
+        target: bytes,
+        headers: HeaderFields = None,
+        bodyProducer=None,
+    ) -> _Outcome:
+        """
+        L{request_with} for the URI C{http://authority/target}, given as
+        its two parts (the authority is sent only when the headers have no
+        C{Host}), so that no URI is put together only to be split again.
+        """
+        return self._start(
+            method, b"http://" + authority + target, headers, bodyProducer,
+            (on_response, on_failure), authority, target,
+        ).result
+
+    def _start(
+        self, method, uri, headers, bodyProducer, outcome, authority=None, target=None
+    ) -> _Exchange:
+        if target is None:
+            authority, target = split_uri(uri)
         head = request_head(
             method,
             target,

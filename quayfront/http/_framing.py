@@ -57,6 +57,9 @@ A head that arrived whole is framed in one pass (two regular expressions
 over its field lines); anything the one-pass path is not sure of goes line
 by line, which gives the same verdict and names the error.  Bodies are
 handed on without being copied when nothing is buffered before them.
+Either way the head carries what its one pass learnt of the fields (each
+name lower-cased, the C{Host}, the first C{Expect}; L{head_facts}), so
+that nothing after the framer walks them again.
 
 Not httptools (llhttp): it parses a small head several times faster, but
 by itself accepts C{Transfer-Encoding} on HTTP/1.0, a missing or repeated
@@ -76,6 +79,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import field
+from operator import itemgetter
 from types import SimpleNamespace
 
 from ._record import frozen_record
@@ -118,6 +122,11 @@ _HOST = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|\[v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+\]"
     rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?\Z"
 )
+
+
+# The usual Host, a name or IPv4 address and a port: a part of what _HOST
+# takes, found without its per-byte alternation.
+_PLAIN_HOST = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=]+(?::[0-9]*)?\Z")
 
 
 class PeerMisbehaved(Exception):
@@ -168,6 +177,13 @@ class RequestHead:
     content_length: int | None
     keep_alive: bool
     raw: bytes = field(repr=False)
+    #: What the framer learnt of the fields in its one pass, so that no
+    #: later stage walks them again: each name lower-cased, in order.
+    names: list[bytes] = field(default_factory=list, repr=False, compare=False)
+    #: The C{Host} value (there is one at most), or None.
+    host: bytes | None = field(default=None, repr=False, compare=False)
+    #: The first C{Expect} value, or None.
+    expect: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @frozen_record
@@ -191,6 +207,11 @@ class MessageEnd:
     raw: bytes = field(repr=False)
 
 
+#: The trailers of a request without chunks (never changed), and its end.
+_NO_TRAILERS: list[tuple[bytes, bytes]] = []
+_PLAIN_END = MessageEnd(_NO_TRAILERS, b"")
+
+
 class _State(enum.Enum):
     HEAD = "head"
     BODY_LENGTH = "body-length"
@@ -211,6 +232,7 @@ _STATES = SimpleNamespace(**_State.__members__)
 
 
 _BODY_BYTES = (_STATES.BODY_LENGTH, _STATES.CHUNK_DATA)
+_name_of = itemgetter(0)
 
 
 def _line_end(buffer: bytearray, start: int, scan_from: int, limit: int, reason: str,
@@ -246,6 +268,47 @@ def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     }
 
 
+# The fields whose values decide the framing, the connection's persistence or
+# an answer of the channel's own: a head with none of them (the usual GET)
+# needs only its Host checked.
+_DECIDING_FIELDS = frozenset({b"transfer-encoding", b"content-length", b"connection", b"expect"})
+
+
+def head_facts(
+    version: bytes, headers: list[tuple[bytes, bytes]], names: list[bytes]
+) -> tuple[int | None, bool, bytes | None, bytes | None]:
+    """
+    C{(content_length, keep_alive, host, expect)} of a head whose fields
+    are C{headers} and whose lower-cased names are C{names}: the body
+    length as L{body_framing} answers it (raising what it raises), whether
+    the connection persists after the request, the C{Host} value and the
+    first C{Expect} value (None when absent).
+    """
+    hosts = names.count(b"host")
+    host = headers[names.index(b"host")][1] if hosts else None
+    if _DECIDING_FIELDS.isdisjoint(names):
+        # body_framing's verdict, in its order, for a head without
+        # Transfer-Encoding or Content-Length.
+        if hosts > 1:
+            raise PeerMisbehaved(400, "duplicate-host")
+        if host is None:
+            if version == b"HTTP/1.1":
+                raise PeerMisbehaved(400, "missing-host")
+        elif not _PLAIN_HOST.match(host) and not _HOST.match(host):
+            raise PeerMisbehaved(400, "bad-host")
+        return 0, version == b"HTTP/1.1", host, None
+    length = body_framing(version, headers)
+    keep_alive = version == b"HTTP/1.1" and b"close" not in _connection_tokens(headers)
+    expect = headers[names.index(b"expect")][1] if b"expect" in names else None
+    return length, keep_alive, host, expect
+
+
+_COMMON_METHODS = frozenset(
+    (b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE", b"OPTIONS")
+)
+_SUPPORTED_VERSIONS = frozenset((b"HTTP/1.1", b"HTTP/1.0"))
+
+
 def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     """
     C{(method, target, version)} of a request line without its CRLF, or
@@ -257,14 +320,15 @@ def parse_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
             raise PeerMisbehaved(400, "bad-request-target")
         raise PeerMisbehaved(400, "bad-request-line")
     method, target, version = parts
-    if not _TOKEN.match(method):
+    # The usual methods are tokens, the usual versions valid: no pattern
+    # is run for them.
+    if method not in _COMMON_METHODS and not _TOKEN.match(method):
         raise PeerMisbehaved(400, "bad-request-line", "method is not a token")
     if not _TARGET.match(target):
         raise PeerMisbehaved(400, "bad-request-target")
-    matched = _VERSION.match(version)
-    if matched is None:
-        raise PeerMisbehaved(400, "bad-version")
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+    if version not in _SUPPORTED_VERSIONS:
+        if _VERSION.match(version) is None:
+            raise PeerMisbehaved(400, "bad-version")
         raise PeerMisbehaved(505, "unsupported-version")
     return method, target, version
 
@@ -424,9 +488,20 @@ class RequestFramer:
         self._buffer += data
 
     def next_event(self) -> RequestHead | BodyData | MessageEnd | _NeedData:
-        if self._error is not None:
+        state = self._state
+        if state is _STATES.HEAD:
+            if not self._buffer:
+                # Between requests, the usual case: nothing to scan.
+                return NEED_DATA
+        elif state is _STATES.END:
+            # The end of a request without a body (or whose body is all
+            # there): nothing left to check.
+            return self._end_message(b"", _NO_TRAILERS)
+        elif self._error is not None:
             raise self._error
         try:
+            if state is _STATES.HEAD:
+                return self._next_head()
             return self._next_event()
         except PeerMisbehaved as error:
             if self._state is _STATES.HEAD:
@@ -445,7 +520,13 @@ class RequestFramer:
         return bytes(buffer[start:end]).rstrip(b"\r")
 
     def _take(self, count: int) -> bytes:
-        with memoryview(self._buffer) as view:
+        buffer = self._buffer
+        if count == len(buffer):
+            # All of it (a head that came alone, the usual case).
+            taken = bytes(buffer)
+            buffer.clear()
+            return taken
+        with memoryview(buffer) as view:
             taken = bytes(view[:count])
         del self._buffer[:count]
         return taken
@@ -516,7 +597,7 @@ class RequestFramer:
         if state is _STATES.TRAILER:
             return self._next_trailer()
         if state is _STATES.END:
-            return self._end_message(b"", [])
+            return self._end_message(b"", _NO_TRAILERS)
         # CLOSED: nothing more is accepted; ERROR is raised above.
         return NEED_DATA
 
@@ -526,6 +607,9 @@ class RequestFramer:
         self._skipped_empty_line = False
         if not self._keep_alive:
             self._buffer = bytearray()
+        if trailers is _NO_TRAILERS:
+            # The end of a request without chunks, the same every time.
+            return _PLAIN_END
         return MessageEnd(trailers, raw)
 
     def _next_trailer(self) -> MessageEnd | _NeedData:
@@ -591,7 +675,7 @@ class RequestFramer:
                     raise PeerMisbehaved(431, "too-many-headers")
                 self._headers.append(parse_field_line(line))
                 continue
-            return self._head_complete(end + 2)
+            return self._head_complete(end + 2, [name.lower() for name, _ in self._headers])
 
     def _whole_head(self) -> RequestHead | None:
         """
@@ -622,15 +706,13 @@ class RequestFramer:
         except PeerMisbehaved:
             return None
         self._request_line = request_line
-        self._headers = _FIELD_PAIR.findall(lines, line_end + 2)
-        return self._head_complete(end + 4)
+        self._headers = headers = _FIELD_PAIR.findall(lines, line_end + 2)
+        return self._head_complete(end + 4, list(map(bytes.lower, map(_name_of, headers))))
 
-    def _head_complete(self, head_end: int) -> RequestHead:
+    def _head_complete(self, head_end: int, names: list[bytes]) -> RequestHead:
         method, target, version = self._request_line
         headers = self._headers
-        length = body_framing(version, headers)
-        tokens = _connection_tokens(headers)
-        keep_alive = version == b"HTTP/1.1" and b"close" not in tokens
+        length, keep_alive, host, expect = head_facts(version, headers, names)
         raw = self._take(head_end)
         self._request_line = None
         self._headers = []
@@ -643,4 +725,6 @@ class RequestFramer:
             self._remaining = length
         else:
             self._state = _STATES.END
-        return RequestHead(method, target, version, headers, length, keep_alive, raw)
+        return RequestHead(
+            method, target, version, headers, length, keep_alive, raw, names, host, expect
+        )

@@ -231,3 +231,19 @@ def test_connection_lost_before_header_cancels_deadline() -> None:
     protocol.dataReceived(V1[:5])
     protocol.connectionLost(None)
     assert clock.getDelayedCalls() == []
+
+
+def test_pause_and_resume_reach_the_transport_without_attribute_relay(monkeypatch) -> None:
+    """The protocol above stops and resumes reading through the PROXY layer's own methods, not ProtocolWrapper.__getattr__."""
+    from twisted.protocols.policies import ProtocolWrapper
+
+    protocol, transport, inner, clock, counters = connect()
+
+    def no_relay(self, name):
+        raise AssertionError(f"{name} relayed by __getattr__")
+
+    monkeypatch.setattr(ProtocolWrapper, "__getattr__", no_relay)
+    protocol.pauseProducing()
+    assert transport.producerState == "paused"
+    protocol.resumeProducing()
+    assert transport.producerState == "producing"

@@ -66,6 +66,22 @@ def test_memory_is_fixed_whatever_the_number_of_clients(tmp_path: Path) -> None:
     assert (tmp_path / "zone").stat().st_size == size
 
 
+def test_remembered_keys_are_bounded_and_name_the_same_buckets(tmp_path: Path) -> None:
+    """A limiter remembers a bounded number of clients' keys; a forgotten key is worked out again to the same bucket."""
+    from quayfront import sharedstate
+
+    clock, (a, b) = rate_limiters(tmp_path, 2, requests_per_s=1.0, burst=2, max_clients=10000)
+    assert a.check("192.0.2.1") is None
+    for n in range(2 * sharedstate._REMEMBERED_KEYS):
+        a.check(f"10.1.{n // 256}.{n % 256}")
+        assert len(a._keys) <= sharedstate._REMEMBERED_KEYS
+    # Forgotten by a, never known to b: both still find its bucket, one
+    # token left of the burst.
+    assert "192.0.2.1" not in a._keys
+    assert b.check("192.0.2.1") is None
+    assert a.check("192.0.2.1") is not None
+
+
 def test_exempt_sources_are_not_limited(tmp_path: Path) -> None:
     """Exempt clients never take tokens."""
     _, (a,) = rate_limiters(

@@ -883,6 +883,25 @@ def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> 
     assert b"".join(received) == payload
 
 
+def test_batched_tls_pause_and_resume_reach_the_transport_without_attribute_relay(monkeypatch) -> None:
+    """The protocol above stops and resumes reading through BatchedReceiveTLS's own methods, not ProtocolWrapper.__getattr__."""
+    from twisted.protocols.policies import ProtocolWrapper
+
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app)
+    calls = []
+    server.transport.pauseProducing = lambda: calls.append("pause")
+    server.transport.resumeProducing = lambda: calls.append("resume")
+
+    def no_relay(self, name):
+        raise AssertionError(f"{name} relayed by __getattr__")
+
+    monkeypatch.setattr(ProtocolWrapper, "__getattr__", no_relay)
+    app.transport.pauseProducing()
+    app.transport.resumeProducing()
+    assert calls == ["pause", "resume"]
+
+
 def test_batched_tls_write_sequence_is_one_write_and_none_after_close() -> None:
     """writeSequence sends its pieces as one write, in order; once the connection is closing (no producer) it sends nothing, as Twisted's does."""
     app = _Recorder()
@@ -1007,6 +1026,10 @@ def test_batched_tls_reads_and_writes_more_than_its_buffers(tls_version, monkeyp
     server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
     app.transport.write(payload[::-1])
     assert len(writes) == 3
+    # Everything the write encrypted left with it: nothing waits in the
+    # memory BIO for a later flush.
+    assert bindings.BIO_get_mem_data(
+        server._tlsConnection._from_ssl, twistedadapter._MEM_DATA_START) == 0
     for _ in range(20):
         pump.flush()
         clock.advance(0)

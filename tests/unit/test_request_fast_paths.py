@@ -1,0 +1,320 @@
+"""
+The request half's short ways through the common case, each held to the
+general path it stands in for: on every generated input both give the same
+answer (or refuse with the same status and reason).
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quayfront.headers import upstream_request_headers
+from quayfront.http import (
+    BodyState,
+    Event,
+    Exchange,
+    ExchangeState,
+    PeerMisbehaved,
+    RequestFramer,
+    RequestHead,
+    normalise_path,
+)
+from quayfront.http._exchange import accepts
+from quayfront.http._framing import (
+    _HOST,
+    _PLAIN_HOST,
+    _TARGET,
+    _TARGET_BAD_BYTE,
+    _TOKEN,
+    _VERSION,
+    parse_request_line,
+    _connection_tokens,
+    body_framing,
+    head_facts,
+)
+
+# Names the rules look at, in several cases, and a few they do not.
+NAMES = st.sampled_from(
+    [
+        b"Host", b"host", b"HOST", b"Content-Length", b"content-length",
+        b"Transfer-Encoding", b"Connection", b"connection", b"Expect", b"expect",
+        b"Keep-Alive", b"TE", b"Upgrade", b"X-Forwarded-For", b"X-Real-IP",
+        b"X-Request-ID", b"x-request-id", b"X-Client-Cert", b"Accept", b"User-Agent",
+        b"X_Forwarded_For", b"Authorization", b"Docker-Distribution-Api-Version",
+    ]
+)
+VALUES = st.sampled_from(
+    [
+        b"", b"a", b"example.test", b"example.test:443", b"[::1]:8443", b"bad host",
+        b"0", b"12", b"1, 2", b"99999999999999999999", b"chunked", b"identity",
+        b"gzip, chunked", b"close", b"keep-alive, Close", b"Upgrade, x-request-id",
+        b"accept, host", b"100-continue", b"100-Continue", b"*/*", b"Bearer a_b",
+    ]
+)
+FIELDS = st.lists(st.tuples(NAMES, VALUES), max_size=8)
+VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0"])
+
+
+def general_facts(version, headers):
+    """What the channel and the framer worked out before head_facts."""
+    length = body_framing(version, headers)
+    keep_alive = version == b"HTTP/1.1" and b"close" not in _connection_tokens(headers)
+    host = next((v for n, v in headers if n.lower() == b"host"), None)
+    expect = next((v for n, v in headers if n.lower() == b"expect"), None)
+    return length, keep_alive, host, expect
+
+
+def outcome(function, *args):
+    try:
+        return function(*args)
+    except PeerMisbehaved as refusal:
+        return ("refused", refusal.status, refusal.reason)
+
+
+@given(VERSIONS, FIELDS)
+def test_head_facts_agree_with_body_framing_and_the_connection_tokens(version, headers):
+    names = [name.lower() for name, _ in headers]
+    assert outcome(head_facts, version, headers, names) == outcome(
+        general_facts, version, headers
+    )
+
+
+def frame_head(pieces):
+    framer = RequestFramer()
+    for piece in pieces:
+        framer.feed(piece)
+        event = framer.next_event()
+        if type(event) is RequestHead:
+            return event
+    raise AssertionError("no head")
+
+
+@given(FIELDS.filter(lambda fields: sum(n.lower() == b"host" for n, _ in fields) == 1))
+def test_the_head_carries_its_names_host_and_expect_whole_or_byte_by_byte(headers):
+    data = b"GET / HTTP/1.1\r\n" + b"".join(
+        name + b": " + value + b"\r\n" for name, value in headers
+    ) + b"\r\n"
+    try:
+        whole = frame_head([data])
+    except PeerMisbehaved:
+        return
+    bytewise = frame_head([data[i : i + 1] for i in range(len(data))])
+    for head in (whole, bytewise):
+        assert head.headers == headers
+        assert head.names == [name.lower() for name, _ in headers]
+        assert head.host == next(v for n, v in headers if n.lower() == b"host")
+        assert head.expect == next((v for n, v in headers if n.lower() == b"expect"), None)
+
+
+def test_the_head_says_expect_for_a_body_that_waits_for_it():
+    head = frame_head(
+        [b"PUT /a HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"]
+    )
+    assert (head.content_length, head.expect, head.host) == (3, b"100-continue", b"a")
+
+
+RESERVED = st.sampled_from(
+    [frozenset(), frozenset({b"x-request-id"}), frozenset({b"x-request-id", b"x-client-cert"})]
+)
+VOUCHED = st.sampled_from(
+    [[], [(b"X-Request-ID", b"0123")], [(b"X-Request-ID", b"1"), (b"X-Other", b"2")]]
+)
+
+
+@given(FIELDS, RESERVED, VOUCHED, st.sampled_from([b"", b"127.0.0.1:443"]))
+def test_upstream_headers_from_the_framers_names_agree_with_the_general_path(
+    pairs, reserved, vouched, default_host
+):
+    names = [name.lower() for name, _ in pairs]
+    sent = list(pairs)
+    settings = dict(
+        client_ip="192.0.2.1", vouched=vouched, reserved=reserved, default_host=default_host
+    )
+    given_names = upstream_request_headers(pairs, names=names, **settings)
+    assert given_names == upstream_request_headers(pairs, **settings)
+    # The request's own fields are never changed.
+    assert pairs == sent and names == [name.lower() for name, _ in pairs]
+
+
+SEGMENT = st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyzABC0123456789-._~:@!$&'()*+,;=", max_size=6
+).map(str.encode)
+TARGETS = st.tuples(st.lists(SEGMENT, min_size=1, max_size=5), st.booleans(), SEGMENT).map(
+    lambda parts: b"/" + b"/".join(parts[0]) + (b"?" + parts[2] if parts[1] else b"")
+)
+
+
+@given(TARGETS)
+def test_a_target_without_escapes_or_dot_segments_routes_as_sent(target):
+    # FrontRequest.gotLength routes such a target on the path as the
+    # channel split it, without normalising it.
+    if b"%" in target or b"/." in target:
+        return
+    path = target.partition(b"?")[0]
+    assert normalise_path(path) == path
+
+
+@pytest.mark.parametrize("draining", [False, True])
+@pytest.mark.parametrize("state", list(ExchangeState))
+def test_the_end_of_no_body_changes_nothing_in_any_state(state, draining):
+    # Forwarding.body_done skips Event.BODY_END for a bodiless exchange:
+    # the model must take it everywhere, and do nothing with it.
+    exchange = Exchange(has_body=False)
+    exchange.state, exchange.draining = state, draining
+    assert exchange.body is BodyState.NONE
+    assert accepts(state, BodyState.NONE, draining, Event.BODY_END)
+    assert exchange.handle(Event.BODY_END) == ()
+    assert (exchange.state, exchange.body, exchange.draining) == (
+        state, BodyState.NONE, draining
+    )
+
+
+HOST_BYTES = st.sampled_from(list(b"aZ09-._~!$&'()*+,;=%:[]@/ \x00\x7fvV")).map(lambda b: bytes((b,)))
+
+
+@given(st.lists(HOST_BYTES, max_size=16).map(b"".join))
+def test_the_plain_host_pattern_takes_only_what_the_full_one_takes(host):
+    # head_facts tries _PLAIN_HOST first: the verdict must stay _HOST's.
+    if _PLAIN_HOST.match(host):
+        assert _HOST.match(host)
+
+
+def reference_request_line(line):
+    """parse_request_line as it was before its short ways for common values."""
+    parts = line.split(b" ")
+    if len(parts) != 3:
+        if _TARGET_BAD_BYTE.search(line.replace(b" ", b"")):
+            raise PeerMisbehaved(400, "bad-request-target")
+        raise PeerMisbehaved(400, "bad-request-line")
+    method, target, version = parts
+    if not _TOKEN.match(method):
+        raise PeerMisbehaved(400, "bad-request-line")
+    if not _TARGET.match(target):
+        raise PeerMisbehaved(400, "bad-request-target")
+    if _VERSION.match(version) is None:
+        raise PeerMisbehaved(400, "bad-version")
+    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise PeerMisbehaved(505, "unsupported-version")
+    return method, target, version
+
+
+LINE_PARTS = st.sampled_from(
+    [b"GET", b"get", b"PUT", b"OPTIONS", b"M-SEARCH", b"G(T", b"", b"/", b"/a?b", b"/#",
+     b"/\x7f", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.12", b"http/1.1", b" "]
+)
+
+
+@given(st.lists(LINE_PARTS, max_size=5).map(b" ".join))
+def test_the_request_line_parser_agrees_with_its_reference(line):
+    assert outcome(parse_request_line, line) == outcome(reference_request_line, line)
+
+
+def test_a_request_that_takes_the_fields_alone_still_gets_them():
+    from twisted.web import server
+
+    from tests.unit.test_forward import connect, make_site
+
+    got = []
+
+    class FieldsOnly(server.Request):
+        def received_fields(self, fields):
+            got.append(list(fields))
+
+        def gotLength(self, length):
+            pass
+
+        def requestReceived(self, command, path, version):
+            pass
+
+    site, _, _, _ = make_site()
+    site.requestFactory = FieldsOnly
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\nAccept: a\r\n\r\n")
+    assert got == [[(b"Host", b"h"), (b"Accept", b"a")]]
+
+
+def admission_run(monkeypatch, scenario: str, general: bool):
+    """
+    The events each exchange was handed (with the actions it answered),
+    the upstream requests made and what each client got, for requests
+    through Forwarding's short way to admission or (general) through
+    feed(HEAD_COMPLETE) and the action queue.
+    """
+    from twisted.internet.testing import MemoryReactorClock
+
+    from quayfront import forward
+    from quayfront.config import RateLimitConfig, RouteConfig
+    from quayfront.limits import ConcurrencyLimiter, RateLimiter
+    from quayfront.routing import Route, Router, Upstream
+    from tests.unit.test_channel import answer
+    from tests.unit.test_forward import FakeAgent, connect, site_for
+
+    handled = []
+    handle = Exchange.handle
+
+    def recording(exchange, event, **payload):
+        actions = handle(exchange, event, **payload)
+        handled.append((id(exchange), event, actions))
+        return actions
+
+    monkeypatch.setattr(Exchange, "handle", recording)
+    if general:
+        monkeypatch.setattr(
+            forward.Forwarding, "_head_complete", lambda self: self.feed(Event.HEAD_COMPLETE)
+        )
+    clock = MemoryReactorClock()
+    agent = FakeAgent()
+    rate_limiter = (
+        RateLimiter(clock, RateLimitConfig(requests_per_s=0.5, burst=1 if scenario == "limited" else 5))
+        if scenario in ("limited", "free")
+        else None
+    )
+    route = Route(
+        RouteConfig(prefix="/", max_body_bytes=5 if scenario == "too-large" else 0),
+        upstream=Upstream(
+            "default", agent, ConcurrencyLimiter(clock, 1 if scenario == "queued" else 0, 2, 30.0)
+        ),
+        rate_limiter=rate_limiter,
+    )
+    site = site_for(Router([route]), clock)
+    request = (
+        b"PUT /v2/a HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n"
+        if scenario == "too-large"
+        else b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
+    clients = []
+    for _ in range(2):
+        channel, client = connect(site)
+        channel.dataReceived(request)
+        clients.append(client)
+    clock.advance(0)
+    while agent.requests and not agent.requests[0]["d"].called:
+        answer(agent, 0)
+        agent.requests.pop(0)
+        clock.advance(0)
+    ids = {}
+    events = [(ids.setdefault(key, len(ids)), event, actions) for key, event, actions in handled]
+    outputs = [
+        (client.value().split(b"\r\n", 1)[0], client.disconnecting) for client in clients
+    ]
+    return events, outputs
+
+
+@pytest.mark.parametrize("scenario", ["free", "limited", "queued", "too-large", "no-limiter"])
+def test_the_short_way_to_admission_agrees_with_the_action_queue(monkeypatch, scenario):
+    short = admission_run(monkeypatch, scenario, general=False)
+    monkeypatch.undo()
+    general = admission_run(monkeypatch, scenario, general=True)
+    assert short == general
+    # Each scenario reaches what it is about.
+    statuses = [line.split(b" ")[1] for line, _ in short[1]]
+    expected = {
+        "free": [b"200", b"200"],
+        "limited": [b"200", b"429"],
+        "queued": [b"200", b"200"],
+        "too-large": [b"413", b"413"],
+        "no-limiter": [b"200", b"200"],
+    }[scenario]
+    assert statuses == expected
