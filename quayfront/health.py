@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from quayfront.config import HealthConfig
+from quayfront.twistedadapter import client_gone
 
 
 class _Discard(Protocol):
@@ -135,7 +136,7 @@ class HealthResource(Resource):
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Cache-Control", b"no-cache, no-store")
             request.setHeader(b"Content-Length", b"%d" % len(body))
-            if not request._disconnected:
+            if not client_gone(request):
                 request.write(body)
                 request.finish()
 

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server, static
-from twisted.web.http import NO_BODY_CODES, parse_qs, toChunk
+from twisted.web.http import parse_qs
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from zope.interface import implementer
@@ -71,7 +71,7 @@ from quayfront.http import (
 from quayfront.metrics import Counters, tls_failure_reason
 from quayfront.proxylayer import ConnectionOrigin, origin_of
 from quayfront.routing import Route, Router
-from quayfront.twistedadapter import add_checked_fields, client_gone, pull_to_push
+from quayfront.twistedadapter import LeanRequest, add_checked_fields, client_gone, pull_to_push
 
 #: Bytes of pipelined requests read while a response is under way before
 #: the client stops being read (Twisted's channel reads as much).
@@ -734,7 +734,7 @@ class _WhenOver:
     errback = callback
 
 
-class FrontRequest(server.Request):
+class FrontRequest(LeanRequest):
     """
     A request that is either streamed to an upstream (L{Forwarding}) or
     answered locally.
@@ -742,6 +742,7 @@ class FrontRequest(server.Request):
 
     # Upstream responses carry their own Content-Type (or none).
     defaultContentType = None
+    lean_channel_type = FrontChannel
     forwarding: Forwarding | None = None
     route: Route | None = None
     origin: ConnectionOrigin
@@ -762,44 +763,6 @@ class FrontRequest(server.Request):
     #: A relayed response's head fields, as C{Headers} would hold them
     #: (see L{relay_response_head}); None when C{responseHeaders} holds them.
     _relayed: dict[bytes, list[bytes]] | None = None
-
-    #: What twisted.web's Request.__init__ sets (server's, with http's and
-    #: Componentized's under it); FrontRequest's own sets the same.
-    MIRRORED_ATTRIBUTES = frozenset(
-        {
-            "notifications",
-            "channel",
-            "client",
-            "host",
-            "requestHeaders",
-            "received_cookies",
-            "responseHeaders",
-            "cookies",
-            "transport",
-            "queued",
-            "_parsePOSTFormSubmission",
-            "_adapterCache",
-        }
-    )
-
-    def __init__(self, channel, *args, **kwargs) -> None:
-        if args or kwargs:
-            super().__init__(channel, *args, **kwargs)
-            return
-        # What twisted.web's Request.__init__ sets (MIRRORED_ATTRIBUTES), in
-        # one call instead of three, with its two Headers made only when
-        # something reads them (a relayed request never does).  A test
-        # holds twisted.web's to this list.
-        self.notifications = []
-        self.channel = channel
-        self.client = channel.getPeer()
-        self.host = channel.getHost()
-        self.received_cookies = {}
-        self.cookies = []
-        self.transport = channel.transport
-        self.queued = False
-        self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
-        self._adapterCache = {}
 
     # The forwarding path reads the fields as pairs; C{requestHeaders}, which
     # Twisted's request and quayfront's own resources use, is filled from
@@ -1085,87 +1048,6 @@ class FrontRequest(server.Request):
             # The head goes out with the first body bytes, not later.
             channel.flush_head()
 
-    def _write_relayed_head(self, fields: dict[bytes, list[bytes]], data: bytes) -> bool:
-        """
-        What twisted.web's C{Request.write} does on its first call, for a
-        relayed head and the first body bytes; false, with nothing done, if
-        this request uses what that takes twisted.web's own way (a default
-        content type, an encoder, cookies...) or is over.
-        """
-        if (
-            self.finished
-            or self._disconnected
-            or self._inFakeHead
-            or self._encoder is not None
-            or self.defaultContentType is not None
-            or self.lastModified is not None
-            or self.etag is not None
-            or self.cookies
-        ):
-            return False
-        self.startedWriting = 1
-        version = self.clientproto
-        code = self.code
-        with_body = self.method != b"HEAD" and code not in NO_BODY_CODES
-        if with_body and version == b"HTTP/1.1" and b"Content-Length" not in fields:
-            # Chunked, so that the connection can carry another request.
-            fields[b"Transfer-Encoding"] = [b"chunked"]
-            self.chunked = 1
-        lines = [b"%s %d %s" % (version, code, self.code_message)]
-        lines += [name + b": " + value for name, values in fields.items() for value in values]
-        lines.append(b"\r\n")
-        channel = self.channel
-        head = b"\r\n".join(lines)
-        if with_body:
-            self.sentLength += len(data)
-            if data:
-                if self.chunked:
-                    head = [head, *toChunk(data)]
-                else:
-                    head = [head, data]
-        else:
-            # As twisted.web: no body is written for these, ever.
-            self.write = _write_nothing
-        # The head and the first body bytes in one write, at once (what
-        # write_head, write and flush_head would send).
-        channel.write_response_start(head)
-        return True
-
-    def finish(self) -> None:
-        """
-        What twisted.web's C{Request.finish} (and its C{_cleanup}) does, in
-        one call, for a response whose head is written and that nothing
-        else holds (no encoder, producer, queue or spooled body: a relayed
-        one); anything else goes twisted.web's way.
-        """
-        if (
-            not self.startedWriting
-            or self.finished
-            or self._disconnected
-            or self.queued
-            or self.producer is not None
-            or self._encoder is not None
-            or self.content is not None
-            or not isinstance(self.channel, FrontChannel)
-        ):
-            super().finish()
-            return
-        channel = self.channel
-        if self.chunked:
-            # The last chunk.
-            channel.write(b"0\r\n\r\n")
-        factory = channel.factory
-        if factory is not None:
-            # FrontSite's does nothing (the request logs itself when it is
-            # over); another factory's is called as twisted.web calls it.
-            factory.log(self)
-        self.finished = 1
-        channel.requestDone(self)
-        del self.channel
-        for notification in self.notifications:
-            notification.callback(None)
-        self.notifications = []
-
     def handleContentChunk(self, data: bytes) -> None:
         if self.forwarding is not None:
             self.forwarding.body_chunk(data)
@@ -1254,10 +1136,6 @@ class FrontRequest(server.Request):
                 remote_user=None if authorization is None else basic_auth_user(authorization),
             )
         )
-
-
-def _write_nothing(data: bytes) -> None:
-    pass
 
 
 class StaticDirectory(static.File):

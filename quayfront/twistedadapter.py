@@ -23,6 +23,14 @@ The upstream side uses no private Twisted name: quayfront's own client
 C{_newclient}.  L{proxied_transport} stays here, as the one way
 forwarding reaches the upstream socket behind a response's body transport.
 
+twisted.web's request (the last section): L{LeanRequest} makes, first
+writes and finishes a request in one call each for the plain case, as
+C{Request.__init__}, C{write} and C{finish}/C{_cleanup} do; it sets
+C{_parsePOSTFormSubmission} and C{_adapterCache} and leaves a request with
+C{_disconnected}, C{_inFakeHead} or an C{_encoder} to twisted.web.  The
+workers' listening ports are adopted through L{adopt_port}
+(C{tcp.Port._fromListeningDescriptor}).
+
 Header fields (their own section): C{Headers._rawHeaders} and
 C{twisted.web.http_headers._nameEncoder}, to put fields quayfront has
 parsed and checked into a L{Headers} without checking them again
@@ -757,3 +765,158 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         if not self._aborted:
             # What ProtocolWrapper.dataReceived does, one call fewer.
             self.wrappedProtocol.dataReceived(received)
+
+
+# --- twisted.web's Request: made, first written and finished in one call ---
+#
+# twisted.web's C{Request} makes two C{Headers} in C{__init__} that a relayed
+# request never reads, writes a response head through its general
+# C{write} (default content type, cookies, encoders, the HEAD trick) and
+# finishes through C{finish} and C{_cleanup}, several calls each.
+# L{LeanRequest} does each in one call for the plain case and leaves
+# anything else to twisted.web.  Its private names, each in the canary
+# test: C{_parsePOSTFormSubmission} and C{_adapterCache} (set as
+# C{__init__} sets them), C{_disconnected}, C{_inFakeHead} and C{_encoder}
+# (the cases left to twisted.web).
+
+from twisted.web import server as _web_server  # noqa: E402
+from twisted.web.http import NO_BODY_CODES as _NO_BODY_CODES  # noqa: E402
+from twisted.web.http import toChunk as _to_chunk  # noqa: E402
+
+
+def _write_nothing(data: bytes) -> None:
+    pass
+
+
+class LeanRequest(_web_server.Request):
+    """
+    twisted.web's request, made, first written and finished in one call
+    each.  Its channel writes a response's start (head and first body
+    bytes) with C{write_response_start}; a channel of another type than
+    C{lean_channel_type} is finished twisted.web's way.  A subclass
+    provides C{requestHeaders} and C{responseHeaders} (made when read:
+    C{__init__} does not make them).
+    """
+
+    #: The channel type whose requests finish in one call.
+    lean_channel_type: type | tuple = ()
+
+    #: What twisted.web's Request.__init__ sets (server's, with http's and
+    #: Componentized's under it); LeanRequest's sets the same.
+    MIRRORED_ATTRIBUTES = frozenset(
+        {
+            "notifications",
+            "channel",
+            "client",
+            "host",
+            "requestHeaders",
+            "received_cookies",
+            "responseHeaders",
+            "cookies",
+            "transport",
+            "queued",
+            "_parsePOSTFormSubmission",
+            "_adapterCache",
+        }
+    )
+
+    def __init__(self, channel, *args, **kwargs) -> None:
+        if args or kwargs:
+            super().__init__(channel, *args, **kwargs)
+            return
+        # What twisted.web's Request.__init__ sets (MIRRORED_ATTRIBUTES), in
+        # one call instead of three, with its two Headers made only when
+        # something reads them (a relayed request never does).  A test
+        # holds twisted.web's to this list.
+        self.notifications = []
+        self.channel = channel
+        self.client = channel.getPeer()
+        self.host = channel.getHost()
+        self.received_cookies = {}
+        self.cookies = []
+        self.transport = channel.transport
+        self.queued = False
+        self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
+        self._adapterCache = {}
+
+    def _write_relayed_head(self, fields: dict[bytes, list[bytes]], data: bytes) -> bool:
+        """
+        What twisted.web's C{Request.write} does on its first call, for a
+        relayed head and the first body bytes; false, with nothing done, if
+        this request uses what that takes twisted.web's own way (a default
+        content type, an encoder, cookies...) or is over.
+        """
+        if (
+            self.finished
+            or self._disconnected
+            or self._inFakeHead
+            or self._encoder is not None
+            or self.defaultContentType is not None
+            or self.lastModified is not None
+            or self.etag is not None
+            or self.cookies
+        ):
+            return False
+        self.startedWriting = 1
+        version = self.clientproto
+        code = self.code
+        with_body = self.method != b"HEAD" and code not in _NO_BODY_CODES
+        if with_body and version == b"HTTP/1.1" and b"Content-Length" not in fields:
+            # Chunked, so that the connection can carry another request.
+            fields[b"Transfer-Encoding"] = [b"chunked"]
+            self.chunked = 1
+        lines = [b"%s %d %s" % (version, code, self.code_message)]
+        lines += [name + b": " + value for name, values in fields.items() for value in values]
+        lines.append(b"\r\n")
+        channel = self.channel
+        head = b"\r\n".join(lines)
+        if with_body:
+            self.sentLength += len(data)
+            if data:
+                if self.chunked:
+                    head = [head, *_to_chunk(data)]
+                else:
+                    head = [head, data]
+        else:
+            # As twisted.web: no body is written for these, ever.
+            self.write = _write_nothing
+        # The head and the first body bytes in one write, at once (what
+        # write_head, write and flush_head would send).
+        channel.write_response_start(head)
+        return True
+
+    def finish(self) -> None:
+        """
+        What twisted.web's C{Request.finish} (and its C{_cleanup}) does, in
+        one call, for a response whose head is written and that nothing
+        else holds (no encoder, producer, queue or spooled body: a relayed
+        one); anything else goes twisted.web's way.
+        """
+        if (
+            not self.startedWriting
+            or self.finished
+            or self._disconnected
+            or self.queued
+            or self.producer is not None
+            or self._encoder is not None
+            or self.content is not None
+            or not isinstance(self.channel, self.lean_channel_type)
+        ):
+            super().finish()
+            return
+        channel = self.channel
+        if self.chunked:
+            # The last chunk.
+            channel.write(b"0\r\n\r\n")
+        factory = channel.factory
+        if factory is not None:
+            # quayfront's site's does nothing (the request logs itself when
+            # it is over); another factory's is called as twisted.web calls
+            # it.
+            factory.log(self)
+        self.finished = 1
+        channel.requestDone(self)
+        del self.channel
+        for notification in self.notifications:
+            notification.callback(None)
+        self.notifications = []

@@ -57,7 +57,7 @@ from quayfront.supervisor import (
 )
 from quayfront.tls import CertificateReloader, ServerTLS
 from quayfront.ticketkeys import install_ticket_keys
-from quayfront.twistedadapter import EagerWritePort, install_lean_reactor
+from quayfront.twistedadapter import EagerWritePort, adopt_port, install_lean_reactor
 
 # "reuseport" gives each worker a SO_REUSEPORT socket of its own instead of
 # the one shared socket; kept for comparing the two (tests/bench/spread.py).
@@ -229,9 +229,7 @@ class AdoptingReactor:
         sock = self._sockets.pop((interface, port))
         try:
             # As reactor.adoptStreamPort does, with one accept per wake-up.
-            adopted = OneAcceptPort._fromListeningDescriptor(
-                self._reactor, sock.fileno(), sock.family, factory
-            )
+            adopted = adopt_port(OneAcceptPort, self._reactor, sock.fileno(), sock.family, factory)
             adopted.startListening()
             return adopted
         finally:

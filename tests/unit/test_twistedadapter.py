@@ -1055,3 +1055,35 @@ def test_batched_tls_hands_on_what_came_before_a_broken_record() -> None:
     assert app.calls == [b"good"]
     reason, calls_before = app.lost
     assert calls_before == 1 and reason.check(SSL.Error)
+
+
+def test_canary_lean_request_does_what_twisted_web_does() -> None:
+    """What LeanRequest does in one call is still what twisted.web's Request does there, with the private names it reads."""
+    from twisted.web import http, server
+
+    from quayfront.twistedadapter import LeanRequest
+
+    write = inspect.getsource(http.Request.write)
+    for piece in ("if self._disconnected:", "self.startedWriting = 1", "self.chunked = 1",
+                  "self.code not in NO_BODY_CODES", "self.lastModified is not None",
+                  "self.etag is not None", "if self.cookies:", 'if self.method == b"HEAD":',
+                  "self.sentLength = self.sentLength + len(data)", "toChunk(data)"):
+        assert piece in write, piece
+    server_write = inspect.getsource(server.Request.write)
+    for piece in ("self._inFakeHead", "self._encoder", "self.defaultContentType"):
+        assert piece in server_write, piece
+    finish = inspect.getsource(http.Request.finish)
+    for piece in ("if self._disconnected:", "if self.finished:", "if not self.startedWriting:",
+                  'self.channel.write(b"0\\r\\n\\r\\n")', "self.channel.factory.log(self)",
+                  "self.finished = 1", "if not self.queued:", "self._cleanup()"):
+        assert piece in finish, piece
+    cleanup = inspect.getsource(http.Request._cleanup)
+    for piece in ("if self.producer:", "self.channel.requestDone(self)", "del self.channel",
+                  "if self.content is not None:", "d.callback(None)", "self.notifications = []"):
+        assert piece in cleanup, piece
+    assert "if self._encoder:" in inspect.getsource(server.Request.finish)
+    # Class defaults, which LeanRequest's __init__ leaves as they are (a
+    # test in test_forward.py holds it to what twisted.web's __init__ sets).
+    for name in ("_disconnected", "_inFakeHead", "_encoder"):
+        assert hasattr(server.Request, name), name
+    assert "_parsePOSTFormSubmission" in LeanRequest.MIRRORED_ATTRIBUTES
