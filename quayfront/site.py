@@ -1086,15 +1086,10 @@ class FrontRequest(LeanRequest):
         status = self.code
         if result is not None and isinstance(result, Failure) and not self.startedWriting:
             status = CLIENT_CLOSED_REQUEST
-        referer = user_agent = authorization = None
-        for name, value in self.field_pairs():
-            lower = name.lower()
-            if lower == b"user-agent":
-                user_agent = value if user_agent is None else user_agent
-            elif lower == b"referer":
-                referer = value if referer is None else referer
-            elif lower == b"authorization":
-                authorization = value if authorization is None else authorization
+        head = self.head
+        referer, user_agent, authorization = logged_fields(
+            self.field_pairs(), None if head is None else head.names
+        )
         if forwarding is not None:
             exchange = forwarding.exchange
             ending = exchange.ending
@@ -1136,6 +1131,25 @@ class FrontRequest(LeanRequest):
                 remote_user=None if authorization is None else basic_auth_user(authorization),
             )
         )
+
+
+def logged_fields(
+    fields: list[tuple[bytes, bytes]], names: list[bytes] | None = None
+) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """
+    The first Referer, User-Agent and Authorization values of C{fields}
+    (None for each one absent), for the access log.  C{names}, the fields'
+    names lower-cased as the framer gives them, saves lower-casing them all
+    again.
+    """
+    if names is None or len(names) != len(fields):
+        names = [name.lower() for name, _ in fields]
+    referer = fields[names.index(b"referer")][1] if b"referer" in names else None
+    user_agent = fields[names.index(b"user-agent")][1] if b"user-agent" in names else None
+    authorization = (
+        fields[names.index(b"authorization")][1] if b"authorization" in names else None
+    )
+    return referer, user_agent, authorization
 
 
 class StaticDirectory(static.File):

@@ -228,3 +228,34 @@ def test_access_log_writes_one_line_per_entry(tmp_path) -> None:
     assert path.read_text() == "".join(
         format_quay_line(line) + "\n" for line in (entry(), entry(status=500, user_agent=None))
     )
+
+
+_LOGGED_NAMES = st.sampled_from(
+    [b"Referer", b"referer", b"REFERER", b"User-Agent", b"user-agent", b"Authorization",
+     b"authorization", b"Host", b"Accept", b"X-Referer", b"User-Agents"]
+)
+
+
+@given(st.lists(st.tuples(_LOGGED_NAMES, st.binary(max_size=8)), max_size=8), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_logged_fields_are_the_first_of_each_name_whatever_the_case(fields, with_names) -> None:
+    """The access log's Referer, User-Agent and Authorization are the first value of each, named in any case, with or without the framer's lower-cased names."""
+    from quayfront.site import logged_fields
+
+    def first(wanted: bytes):
+        for name, value in fields:
+            if name.lower() == wanted:
+                return value
+        return None
+
+    names = [name.lower() for name, _ in fields] if with_names else None
+    assert logged_fields(fields, names) == (
+        first(b"referer"), first(b"user-agent"), first(b"authorization"))
+
+
+def test_logged_fields_ignore_names_that_do_not_match_the_fields() -> None:
+    """Names of another length than the fields (a head made elsewhere) are not trusted: the fields are read themselves."""
+    from quayfront.site import logged_fields
+
+    fields = [(b"User-Agent", b"docker/27"), (b"Referer", b"r")]
+    assert logged_fields(fields, []) == (b"r", b"docker/27", None)
