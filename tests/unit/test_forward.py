@@ -104,12 +104,14 @@ def response(code=200, headers=None, length=UNKNOWN_LENGTH):
     return r
 
 
-def test_a_forwarded_request_is_freed_without_the_garbage_collector() -> None:
+def _assert_freed_without_the_collector(answer) -> None:
     """
-    Once a forwarded request is over and logged, the request, its forwarding
-    and the relay of its response are freed by their reference counts (with
-    the collector off): no reference cycle is left for a collection that
-    would cost every request.
+    Forward a GET with the garbage collector off, let C{answer(agent)}
+    answer it (returning the extra objects that must be freed and the
+    response), and check that the request, its forwarding and those objects
+    are freed by their reference counts once the request is over and
+    logged: no reference cycle is left for a collection that would cost
+    every request.
     """
     import gc
     import weakref
@@ -122,11 +124,9 @@ def test_a_forwarded_request_is_freed_without_the_garbage_collector() -> None:
         channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
         forwarding = channel.request.forwarding
         freed = [weakref.ref(channel.request), weakref.ref(forwarding)]
-        r = response(200, {}, 2)
-        agent.requests[0]["d"].callback(r)
-        freed.append(weakref.ref(forwarding._relay))
-        r._bodyDataReceived(b"ok")
-        r._bodyDataFinished(Failure(ResponseDone()))
+        extra, r = answer(agent, forwarding)
+        freed += [weakref.ref(thing) for thing in extra]
+        del extra
         assert client.value().endswith(b"\r\n\r\nok") and len(log.entries) == 1
         # What the test itself holds: the agent's record of the request (its
         # Deferred and body producer), the response, the forwarding.
@@ -138,32 +138,37 @@ def test_a_forwarded_request_is_freed_without_the_garbage_collector() -> None:
             gc.enable()
 
 
+def test_a_forwarded_request_is_freed_without_the_garbage_collector() -> None:
+    """
+    Once a forwarded request is over and logged, the request, its forwarding
+    and the relay of its response are freed by their reference counts (with
+    the collector off).
+    """
+
+    def answer(agent, forwarding):
+        r = response(200, {}, 2)
+        agent.requests[0]["d"].callback(r)
+        relay = forwarding._relay
+        r._bodyDataReceived(b"ok")
+        r._bodyDataFinished(Failure(ResponseDone()))
+        return [relay], r
+
+    _assert_freed_without_the_collector(answer)
+
+
 def test_a_request_answered_whole_is_freed_without_the_garbage_collector() -> None:
     """
     A forwarded request whose response was relayed whole leaves no
     reference cycle either (with the collector off, its request and
     forwarding are freed by their reference counts).
     """
-    import gc
-    import weakref
 
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        site, agent, log, _ = make_site()
-        channel, client = connect(site)
-        channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
-        forwarding = channel.request.forwarding
-        freed = [weakref.ref(channel.request), weakref.ref(forwarding)]
+    def answer(agent, forwarding):
         r = WholePairsResponse(200, b"OK", [], 2, b"ok")
         agent.requests[0]["d"].callback(r)
-        assert client.value().endswith(b"\r\n\r\nok") and len(log.entries) == 1
-        del forwarding, r, agent.requests[:]
-        assert channel.request is None
-        assert [ref() for ref in freed] == [None] * len(freed)
-    finally:
-        if collecting:
-            gc.enable()
+        return [], r
+
+    _assert_freed_without_the_collector(answer)
 
 
 def test_upstream_request_starts_before_the_body_arrives() -> None:

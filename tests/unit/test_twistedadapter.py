@@ -865,15 +865,25 @@ def test_batched_tls_delivers_the_data_before_the_end_of_the_stream() -> None:
     assert calls_before == len(app.calls) and reason.check(ConnectionDone)
 
 
-def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> None:
-    """A 300 KiB write leaves as one transport write of its records, and arrives whole and in order."""
+def _pair_recording_writes():
+    """
+    A L{_batched_tls_pair} whose server's transport writes are recorded
+    (their sizes) and whose client's received bytes are kept: (the app
+    above the server, the server, pump, clock, received, writes).
+    """
     app = _Recorder()
     server, client, client_app, pump, clock = _batched_tls_pair(app)
-    received = []
+    received: list[bytes] = []
     client_app.dataReceived = received.append
-    writes = []
+    writes: list[int] = []
     underlying = server.transport.write
     server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
+    return app, server, pump, clock, received, writes
+
+
+def test_batched_tls_sends_the_records_of_one_write_in_one_transport_write() -> None:
+    """A 300 KiB write leaves as one transport write of its records, and arrives whole and in order."""
+    app, server, pump, clock, received, writes = _pair_recording_writes()
     payload = bytes(range(256)) * 1200
     app.transport.write(payload)
     assert len(writes) == 1 and writes[0] > len(payload)
@@ -904,13 +914,7 @@ def test_batched_tls_pause_and_resume_reach_the_transport_without_attribute_rela
 
 def test_batched_tls_write_sequence_is_one_write_and_none_after_close() -> None:
     """writeSequence sends its pieces as one write, in order; once the connection is closing (no producer) it sends nothing, as Twisted's does."""
-    app = _Recorder()
-    server, client, client_app, pump, clock = _batched_tls_pair(app)
-    received = []
-    client_app.dataReceived = received.append
-    writes = []
-    underlying = server.transport.write
-    server.transport.write = lambda data: (writes.append(len(data)), underlying(data))
+    app, server, pump, clock, received, writes = _pair_recording_writes()
     app.transport.writeSequence([b"HTTP/1.1 200 OK\r\n\r\n", b"body", b""])
     assert len(writes) == 1
     pump.flush()
