@@ -75,6 +75,12 @@ from quayfront.http import (
     ending_for,
 )
 from quayfront.http import _endings as endings
+from quayfront.http._exchange import (
+    ADMITTED_WITHOUT_BODY,
+    ASKS_ADMISSION,
+    ASKS_RATE_LIMITER,
+    WHOLE_WITHOUT_BODY,
+)
 from quayfront.limits import Overloaded
 from quayfront.routing import Route
 from quayfront.twistedadapter import (
@@ -295,6 +301,16 @@ class Forwarding:
 
     _log = Logger()
 
+    # What most requests never change, as class attributes (not set on
+    # every instance): see __init__ for what each is.
+    upstream_response_time_s: float | None = None
+    _relay: ResponseRelay | None = None
+    upstream_transport = None
+    _client_reading: _ClientReading | None = None
+    _watchdog: IDelayedCall | None = None
+    _drain_timeout_s = 0.0
+    _handling = False
+
     def __init__(
         self,
         request,
@@ -325,17 +341,16 @@ class Forwarding:
         self._clock = clock
         self._client_ip = client_ip
         self._started_s = clock.seconds() if now_s is None else now_s
-        self.upstream_response_time_s: float | None = None
+        # Set when the response head arrives (upstream_response_time_s).
         # The Twisted objects the exchange's actions act on, set by the
         # actions that make them (the exchange never asks for one before).
         self._admission: Deferred
         self._upstream: Deferred  # or what UpstreamAgent.request_with answers
         # Made when a body is relayed (a response relayed whole needs none):
-        # it points back here until the body ends.
-        self._relay: ResponseRelay | None = None
-        self.upstream_transport = None
-        # Made when the client is first paused (a request with a body).
-        self._client_reading: _ClientReading | None = None
+        # it points back here until the body ends (_relay), with the
+        # upstream socket (upstream_transport).
+        # Made when the client is first paused (a request with a body):
+        # _client_reading.
         # The armed deadlines, in the order they were armed, each with the
         # time it falls due (an idle one: as armed; it runs from the last
         # activity).  One timer, the watchdog, serves them all, set for no
@@ -343,14 +358,13 @@ class Forwarding:
         # response deadline, then the download idle one) makes one timer,
         # not one per deadline.
         self._armed: dict[Deadline, float] = {}
-        self._watchdog: IDelayedCall | None = None
+        # The watchdog (_watchdog) is made by the first deadline armed.
         self._last_activity_s = self._started_s
-        self._drain_timeout_s = 0.0
-        # Events raised while the actions of an earlier one run (an agent
-        # that starts the body inside request(), a cancel that fails a
-        # Deferred at once) wait their turn.
+        # The drain's timeout (_drain_timeout_s) is set when it starts.
+        # Events raised while the actions of an earlier one run (_handling:
+        # an agent that starts the body inside request(), a cancel that
+        # fails a Deferred at once) wait their turn.
         self._events: deque[tuple[Event, bytes | object, dict]] = deque()
-        self._handling = False
 
         if head is None:
             fields = request_fields(request)
@@ -398,21 +412,24 @@ class Forwarding:
         questions, as the action queue would; only the queue is skipped.
         Anything else goes the general way from where it stands.
         """
-        handle = self.exchange.handle
-        actions = handle(_HEAD_COMPLETE)
-        if actions == _ASKS_RATE_LIMITER:
-            limiter = self.route.rate_limiter
-            wait_s = None if limiter is None else limiter.check(self._client_ip)
-            if wait_s is not None:
-                # Limited, or decided later: as _ask_rate_limiter does.
-                if isinstance(wait_s, Deferred):
-                    wait_s.addCallback(self._rate_limit_decided)
-                else:
-                    self._rate_limit_decided(wait_s)
-                return
-            actions = handle(_RATE_ALLOWED)
-            if actions == _ASKS_ADMISSION:
-                limiter = self.route.upstream.limiter
+        exchange = self.exchange
+        # The exchange's short ways to the same answers as handle()'s.
+        actions = exchange.head_complete()
+        if actions == ASKS_RATE_LIMITER:
+            route = self.route
+            limiter = route.rate_limiter
+            if limiter is not None:
+                wait_s = limiter.check(self._client_ip)
+                if wait_s is not None:
+                    # Limited, or decided later: as _ask_rate_limiter does.
+                    if isinstance(wait_s, Deferred):
+                        wait_s.addCallback(self._rate_limit_decided)
+                    else:
+                        self._rate_limit_decided(wait_s)
+                    return
+            actions = exchange.rate_allowed()
+            if actions == ASKS_ADMISSION:
+                limiter = route.upstream.limiter
                 try_acquire = getattr(limiter, "try_acquire", None)
                 if try_acquire is None:
                     self._carry_out(actions, None)
@@ -423,7 +440,19 @@ class Forwarding:
                     self._admission.addCallbacks(self._admitted, self._not_admitted)
                     return
                 self._admission = _ADMITTED_AT_ONCE
-                actions = handle(_ADMITTED)
+                actions = exchange.admitted()
+                if actions is ADMITTED_WITHOUT_BODY:
+                    # START_UPSTREAM_REQUEST, then Arm(RESPONSE), carried
+                    # out as _carry_out would.
+                    self._handling = True
+                    try:
+                        self._start_upstream_request(None)
+                        self._arm(_RESPONSE_DEADLINE)
+                        if self._events:
+                            self._carry_out_raised()
+                    finally:
+                        self._done_handling()
+                    return
         self._carry_out(actions, None)
 
     # What site.py and the access log read.
@@ -484,11 +513,25 @@ class Forwarding:
                 event, data, payload = events.popleft()
                 actions = handle(event, **payload)
         finally:
-            self._handling = False
+            self._done_handling()
+
+    def _carry_out_raised(self) -> None:
+        """
+        Carry out the events raised while actions carried out outside
+        L{_carry_out} (its short ways) ran, as L{_carry_out} would after
+        them.
+        """
+        event, data, payload = self._events.popleft()
+        self._carry_out(self.exchange.handle(event, **payload), data)
+
+    def _done_handling(self) -> None:
+        self._handling = False
+        events = self._events
+        if events:
             events.clear()
-            if not self._armed and self._watchdog is not None:
-                watchdog, self._watchdog = self._watchdog, None
-                watchdog.cancel()
+        if not self._armed and self._watchdog is not None:
+            watchdog, self._watchdog = self._watchdog, None
+            watchdog.cancel()
 
     def body_chunk(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
@@ -553,7 +596,22 @@ class Forwarding:
         # not while other events wait their turn, as the offer ends when
         # this returns.
         if not self._handling and getattr(response, "whole_body", None) is not None:
-            self._carry_out(self.exchange.response_whole(), response)
+            actions = self.exchange.response_whole()
+            if actions is not WHOLE_WITHOUT_BODY:
+                self._carry_out(actions, response)
+                return
+            # RELAY_WHOLE_RESPONSE, RELEASE_SLOT, FINISH_RESPONSE and
+            # Disarm(RESPONSE), carried out as _carry_out would.
+            self._handling = True
+            try:
+                self._relay_whole_response(response)
+                self.route.upstream.limiter.release()
+                self.request.finish()
+                del self._armed[_RESPONSE_DEADLINE]
+                if self._events:
+                    self._carry_out_raised()
+            finally:
+                self._done_handling()
         else:
             self.feed(_RESPONSE_HEAD, response)
 
@@ -966,10 +1024,6 @@ _DEADLINE_EVENTS = {
 
 #: How a response body ends complete (see Forwarding.response_ended).
 _COMPLETE_ENDS = (ResponseDone, PotentialDataLoss)
-
-#: What the exchange answers HEAD_COMPLETE and RATE_ALLOWED with, usually.
-_ASKS_RATE_LIMITER = (Action.ASK_RATE_LIMITER,)
-_ASKS_ADMISSION = (Action.ASK_ADMISSION,)
 
 #: The payload of an event queued without one (never changed).
 _NO_PAYLOAD: dict = {}

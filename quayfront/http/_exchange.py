@@ -460,6 +460,13 @@ _BODY_CHUNK_EVENT = Event.BODY_CHUNK
 _RESPONSE_DATA_EVENT = Event.RESPONSE_DATA
 _RESPONSE_WHOLE_EVENT = Event.RESPONSE_WHOLE
 _FORWARD_ONLY = (_FORWARD_CHUNK,)
+_HEAD_COMPLETE_EVENT = Event.HEAD_COMPLETE
+_RATE_ALLOWED_EVENT = Event.RATE_ALLOWED
+_ADMITTED_EVENT = Event.ADMITTED
+#: What HEAD_COMPLETE and RATE_ALLOWED answer in the common case (the
+#: adapter may compare with these, by identity).
+ASKS_RATE_LIMITER = _ASKS_RATE_LIMITER = (_ASK_RATE_LIMITER,)
+ASKS_ADMISSION = _ASKS_ADMISSION = (_ASK_ADMISSION,)
 _COMPLETED = _endings.COMPLETED
 _CLIENT_CLOSED = _endings.CLIENT_CLOSED
 
@@ -509,6 +516,43 @@ class Exchange:
             if now is not armed:
                 actions += _DEADLINE_ACTIONS[armed, now, _FIRED.get(event)]
         return actions
+
+    # The admission events, once per request: the same as handle() (the
+    # tests hold them to it), with a short way through the common case
+    # (no drain, so no deadline armed or disarmed on the way).
+
+    def head_complete(self) -> tuple:
+        """
+        C{handle(Event.HEAD_COMPLETE)}.
+        """
+        if self.state is _NEW and not self.draining:
+            limit = self._max_body_bytes
+            length = self._length
+            if not limit or length is None or length <= limit:
+                self.state = _RATE_LIMITING
+                return _ASKS_RATE_LIMITER
+        return self.handle(_HEAD_COMPLETE_EVENT)
+
+    def rate_allowed(self) -> tuple:
+        """
+        C{handle(Event.RATE_ALLOWED)}.
+        """
+        if self.state is _RATE_LIMITING and not self.draining:
+            self.state = _QUEUED
+            return _ASKS_ADMISSION
+        return self.handle(_RATE_ALLOWED_EVENT)
+
+    def admitted(self) -> tuple:
+        """
+        C{handle(Event.ADMITTED)}: the upstream request starts, with the
+        deadline its body state calls for.
+        """
+        if self.state is _QUEUED and not self.draining:
+            actions = _ADMITTED_ACTIONS.get(self.body)
+            if actions is not None:
+                self.state = _AWAITING_RESPONSE
+                return actions
+        return self.handle(_ADMITTED_EVENT)
 
     # The data events, once per chunk: the same as handle() (the tests hold
     # them to it), with a short way through the common case.
@@ -822,3 +866,20 @@ def _whole_actions(body: BodyState) -> tuple:
 
 
 _WHOLE_ACTIONS = {body: _whole_actions(body) for body in (_NONE, _COMPLETE)}
+
+
+def _admitted_actions(body: BodyState) -> tuple:
+    # What handle() answers for ADMITTED while queued with C{body}, not
+    # draining: made once (the tests hold admitted() to handle()).
+    exchange = Exchange(has_body=body is not _NONE)
+    exchange.state, exchange.body = _QUEUED, body
+    return exchange.handle(_ADMITTED_EVENT)
+
+
+# The body states an exchange can be queued in: none, or not yet asked for
+# (complete already, or still arriving).
+_ADMITTED_ACTIONS = {body: _admitted_actions(body) for body in (_NONE, _WAITING, _COMPLETE)}
+#: What ADMITTED and RESPONSE_WHOLE answer for a request without a body,
+#: the usual GET (the adapter compares with these, by identity).
+ADMITTED_WITHOUT_BODY = _ADMITTED_ACTIONS[_NONE]
+WHOLE_WITHOUT_BODY = _WHOLE_ACTIONS[_NONE]

@@ -549,6 +549,28 @@ def test_data_shortcuts_equal_handle(start: str, path: tuple[Event, ...]) -> Non
     assert (key(shortcut), shortcut.ending) == (key(by_table), by_table.ending)
 
 
+@pytest.mark.parametrize("start, path", sorted(set(REACHABLE.values()), key=str))
+@pytest.mark.parametrize(
+    "shortcut, event",
+    [("head_complete", E.HEAD_COMPLETE), ("rate_allowed", E.RATE_ALLOWED), ("admitted", E.ADMITTED)],
+)
+def test_admission_shortcuts_equal_handle(start: str, path: tuple[Event, ...], shortcut: str, event: Event) -> None:
+    """head_complete(), rate_allowed() and admitted(), the short ways, answer and change exactly what handle() does."""
+    by_table, short = replay(start, path), replay(start, path)
+    try:
+        expected = handle(by_table, event)
+    except ExchangeMisused as error:
+        with pytest.raises(ExchangeMisused, match=str(error)):
+            getattr(short, shortcut)()
+    else:
+        assert list(getattr(short, shortcut)()) == expected
+    assert (key(short), short.ending, short.body_bytes) == (
+        key(by_table),
+        by_table.ending,
+        by_table.body_bytes,
+    )
+
+
 # A whole response in one event.
 
 #: What RESPONSE_WHOLE relays in one action, for the head's action.

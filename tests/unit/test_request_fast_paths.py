@@ -253,13 +253,32 @@ def admission_run(monkeypatch, scenario: str, general: bool):
 
     handled = []
     handle = Exchange.handle
+    # The exchange's short ways to handle(EVENT), recorded as that event
+    # (once, where a short way falls back to handle()).
+    shortcuts = {
+        "head_complete": Event.HEAD_COMPLETE,
+        "rate_allowed": Event.RATE_ALLOWED,
+        "admitted": Event.ADMITTED,
+        "response_whole": Event.RESPONSE_WHOLE,
+    }
+    depth = [0]
 
-    def recording(exchange, event, **payload):
-        actions = handle(exchange, event, **payload)
-        handled.append((id(exchange), event, actions))
-        return actions
+    def recorded(method, event):
+        def recording(exchange, *args, **payload):
+            depth[0] += 1
+            try:
+                actions = method(exchange, *args, **payload)
+            finally:
+                depth[0] -= 1
+            if not depth[0]:
+                handled.append((id(exchange), args[0] if event is None else event, actions))
+            return actions
 
-    monkeypatch.setattr(Exchange, "handle", recording)
+        return recording
+
+    monkeypatch.setattr(Exchange, "handle", recorded(handle, None))
+    for name, event in shortcuts.items():
+        monkeypatch.setattr(Exchange, name, recorded(getattr(Exchange, name), event))
     if general:
         monkeypatch.setattr(
             forward.Forwarding, "_head_complete", lambda self: self.feed(Event.HEAD_COMPLETE)
