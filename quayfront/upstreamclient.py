@@ -44,7 +44,6 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from operator import itemgetter
-from types import SimpleNamespace
 from typing import Union
 
 from twisted.internet.defer import AlreadyCalledError, CancelledError, Deferred, fail
@@ -109,8 +108,12 @@ class _Phase(enum.Enum):
 # EnumType has a __getattr__, so reading a member through its class
 # (_Phase.DONE) takes Python's slow attribute path, about 0.1 us, and the
 # code below does so several times per request: it reads the same members
-# through plain namespaces instead.
-_PHASES = SimpleNamespace(**_Phase.__members__)
+# as module-level names instead (one lookup, not two).
+_CONNECTING = _Phase.CONNECTING
+_SENDING = _Phase.SENDING
+_WAITING = _Phase.WAITING
+_RECEIVING = _Phase.RECEIVING
+_DONE = _Phase.DONE
 
 
 def split_uri(uri: bytes) -> tuple[bytes, bytes]:
@@ -159,24 +162,36 @@ def request_head(
     """
     if not method or not target or _UNSAFE.intersection(method) or _UNSAFE.intersection(target):
         raise ValueError(f"cannot send {method[:20]!r} {target[:80]!r}")
-    lines = [method, b" ", target, b" HTTP/1.1\r\n"]
-    if not persistent:
-        lines.append(b"Connection: close\r\n")
     if body_length is None:
-        if method in _METHODS_WITH_BODY:
-            lines.append(b"Content-Length: 0\r\n")
+        framing = _NO_BODY_FRAMING if method in _METHODS_WITH_BODY else b""
     elif body_length is UNKNOWN_LENGTH:
-        lines.append(b"Transfer-Encoding: chunked\r\n")
+        framing = _CHUNKED_FRAMING
     else:
-        lines.append(b"Content-Length: %d\r\n" % body_length)
+        framing = b"Content-Length: %d\r\n" % body_length
     pairs = headers if type(headers) is list else _pairs_of(headers)
-    if pairs:
-        # Each field as "name: value", in order (no Python-level loop).
-        lines += (b"\r\n".join(map(b": ".join, pairs)), b"\r\n")
-    if b"host" not in map(bytes.lower, map(_name_of, pairs)):
-        lines += (b"Host: ", authority, b"\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+    # In one join: the request line, the framing, each field as "name:
+    # value" in order (no Python-level loop), Host if the fields have none.
+    return b"".join(
+        (
+            method,
+            b" ",
+            target,
+            _VERSION_LINE if persistent else _CLOSING_VERSION_LINE,
+            framing,
+            b"\r\n".join(map(b": ".join, pairs)),
+            b"\r\n" if pairs else b"",
+            b""
+            if b"host" in map(bytes.lower, map(_name_of, pairs))
+            else b"Host: " + authority + b"\r\n",
+            b"\r\n",
+        )
+    )
+
+
+_VERSION_LINE = b" HTTP/1.1\r\n"
+_CLOSING_VERSION_LINE = b" HTTP/1.1\r\nConnection: close\r\n"
+_NO_BODY_FRAMING = b"Content-Length: 0\r\n"
+_CHUNKED_FRAMING = b"Transfer-Encoding: chunked\r\n"
 
 
 @implementer(IPushProducer)
@@ -231,19 +246,27 @@ class UpstreamResponse:
     #: None.  See L{take_whole_body}.
     whole_body: bytes | None = None
 
+    # Set when first needed (see __init__).
+    _headers: Headers | None = None
+    _protocol = None
+    _early: list[bytes] | tuple = ()
+    _ended: Failure | None = None
+
     def __init__(self, head: ResponseHead, exchange: _Exchange, transport) -> None:
-        self.version = (b"HTTP", 1, head.version[1])
+        minor = head.version[1]
+        if minor != 1:
+            self.version = (b"HTTP", 1, minor)
         self.code = head.status
         self.phrase = head.reason
         #: The header fields as received, in order (what C{headers} holds).
         self.header_pairs = head.headers
-        self._headers: Headers | None = None
-        self.length = UNKNOWN_LENGTH if head.length is None else head.length
+        # The Headers made from them when asked for (_headers).
+        length = head.length
+        self.length = UNKNOWN_LENGTH if length is None else length
         self._exchange = exchange
         self._transport = transport
-        self._protocol = None
-        self._early: list[bytes] = []
-        self._ended: Failure | None = None
+        # The body protocol once delivered (_protocol); body bytes that
+        # came before it (_early); how the body ended, once it has (_ended).
 
     def take_whole_body(self) -> bytes:
         """
@@ -281,7 +304,7 @@ class UpstreamResponse:
             raise RuntimeError("the response body was delivered already")
         self._protocol = protocol
         protocol.makeConnection(self._transport)
-        early, self._early = self._early, []
+        early, self._early = self._early, ()
         for data in early:
             protocol.dataReceived(data)
         if self._ended is not None:
@@ -292,7 +315,10 @@ class UpstreamResponse:
     def body_data(self, data: bytes) -> None:
         protocol = self._protocol
         if protocol is None:
-            self._early.append(data)
+            early = self._early
+            if not early:
+                early = self._early = []
+            early.append(data)
         else:
             protocol.dataReceived(data)
 
@@ -566,25 +592,28 @@ class _Exchange:
         self._headers = headers
         self._head = head
         self._body = body
-        self.phase = _PHASES.CONNECTING
+        self.phase = _CONNECTING
         self.result: Deferred | _Outcome | None = (
             Deferred(self._cancel) if outcome is None else _Outcome(*outcome, self._cancel)
         )
-        self._connecting: Deferred | None = None
-        self.connection: UpstreamConnection | None = None
-        self._reused = False
-        self._retried = False
-        self._reader: ResponseReader | None = None
-        self._writer: _BodyWriter | None = None
-        self._flow: _BodyFlowControl | None = None
-        self._response: UpstreamResponse | None = None
-        self._response_head: ResponseHead | None = None
-        self._delivery_pending = False
-        self._paused_for_delivery = False
-        # The response head came while the body was being written.
-        self._answered_early = False
+        # The rest starts as the class attributes below say, and is set as
+        # the exchange goes.
         # The request itself asked for the connection to close.
         self._request_closes = not agent.persistent or _asks_close(headers)
+
+    _connecting: Deferred | None = None
+    connection: UpstreamConnection | None = None
+    _reused = False
+    _retried = False
+    _reader: ResponseReader | None = None
+    _writer: _BodyWriter | None = None
+    _flow: _BodyFlowControl | None = None
+    _response: UpstreamResponse | None = None
+    _response_head: ResponseHead | None = None
+    _delivery_pending = False
+    _paused_for_delivery = False
+    #: The response head came while the body was being written.
+    _answered_early = False
 
     @property
     def client_request(self) -> _ClientRequest:
@@ -603,7 +632,7 @@ class _Exchange:
 
     def _connected(self, connection: UpstreamConnection) -> None:
         self._connecting = None
-        if self.phase is not _PHASES.CONNECTING:
+        if self.phase is not _CONNECTING:
             # Cancelled while connecting, and the connection came anyway.
             connection.close()
             return
@@ -611,15 +640,15 @@ class _Exchange:
 
     def _connect_failed(self, failure: Failure) -> None:
         self._connecting = None
-        if self.phase is not _PHASES.CONNECTING:
+        if self.phase is not _CONNECTING:
             return
-        self.phase = _PHASES.DONE
+        self.phase = _DONE
         self.result.errback(failure)
 
     def _cancel(self, result: Deferred | _Outcome) -> None:
         # Deferred.cancel errbacks with CancelledError after this.
-        phase, self.phase = self.phase, _PHASES.DONE
-        if phase is _PHASES.CONNECTING:
+        phase, self.phase = self.phase, _DONE
+        if phase is _CONNECTING:
             if self._connecting is not None:
                 self._connecting.cancel()
             return
@@ -640,10 +669,10 @@ class _Exchange:
         transport = connection.transport
         body = self._body
         if body is None:
-            self.phase = _PHASES.WAITING
+            self.phase = _WAITING
             transport.write(self._head)
             return
-        self.phase = _PHASES.SENDING
+        self.phase = _SENDING
         transport.write(self._head)
         self._writer = _BodyWriter(self, transport, body.length)
         self._flow = _BodyFlowControl(body)
@@ -655,24 +684,24 @@ class _Exchange:
         producing.addCallbacks(self._body_written, self.body_failed)
 
     def _body_written(self, _: object) -> None:
-        if self.phase is not _PHASES.SENDING or self._writer is None or self._writer.stopped:
+        if self.phase is not _SENDING or self._writer is None or self._writer.stopped:
             return
         writer = self._writer
         if not writer.finish():
             self.body_failed(Failure(WrongBodyLength("fewer bytes than announced")))
             return
         self._end_body()
-        self.phase = _PHASES.WAITING
+        self.phase = _WAITING
 
     def body_failed(self, failure: Failure) -> None:
         """
         The body producer failed or broke its length: the request cannot be
         completed, the connection is aborted.
         """
-        if self.phase is not _PHASES.SENDING:
+        if self.phase is not _SENDING:
             return
         self._stop_body()
-        self.phase = _PHASES.DONE
+        self.phase = _DONE
         connection, self.connection = self.connection, None
         if connection is not None:
             connection.exchange = None
@@ -715,7 +744,7 @@ class _Exchange:
         if (
             len(events) > 1
             and type(events[-1]) is ResponseEnd
-            and self.phase is _PHASES.WAITING
+            and self.phase is _WAITING
         ):
             # The whole response in one read (the common case of a small
             # answer): its body is offered with its head, for a caller
@@ -731,7 +760,7 @@ class _Exchange:
             events = events[1:]
         connection = self.connection
         for event in events:
-            if self.phase is _PHASES.DONE or connection.closed:
+            if self.phase is _DONE or connection.closed:
                 # Cancelled or stopped by whoever handled the last event:
                 # the end comes with the connection's loss.
                 return
@@ -741,7 +770,7 @@ class _Exchange:
                 self._got_head(event)
             else:
                 self._response_complete(event)
-        if reader.failed and self.phase is not _PHASES.DONE:
+        if reader.failed and self.phase is not _DONE:
             # The rules broken after the events above.
             try:
                 reader.receive(b"")
@@ -749,12 +778,12 @@ class _Exchange:
                 self._misbehaved(Failure())
 
     def _got_head(self, head: ResponseHead, whole_body: bytes | None = None) -> None:
-        if self.phase is _PHASES.SENDING:
+        if self.phase is _SENDING:
             # An early answer: the upstream will not read the rest, and the
             # connection is not reused with a request half sent.
             self._answered_early = True
             self._stop_body()
-        self.phase = _PHASES.RECEIVING
+        self.phase = _RECEIVING
         self._response_head = head
         connection = self.connection
         response = UpstreamResponse(head, self, UpstreamBodyTransport(connection))
@@ -766,12 +795,12 @@ class _Exchange:
         # (bound to this exchange), which would make a reference cycle.
         result, self.result = self.result, None
         result.callback(response)
-        if self.phase is _PHASES.DONE:
+        if self.phase is _DONE:
             # Taken whole, cancelled or failed: nothing more to tell.
             return
         # Offered only while the response is being told.
         response.whole_body = None
-        if self._delivery_pending and self.phase is _PHASES.RECEIVING:
+        if self._delivery_pending and self.phase is _RECEIVING:
             # Nobody reads the body yet: stop reading from the upstream.
             self._delivery_pending = False
             connection.pause_reading()
@@ -788,7 +817,7 @@ class _Exchange:
 
     def _response_complete(self, end: ResponseEnd) -> None:
         connection, self.connection = self.connection, None
-        self.phase = _PHASES.DONE
+        self.phase = _DONE
         head = self._response_head
         reader = self._reader
         connection.exchange = None
@@ -826,7 +855,7 @@ class _Exchange:
         return response
 
     def _misbehaved(self, failure: Failure) -> None:
-        phase, self.phase = self.phase, _PHASES.DONE
+        phase, self.phase = self.phase, _DONE
         self._stop_body()
         connection, self.connection = self.connection, None
         if connection is not None:
@@ -834,16 +863,16 @@ class _Exchange:
             # Read no more, and close in order (as Agent does): there is
             # nothing of ours left to send.
             connection.close()
-        if phase is _PHASES.RECEIVING:
+        if phase is _RECEIVING:
             response = self._ended_response()
             response.body_ended(Failure(ResponseFailed([failure], response)))
         else:
             self.result.errback(Failure(ResponseFailed([failure])))
 
     def connection_lost(self, reason: Failure) -> None:
-        phase, self.phase = self.phase, _PHASES.DONE
+        phase, self.phase = self.phase, _DONE
         self.connection = None
-        if phase is _PHASES.RECEIVING:
+        if phase is _RECEIVING:
             response = self._ended_response()
             try:
                 end = self._reader.connection_closed()
@@ -856,11 +885,11 @@ class _Exchange:
                 # Read to its end, but stopped before the end was delivered.
                 response.body_ended(Failure(ResponseFailed([reason], response)))
             return
-        if phase is _PHASES.SENDING:
+        if phase is _SENDING:
             self._stop_body()
             self.result.errback(Failure(RequestTransmissionFailed([reason])))
             return
-        if phase is not _PHASES.WAITING:
+        if phase is not _WAITING:
             return
         received = self._reader.received_any
         if (
@@ -873,7 +902,7 @@ class _Exchange:
             # A pooled connection the upstream had closed: once more, on a
             # new connection (as Agent does).
             self._retried = True
-            self.phase = _PHASES.CONNECTING
+            self.phase = _CONNECTING
             self.start(reuse=False)
             return
         error = ResponseFailed if received else ResponseNeverReceived
