@@ -36,6 +36,9 @@ import json
 import math
 from collections import deque
 from dataclasses import replace
+from heapq import heapify, heappop, heappush
+from itertools import count
+from weakref import WeakKeyDictionary, ref
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -307,7 +310,7 @@ class Forwarding:
     _relay: ResponseRelay | None = None
     upstream_transport = None
     _client_reading: _ClientReading | None = None
-    _watchdog: IDelayedCall | None = None
+    _watch_entry: list | None = None
     _drain_timeout_s = 0.0
     _handling = False
 
@@ -353,12 +356,12 @@ class Forwarding:
         # _client_reading.
         # The armed deadlines, in the order they were armed, each with the
         # time it falls due (an idle one: as armed; it runs from the last
-        # activity).  One timer, the watchdog, serves them all, set for no
-        # later than the earliest: a request whose deadline changes (the
-        # response deadline, then the download idle one) makes one timer,
-        # not one per deadline.
+        # activity).  They are watched as one, by an entry in the clock's
+        # DeadlineWatch (_watch_entry) due no later than the earliest: a
+        # request whose deadline changes (the response deadline, then the
+        # download idle one) makes one entry, not one per deadline, and no
+        # request makes a timer of its own.
         self._armed: dict[Deadline, float] = {}
-        # The watchdog (_watchdog) is made by the first deadline armed.
         self._last_activity_s = self._started_s
         # The drain's timeout (_drain_timeout_s) is set when it starts.
         # Events raised while the actions of an earlier one run (_handling:
@@ -529,9 +532,9 @@ class Forwarding:
         events = self._events
         if events:
             events.clear()
-        if not self._armed and self._watchdog is not None:
-            watchdog, self._watchdog = self._watchdog, None
-            watchdog.cancel()
+        if not self._armed and self._watch_entry is not None:
+            entry, self._watch_entry = self._watch_entry, None
+            deadline_watch(self._clock).drop(entry)
 
     def body_chunk(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
@@ -970,19 +973,22 @@ class Forwarding:
             # An idle deadline: it runs from the last sign of progress.
             self._last_activity_s = now
             delay_s = self._limits.idle_timeout_s
-        self._armed[deadline] = now + delay_s
-        watchdog = self._watchdog
-        if watchdog is None:
-            self._watchdog = self._clock.callLater(delay_s, self._watch)
-        elif watchdog.getTime() > now + delay_s:
-            watchdog.reset(delay_s)
+        due_s = self._armed[deadline] = now + delay_s
+        entry = self._watch_entry
+        if entry is None:
+            self._watch_entry = deadline_watch(self._clock).add(self, due_s, delay_s)
+        elif entry[0] > due_s:
+            # Sooner than watched: watched anew.
+            watch = deadline_watch(self._clock)
+            watch.drop(entry)
+            self._watch_entry = watch.add(self, due_s, delay_s)
 
     def _watch(self) -> None:
         """
-        The watchdog: the deadline that fell due first, if one did, raises
-        its event; otherwise the watchdog waits for the next one.
+        Called by the clock's L{DeadlineWatch} when this exchange's entry
+        falls due: the deadline that fell due first, if one did, raises its
+        event; otherwise the exchange is watched until the next one.
         """
-        self._watchdog = None
         now = self._clock.seconds()
         idle_timeout_s = self._limits.idle_timeout_s
         expired = None
@@ -1006,10 +1012,130 @@ class Forwarding:
         if expired is not None:
             del self._armed[expired]
             self.feed(_DEADLINE_EVENTS[expired])
-            if self._armed and self._watchdog is None:
+            if self._armed and self._watch_entry is None:
                 self._watch()
         elif next_s is not None:
-            self._watchdog = self._clock.callLater(next_s, self._watch)
+            self._watch_entry = deadline_watch(self._clock).add(self, now + next_s, next_s)
+
+
+class DeadlineWatch:
+    """
+    The deadlines of every exchange on one clock, watched by one timer.
+
+    Each exchange with a deadline armed has one entry, C{[due_s, order,
+    forwarding]}, in a heap; the timer is set for no later than the
+    earliest entry, and calls each exchange whose entry fell due
+    (L{Forwarding._watch}), which raises its deadline's event or is
+    watched again.  An exchange that ends, or watches sooner, drops its
+    entry: the entry lets go of the exchange at once (nothing is kept
+    alive by a deadline it no longer has), but stays in the heap until it
+    comes up, until no exchange is watched, or until dropped entries
+    outnumber the others (then the heap is rebuilt without them), and the
+    timer is not moved: an exchange answered at once neither makes nor
+    cancels a timer.  A timer that fires with nothing due finds nothing to
+    do and is set again only for an entry left.
+    """
+
+    #: Dropped entries kept in the heap, at most, beyond as many as live ones.
+    MAX_DROPPED = 64
+
+    def __init__(self, clock: IReactorTime) -> None:
+        # Held weakly: the clock holds the timer, which holds this.
+        self._clock = ref(clock)
+        self._heap: list[list] = []
+        # Breaks ties between entries due at the same time: first watched,
+        # first called, as timers of their own would be.
+        self._order = count()
+        self.live = 0
+        self._dropped = 0
+        self._timer: IDelayedCall | None = None
+        self._timer_s = 0.0
+
+    def add(self, forwarding: Forwarding, due_s: float, delay_s: float) -> list:
+        """
+        Watch C{forwarding} until C{due_s} (C{delay_s} from now): its entry,
+        to hand back to L{drop}.
+        """
+        entry = [due_s, next(self._order), forwarding]
+        heappush(self._heap, entry)
+        self.live += 1
+        timer = self._timer
+        if timer is None:
+            self._timer = self._clock().callLater(delay_s, self._watch)
+            self._timer_s = due_s
+        elif due_s < self._timer_s:
+            timer.reset(delay_s)
+            self._timer_s = due_s
+        return entry
+
+    def drop(self, entry: list) -> None:
+        """
+        Watch the exchange of C{entry} no longer.
+        """
+        entry[2] = None
+        live = self.live = self.live - 1
+        if not live:
+            self._heap.clear()
+            self._dropped = 0
+            return
+        dropped = self._dropped = self._dropped + 1
+        if dropped > self.MAX_DROPPED and dropped > live:
+            heap = self._heap = [entry for entry in self._heap if entry[2] is not None]
+            heapify(heap)
+            self._dropped = 0
+
+    def _watch(self) -> None:
+        self._timer = None
+        clock = self._clock()
+        now = clock.seconds()
+        heap = self._heap
+        due = []
+        while heap and heap[0][0] <= now:
+            entry = heappop(heap)
+            forwarding = entry[2]
+            if forwarding is None:
+                self._dropped -= 1
+            else:
+                entry[2] = None
+                self.live -= 1
+                forwarding._watch_entry = None
+                due.append(forwarding)
+        # Each called as its own timer would have been; what they watch
+        # anew (a later deadline) waits for the timer.
+        for forwarding in due:
+            forwarding._watch()
+        heap = self._heap
+        while heap and heap[0][2] is None:
+            heappop(heap)
+            self._dropped -= 1
+        if heap:
+            next_s = heap[0][0]
+            timer = self._timer
+            if timer is None:
+                self._timer = clock.callLater(max(0.0, next_s - now), self._watch)
+                self._timer_s = next_s
+            elif next_s < self._timer_s:
+                timer.reset(max(0.0, next_s - now))
+                self._timer_s = next_s
+
+
+_watches: WeakKeyDictionary = WeakKeyDictionary()
+_last_watched: tuple = (None, None)
+
+
+def deadline_watch(clock: IReactorTime) -> DeadlineWatch:
+    """
+    The L{DeadlineWatch} of C{clock}.
+    """
+    global _last_watched
+    last_clock, watch = _last_watched
+    if last_clock is clock:
+        return watch
+    watch = _watches.get(clock)
+    if watch is None:
+        watch = _watches[clock] = DeadlineWatch(clock)
+    _last_watched = (clock, watch)
+    return watch
 
 
 _ACTIONS = {action: getattr(Forwarding, "_" + action.name.lower()) for action in Action}

@@ -25,6 +25,7 @@ from twisted.web.resource import Resource
 
 from quayfront.accesslog import AccessLog
 from quayfront.config import RouteConfig
+from quayfront.forward import DeadlineWatch, deadline_watch
 from quayfront.limits import ConcurrencyLimiter
 from quayfront.metrics import Counters
 from quayfront.routing import Route, Router, Upstream
@@ -527,18 +528,94 @@ def test_one_timer_serves_the_deadlines_of_a_request(response_timeout_s, idle_ti
 
 
 def test_the_timer_stops_with_the_exchange() -> None:
-    """A completed exchange leaves no timer of its own."""
+    """
+    A completed exchange leaves nothing to time: the clock's one deadline
+    timer is neither made nor cancelled for it, and when it fires it finds
+    nothing due and is not set again.
+    """
     site, agent, log, clock = make_site(response_timeout_s=30.0, idle_timeout_s=10.0)
     channel, client = connect(site)
+    watch = deadline_watch(clock)
     for path in (b"/v2/a", b"/v2/b"):
         channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\n\r\n")
         assert len(forwarding_timers(clock)) == 1
+        assert watch.live == 1
         r = response(200, {}, 3)
         agent.requests[-1]["d"].callback(r)
         r._bodyDataReceived(b"abc")
         r._bodyDataFinished(Failure(ResponseDone()))
-        assert forwarding_timers(clock) == []
+        assert watch.live == 0
+        assert len(forwarding_timers(clock)) == 1
+    clock.advance(30)
+    assert forwarding_timers(clock) == []
+    assert not client.disconnecting
     assert [entry.outcome for entry in log.entries] == [None, None]
+
+
+def _status(client) -> int:
+    return int(client.value().split(b" ", 2)[1])
+
+
+def test_the_deadlines_of_many_exchanges_share_one_timer_and_keep_their_times() -> None:
+    """
+    Exchanges under way at once are watched by one timer; one that ends
+    early changes nothing for the others, each of which times out exactly
+    at its own deadline.
+    """
+    site, agent, log, clock = make_site(response_timeout_s=30.0)
+    clients = []
+    for path, later_s in ((b"/v2/a", 10), (b"/v2/b", 10), (b"/v2/c", 5)):
+        channel, client = connect(site)
+        channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+        clients.append(client)
+        clock.advance(later_s)
+    # Armed at 0, 10 and 20 (each due 30 later); the first answered at 25.
+    assert len(forwarding_timers(clock)) == 1
+    r = response(200, {}, 0)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    assert _status(clients[0]) == 200
+    assert len(forwarding_timers(clock)) == 1
+    clock.advance(15 - 1e-3)
+    assert not clients[1].value()
+    clock.advance(1e-3)  # 40: the second's deadline
+    assert _status(clients[1]) == 504 and not clients[2].value()
+    clock.advance(10 - 1e-3)
+    assert not clients[2].value()
+    clock.advance(1e-3)  # 50: the third's
+    assert _status(clients[2]) == 504
+    assert [entry.outcome for entry in log.entries] == [None, "upstream-timeout", "upstream-timeout"]
+    assert forwarding_timers(clock) == [] and deadline_watch(clock).live == 0
+
+
+def test_the_deadline_watch_lets_go_of_ended_exchanges_and_stays_bounded() -> None:
+    """
+    An exchange that ends is let go of by the deadline watch at once, and
+    the entries of ended exchanges do not pile up while another stays under
+    way (the heap is rebuilt without them), whatever the number of requests.
+    """
+    site, agent, log, clock = make_site(response_timeout_s=30.0)
+    slow, slow_client = connect(site)
+    slow.dataReceived(b"GET /v2/slow HTTP/1.1\r\nHost: h\r\n\r\n")
+    watch = deadline_watch(clock)
+    channel, client = connect(site)
+    for _ in range(500):
+        channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert watch.live == 2
+        r = response(200, {}, 0)
+        agent.requests[-1]["d"].callback(r)
+        r._bodyDataFinished(Failure(ResponseDone()))
+        assert watch.live == 1
+        # Only the slow exchange is held; the rest are dropped entries.
+        assert len([entry for entry in watch._heap if entry[2] is not None]) == 1
+        assert len(watch._heap) <= 1 + 2 * DeadlineWatch.MAX_DROPPED
+    assert len(log.entries) == 500
+    assert len(forwarding_timers(clock)) == 1
+    clock.advance(30)
+    assert _status(slow_client) == 504
+    assert log.entries[-1].outcome == "upstream-timeout"
+    assert watch.live == 0 and watch._heap == []
+    assert forwarding_timers(clock) == []
 
 
 class PairsResponse:

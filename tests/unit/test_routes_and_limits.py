@@ -263,9 +263,22 @@ def test_no_timer_outlives_its_exchange() -> None:
     # The 502 is written on the next reactor turn.
     clock.advance(0)
     assert b"502" in channel.transport.value()
-    pending = [call for call in clock.getDelayedCalls() if call.active()]
+    from quayfront.forward import deadline_watch
+
+    # No exchange is watched any more: the clock's one deadline timer, if
+    # left where it was, finds nothing to do when it fires.
+    assert deadline_watch(clock).live == 0
+    pending = [
+        call for call in clock.getDelayedCalls()
+        if call.active() and call.func.__qualname__ != "DeadlineWatch._watch"
+    ]
     # Only the channel's own idle timeout may remain.
     assert len(pending) <= 1, pending
+    clock.advance(60)
+    assert not [
+        call for call in clock.getDelayedCalls()
+        if call.active() and call.func.__qualname__ == "DeadlineWatch._watch"
+    ]
 
 
 class PooledAgent(FakeAgent):
