@@ -534,7 +534,7 @@ class Forwarding:
             events.clear()
         if not self._armed and self._watch_entry is not None:
             entry, self._watch_entry = self._watch_entry, None
-            deadline_watch(self._clock).drop(entry)
+            entry[3].drop(entry)
 
     def body_chunk(self, data: bytes) -> None:
         self._last_activity_s = self._clock.seconds()
@@ -979,7 +979,7 @@ class Forwarding:
             self._watch_entry = deadline_watch(self._clock).add(self, due_s, delay_s)
         elif entry[0] > due_s:
             # Sooner than watched: watched anew.
-            watch = deadline_watch(self._clock)
+            watch = entry[3]
             watch.drop(entry)
             self._watch_entry = watch.add(self, due_s, delay_s)
 
@@ -1023,7 +1023,7 @@ class DeadlineWatch:
     The deadlines of every exchange on one clock, watched by one timer.
 
     Each exchange with a deadline armed has one entry, C{[due_s, order,
-    forwarding]}, in a heap; the timer is set for no later than the
+    forwarding, watch]}, in a heap; the timer is set for no later than the
     earliest entry, and calls each exchange whose entry fell due
     (L{Forwarding._watch}), which raises its deadline's event or is
     watched again.  An exchange that ends, or watches sooner, drops its
@@ -1056,7 +1056,7 @@ class DeadlineWatch:
         Watch C{forwarding} until C{due_s} (C{delay_s} from now): its entry,
         to hand back to L{drop}.
         """
-        entry = [due_s, next(self._order), forwarding]
+        entry = [due_s, next(self._order), forwarding, self]
         heappush(self._heap, entry)
         self.live += 1
         timer = self._timer

@@ -149,20 +149,27 @@ class RateLimiter:
             return None
         now = self._clock.seconds()
         buckets = self._buckets
-        if buckets and now - next(iter(buckets.values()))[1] >= self._refill_s:
-            # The least recently used bucket is full again: drop such ones.
-            self._expire(now)
-        tokens, updated = buckets.pop(client, (self._burst, now))
-        tokens = min(self._burst, tokens + (now - updated) * self._rate)
-        if tokens >= 1.0:
-            self._buckets[client] = (tokens - 1.0, now)
-            allowed = True
+        # Taken out, and put back last: the least recently used go first.
+        bucket = buckets.pop(client, None)
+        if bucket is not None:
+            tokens, updated = bucket
+            tokens += (now - updated) * self._rate
+            if tokens > self._burst:
+                tokens = self._burst
         else:
-            self._buckets[client] = (tokens, now)
-            allowed = False
-        while len(self._buckets) > self._max_clients:
-            self._buckets.popitem(last=False)
-        return None if allowed else (1.0 - tokens) / self._rate
+            # A new bucket (or one dropped as full again): full.  Made
+            # where idle ones are dropped, and the number kept bounded.
+            if buckets and now - next(iter(buckets.values()))[1] >= self._refill_s:
+                # The least recently used bucket is full again: drop such ones.
+                self._expire(now)
+            while buckets and len(buckets) >= self._max_clients:
+                buckets.popitem(last=False)
+            tokens = self._burst
+        if tokens >= 1.0:
+            buckets[client] = (tokens - 1.0, now)
+            return None
+        buckets[client] = (tokens, now)
+        return (1.0 - tokens) / self._rate
 
     def _expire(self, now: float) -> None:
         buckets = self._buckets

@@ -485,11 +485,13 @@ class Exchange:
     ) -> None:
         self.state = _NEW
         self.body = _WAITING if has_body else _NONE
-        self.draining = False
-        self.ending: Ending | None = None
-        self.body_bytes = 0
+        # draining, ending and body_bytes start as the class says.
         self._length = length
         self._max_body_bytes = max_body_bytes
+
+    draining = False
+    ending: Ending | None = None
+    body_bytes = 0
 
     @property
     def body_complete(self) -> bool:

@@ -8,6 +8,8 @@ import ipaddress
 import sys
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
 
 from quayfront.config import RateLimitConfig
@@ -106,3 +108,59 @@ def test_memory_bounded_under_address_flood() -> None:
     clock.advance(2.0)  # burst / rate: every bucket is full again
     limiter.check("192.0.2.1")
     assert len(limiter) == 1
+
+
+class ReferenceBuckets:
+    """
+    The token buckets as first written (every check drops the buckets full
+    again, then evicts past max_clients): what RateLimiter.check decides
+    must not differ from it.
+    """
+
+    def __init__(self, config: RateLimitConfig) -> None:
+        from collections import OrderedDict
+
+        self.rate = config.requests_per_s
+        self.burst = float(config.burst)
+        self.max_clients = config.max_clients
+        self.refill_s = self.burst / self.rate
+        self.buckets: OrderedDict = OrderedDict()
+
+    def check(self, client: str, now: float) -> float | None:
+        buckets = self.buckets
+        while buckets:
+            first, (_, updated) = next(iter(buckets.items()))
+            if now - updated < self.refill_s:
+                break
+            del buckets[first]
+        tokens, updated = buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - updated) * self.rate)
+        allowed = tokens >= 1.0
+        buckets[client] = (tokens - 1.0 if allowed else tokens, now)
+        while len(buckets) > self.max_clients:
+            buckets.popitem(last=False)
+        return None if allowed else (1.0 - tokens) / self.rate
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a", "b", "c", "d", "e"]), st.sampled_from([0.0, 0.01, 0.3, 1.0, 5.0])),
+        max_size=200,
+    ),
+    st.sampled_from([(2.0, 1, 2), (10.0, 3, 3), (1.0, 5, 10)]),
+)
+# A bucket refilled past its burst, then drawn on at once; more clients
+# than max_clients, one coming back after an eviction.
+@example([("a", 0.0), ("a", 1.0), ("a", 0.0)], (2.0, 1, 2))
+@example([("a", 0.0), ("b", 0.01), ("c", 0.01), ("a", 0.01), ("a", 0.0)], (2.0, 1, 2))
+def test_bucket_decisions_agree_with_the_reference(steps, settings) -> None:
+    """Every decision and Retry-After equals the reference's, for any order of clients and pauses."""
+    rate, burst, max_clients = settings
+    config = RateLimitConfig(requests_per_s=rate, burst=burst, max_clients=max_clients)
+    clock = MemoryReactorClock()
+    limiter = RateLimiter(clock, config)
+    reference = ReferenceBuckets(config)
+    for client, pause_s in steps:
+        clock.advance(pause_s)
+        assert limiter.check(client) == reference.check(client, clock.seconds())
+        assert len(limiter) <= max_clients
