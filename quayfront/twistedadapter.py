@@ -37,7 +37,8 @@ parsed and checked into a L{Headers} without checking them again
 (L{add_checked_fields}).
 
 Below HTTP, the reactor (its last section): C{EPollReactor.doPoll} with
-C{_poller}, C{_selectables} and C{_doReadOrWrite}, and the TCP write
+C{_poller}, C{_selectables} and C{_doReadOrWrite}, its C{_reads} (the
+descriptors being read: L{epoll_socket_below}), and the TCP write
 buffer (C{dataBuffer}, C{offset}, C{_tempDataBuffer},
 C{_writeDisconnected}) with the places the reactor builds TCP transports.
 
@@ -139,6 +140,7 @@ import sys as _sys
 
 from select import EPOLLIN as _EPOLLIN
 
+from twisted.internet import abstract as _abstract
 from twisted.internet import main as _main
 from twisted.internet import tcp as _tcp
 from twisted.internet.posixbase import _NO_FILEDESC
@@ -325,6 +327,30 @@ class LeanEPollReactor(_EPollReactor):
         listening = adopt_port(self._port_type, self, fileDescriptor, addressFamily, factory)
         listening.startListening()
         return listening
+
+
+def epoll_socket_below(transport):
+    """
+    The TCP transport under C{transport} (itself, or under layers whose
+    pause and resume only relay to their own transport: marked
+    C{relays_production}), if it runs on an epoll reactor and resumes as
+    Twisted's C{FileDescriptor} does, so that whether resuming would change
+    anything can be read from the reactor's C{_reads}; else None.
+    """
+    for _ in range(8):
+        if not getattr(type(transport), "relays_production", False):
+            break
+        transport = transport.transport
+    kind = type(transport)
+    if (
+        isinstance(transport, EagerWrite)
+        and isinstance(getattr(transport, "reactor", None), _EPollReactor)
+        and kind.resumeProducing is _abstract.FileDescriptor.resumeProducing
+        and kind.startReading is _abstract.FileDescriptor.startReading
+        and type(transport.reactor).addReader is _EPollReactor.addReader
+    ):
+        return transport
+    return None
 
 
 def _log_escaped_error(selectable) -> None:
@@ -564,7 +590,21 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
+        below = self._socket_below
+        if below is False:
+            below = self._socket_below = epoll_socket_below(self.transport)
+        if below is None:
+            self.transport.resumeProducing()
+        elif below.fileno() not in below.reactor._reads:
+            below.resumeProducing()
+        # Else the socket is being read already: what resuming it would come
+        # to (FileDescriptor.resumeProducing, startReading, addReader and
+        # _add find it in the epoll reactor's _reads), without those four
+        # calls and the PROXY layer's relay on every response.
+
+    #: The socket transport below, for resumeProducing: False until looked
+    #: up, None where the general way is taken.
+    _socket_below: object = False
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)

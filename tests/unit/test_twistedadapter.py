@@ -1091,3 +1091,104 @@ def test_canary_lean_request_does_what_twisted_web_does() -> None:
     for name in ("_disconnected", "_inFakeHead", "_encoder"):
         assert hasattr(server.Request, name), name
     assert "_parsePOSTFormSubmission" in LeanRequest.MIRRORED_ATTRIBUTES
+
+
+def test_canary_epoll_reads_table() -> None:
+    """EPollReactor's addReader does nothing for a descriptor in _reads; FileDescriptor resumes by startReading, which is addReader."""
+    add = inspect.getsource(epollreactor.EPollReactor._add)
+    assert "fd = xer.fileno()" in add and "if fd not in primary:" in add
+    assert "self._reads, self._writes" in inspect.getsource(epollreactor.EPollReactor.addReader)
+    assert "self.startReading()" in inspect.getsource(abstract.FileDescriptor.resumeProducing)
+    assert "self.connected and not self.disconnecting" in inspect.getsource(
+        abstract.FileDescriptor.resumeProducing)
+    assert "self.reactor.addReader(self)" in inspect.getsource(abstract.FileDescriptor.startReading)
+    reactor = LeanEPollReactor()
+    ours, theirs = socket.socketpair()
+    try:
+        transport = EagerWriteServer(ours, _Sink(), ("127.0.0.1", 1), None, 1, reactor)
+        # A server connection starts reading as it is made.
+        assert ours.fileno() in reactor._reads
+        transport.stopReading()
+        assert ours.fileno() not in reactor._reads
+        transport.startReading()
+        assert ours.fileno() in reactor._reads
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+class _Relay:
+    """A layer marked as relaying pause and resume to its transport."""
+
+    relays_production = True
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+
+
+def test_epoll_socket_below_finds_the_socket_through_relaying_layers_only() -> None:
+    """The socket is found under relaying layers on an epoll reactor; anything else takes the general way."""
+    from quayfront.twistedadapter import epoll_socket_below
+
+    reactor = LeanEPollReactor()
+    ours, theirs = socket.socketpair()
+    try:
+        transport = EagerWriteServer(ours, _Sink(), ("127.0.0.1", 1), None, 1, reactor)
+        assert epoll_socket_below(transport) is transport
+        assert epoll_socket_below(_Relay(_Relay(transport))) is transport
+        # A layer not marked may do more than relay.
+        assert epoll_socket_below(StringTransport()) is None
+        memory, _, _ = _eager_pair()
+        try:
+            assert epoll_socket_below(memory) is None  # not an epoll reactor
+        finally:
+            memory.socket.close()
+
+        class Resumes(EagerWriteServer):
+            def resumeProducing(self) -> None:
+                pass
+
+        assert epoll_socket_below(Resumes(ours, _Sink(), ("127.0.0.1", 1), None, 1, reactor)) is None
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+def test_batched_tls_resumes_the_socket_below_as_twisted_would(monkeypatch) -> None:
+    """Resuming through the TLS layer reads again after a pause, and costs no call while reading already."""
+    from quayfront.proxylayer import ProxyHeaderProtocol
+    from quayfront.twistedadapter import BatchedReceiveTLS
+
+    reactor = LeanEPollReactor()
+    ours, theirs = socket.socketpair()
+    try:
+        transport = EagerWriteServer(ours, _Sink(), ("127.0.0.1", 1), None, 1, reactor)
+        # The PROXY layer between, as on 8443, is only a relay.
+        proxy = ProxyHeaderProtocol.__new__(ProxyHeaderProtocol)
+        proxy.transport = transport
+        tls = BatchedReceiveTLS.__new__(BatchedReceiveTLS)
+        tls.transport = proxy
+        transport.connected = 1
+        transport.startReading()
+        calls = []
+        original_add = epollreactor.EPollReactor._add
+        monkeypatch.setattr(epollreactor.EPollReactor, "_add",
+                            lambda self, *args: calls.append(args) or original_add(self, *args))
+        tls.resumeProducing()
+        assert calls == [] and ours.fileno() in reactor._reads
+        tls.pauseProducing()
+        assert ours.fileno() not in reactor._reads
+        tls.resumeProducing()
+        assert len(calls) == 1 and ours.fileno() in reactor._reads
+        # A connection being closed is not read again, as Twisted's.
+        tls.pauseProducing()
+        transport.disconnecting = True
+        tls.resumeProducing()
+        assert ours.fileno() not in reactor._reads
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
