@@ -80,6 +80,10 @@ _RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"TRACE"
 _METHODS_WITH_BODY = frozenset((b"PUT", b"POST"))
 # Bytes that cannot appear in a method or a request target.
 _UNSAFE = frozenset(range(0x21)) | {0x7F}
+# Methods known to be safe to send, not looked at byte by byte.
+_KNOWN_METHODS = frozenset(
+    (b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE", b"OPTIONS", b"TRACE")
+)
 
 
 class WrongBodyLength(Exception):
@@ -160,7 +164,37 @@ def request_head(
     of C{body_length} (None: no body; C{UNKNOWN_LENGTH}: chunked), the
     headers in order, C{Host} from them or else C{authority}.
     """
-    if not method or not target or _UNSAFE.intersection(method) or _UNSAFE.intersection(target):
+    pairs = headers if type(headers) is list else _pairs_of(headers)
+    return _request_head(
+        method,
+        target,
+        pairs,
+        authority,
+        body_length,
+        persistent,
+        b"host" in map(bytes.lower, map(_name_of, pairs)),
+    )
+
+
+def _request_head(
+    method: bytes,
+    target: bytes,
+    pairs: Sequence[tuple[bytes, bytes]],
+    authority: bytes,
+    body_length: int | object | None,
+    persistent: bool,
+    has_host: bool,
+) -> bytes:
+    """
+    L{request_head}, for fields as pairs whose names the caller has looked
+    at already (C{has_host}: whether one of them is C{Host}).
+    """
+    if (
+        method not in _KNOWN_METHODS
+        and (not method or _UNSAFE.intersection(method))
+        or not target
+        or _UNSAFE.intersection(target)
+    ):
         raise ValueError(f"cannot send {method[:20]!r} {target[:80]!r}")
     if body_length is None:
         framing = _NO_BODY_FRAMING if method in _METHODS_WITH_BODY else b""
@@ -168,7 +202,6 @@ def request_head(
         framing = _CHUNKED_FRAMING
     else:
         framing = b"Content-Length: %d\r\n" % body_length
-    pairs = headers if type(headers) is list else _pairs_of(headers)
     # In one join: the request line, the framing, each field as "name:
     # value" in order (no Python-level loop), Host if the fields have none.
     return b"".join(
@@ -180,9 +213,7 @@ def request_head(
             framing,
             b"\r\n".join(map(b": ".join, pairs)),
             b"\r\n" if pairs else b"",
-            b""
-            if b"host" in map(bytes.lower, map(_name_of, pairs))
-            else b"Host: " + authority + b"\r\n",
+            b"" if has_host else b"Host: " + authority + b"\r\n",
             b"\r\n",
         )
     )
@@ -581,10 +612,13 @@ class _Exchange:
         head: bytes,
         body,
         outcome: tuple | None = None,
+        request_closes: bool | None = None,
     ) -> None:
         """
         @param outcome: C{(on_response, on_failure)}, to be told the
             outcome instead of L{result} being a Deferred.
+        @param request_closes: whether the request asks for the connection
+            to close, if the caller has looked (else it is looked for).
         """
         self._agent = agent
         self.method = method
@@ -599,7 +633,11 @@ class _Exchange:
         # The rest starts as the class attributes below say, and is set as
         # the exchange goes.
         # The request itself asked for the connection to close.
-        self._request_closes = not agent.persistent or _asks_close(headers)
+        self._request_closes = (
+            not agent.persistent or _asks_close(headers)
+            if request_closes is None
+            else request_closes
+        )
 
     _connecting: Deferred | None = None
     connection: UpstreamConnection | None = None
@@ -1010,16 +1048,31 @@ class UpstreamAgent:
     ) -> _Exchange:
         if target is None:
             authority, target = split_uri(uri)
-        head = request_head(
+        pairs = headers if type(headers) is list else _pairs_of(headers)
+        # The names looked at once, for the head (Host) and the connection
+        # (Connection: close).
+        names = set(map(bytes.lower, map(_name_of, pairs)))
+        persistent = self.persistent
+        head = _request_head(
             method,
             target,
-            headers,
+            pairs,
             authority,
             None if bodyProducer is None else bodyProducer.length,
-            self.persistent,
+            persistent,
+            b"host" in names,
         )
-        exchange = _Exchange(self, method, uri, headers, head, bodyProducer, outcome)
-        exchange.start(reuse=self.persistent)
+        exchange = _Exchange(
+            self,
+            method,
+            uri,
+            headers,
+            head,
+            bodyProducer,
+            outcome,
+            not persistent or b"connection" in names and _asks_close(pairs),
+        )
+        exchange.start(reuse=persistent)
         return exchange
 
 
