@@ -1038,6 +1038,7 @@ class DeadlineWatch:
 
     #: Dropped entries kept in the heap, at most, beyond as many as live ones.
     MAX_DROPPED = 64
+    _log = Logger()
 
     def __init__(self, clock: IReactorTime) -> None:
         # Held weakly: the clock holds the timer, which holds this.
@@ -1100,10 +1101,14 @@ class DeadlineWatch:
                 self.live -= 1
                 forwarding._watch_entry = None
                 due.append(forwarding)
-        # Each called as its own timer would have been; what they watch
-        # anew (a later deadline) waits for the timer.
+        # Each called as its own timer would have been (an error in one,
+        # logged as the reactor would log it, stops none of the others);
+        # what they watch anew (a later deadline) waits for the timer.
         for forwarding in due:
-            forwarding._watch()
+            try:
+                forwarding._watch()
+            except Exception:
+                self._log.failure("watching the deadlines of an exchange")
         heap = self._heap
         while heap and heap[0][2] is None:
             heappop(heap)

@@ -588,6 +588,43 @@ def test_the_deadlines_of_many_exchanges_share_one_timer_and_keep_their_times() 
     assert forwarding_timers(clock) == [] and deadline_watch(clock).live == 0
 
 
+@pytest.mark.unhandled_errors_expected
+def test_an_error_watching_one_exchange_stops_none_of_the_others(monkeypatch) -> None:
+    """An exchange whose deadline check fails is logged; the others due with it still time out."""
+    from quayfront.forward import Forwarding
+
+    site, agent, log, clock = make_site(response_timeout_s=30.0)
+    clients = []
+    for _ in range(3):
+        channel, client = connect(site)
+        channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n")
+        clients.append(client)
+    first = clients[0]
+    watch = Forwarding._watch
+    broken = []
+
+    def failing_once(forwarding) -> None:
+        if not broken:
+            broken.append(forwarding)
+            raise RuntimeError("a bug")
+        watch(forwarding)
+
+    monkeypatch.setattr(Forwarding, "_watch", failing_once)
+    from twisted.logger import globalLogPublisher
+
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        clock.advance(30)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert [event.get("log_failure").value.args for event in logged if "log_failure" in event] == [
+        ("a bug",)
+    ]
+    assert not first.value()
+    assert [_status(client) for client in clients[1:]] == [504, 504]
+
+
 def test_the_deadline_watch_lets_go_of_ended_exchanges_and_stays_bounded() -> None:
     """
     An exchange that ends is let go of by the deadline watch at once, and
