@@ -795,6 +795,10 @@ class _Exchange:
             else:
                 body = b"".join([event.data for event in events[1:-1]])
             self._got_head(events[0], body)
+            if self.phase is _DONE:
+                # Taken whole (or cancelled, or stopped): as the loop below
+                # would find at its first event.
+                return
             events = events[1:]
         connection = self.connection
         for event in events:
