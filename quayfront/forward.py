@@ -348,7 +348,7 @@ class Forwarding:
         # The Twisted objects the exchange's actions act on, set by the
         # actions that make them (the exchange never asks for one before).
         self._admission: Deferred
-        self._upstream: Deferred  # or what UpstreamAgent.request_with answers
+        self._upstream: Deferred  # or what UpstreamAgent.request_for answers
         # Made when a body is relayed (a response relayed whole needs none):
         # it points back here until the body ends (_relay), with the
         # upstream socket (upstream_transport).
@@ -651,6 +651,11 @@ class Forwarding:
             ending = endings.UPSTREAM_ERROR
         self.feed(_UPSTREAM_FAILED, ending=ending, detail=_describe(failure))
 
+    # The outcome of the upstream request, as quayfront's own agent tells it
+    # (UpstreamAgent.request_for): what a Deferred's callbacks would get.
+    callback = _got_response
+    errback = _upstream_failed
+
     # Actions out.
 
     def _act(self, action: Arm | Disarm | Answer | AbortClient) -> None:
@@ -705,6 +710,21 @@ class Forwarding:
         try:
             agent = self.route.upstream.agent
             headers = self._headers
+            request_for = getattr(agent, "request_for", None)
+            if request_for is not None:
+                # quayfront's own agent: the outcome comes to this
+                # forwarding's callback and errback, as a Deferred's would
+                # (no Deferred, and no object holding two functions, made
+                # for it); the exchange answered is what cancel() stops.
+                self._upstream = request_for(
+                    self,
+                    request.method,
+                    UPSTREAM_AUTHORITY,
+                    request.upstream_target,
+                    headers,
+                    self.body,
+                )
+                return
             request_target_with = getattr(agent, "request_target_with", None)
             if request_target_with is not None:
                 # quayfront's own agent: the outcome comes to the two

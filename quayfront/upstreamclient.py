@@ -615,8 +615,9 @@ class _Exchange:
         request_closes: bool | None = None,
     ) -> None:
         """
-        @param outcome: C{(on_response, on_failure)}, to be told the
-            outcome instead of L{result} being a Deferred.
+        @param outcome: C{(on_response, on_failure)}, or an object with
+            C{callback} and C{errback} (L{UpstreamAgent.request_for}), to be
+            told the outcome instead of L{result} being a Deferred.
         @param request_closes: whether the request asks for the connection
             to close, if the caller has looked (else it is looked for).
         """
@@ -627,9 +628,13 @@ class _Exchange:
         self._head = head
         self._body = body
         self.phase = _CONNECTING
-        self.result: Deferred | _Outcome | None = (
-            Deferred(self._cancel) if outcome is None else _Outcome(*outcome, self._cancel)
-        )
+        # Where the outcome goes (see UpstreamAgent._start), until told.
+        if outcome is None:
+            self.result: Deferred | _Outcome | object | None = Deferred(self._cancel)
+        elif type(outcome) is tuple:
+            self.result = _Outcome(*outcome, self._cancel)
+        else:
+            self.result = outcome
         # The rest starts as the class attributes below say, and is set as
         # the exchange goes.
         # The request itself asked for the connection to close.
@@ -657,6 +662,32 @@ class _Exchange:
     def client_request(self) -> _ClientRequest:
         return _ClientRequest(self.method, self._uri, self._headers)
 
+    def _fail(self, failure: Failure) -> None:
+        """
+        Tell the failure, once (and let go of where it went, as after a
+        response).
+        """
+        result, self.result = self.result, None
+        if result is None:
+            return
+        try:
+            result.errback(failure)
+        except Exception:
+            self._log.failure("handling an upstream failure")
+
+    def cancel(self) -> None:
+        """
+        As C{Deferred.cancel}, for an exchange whose outcome goes to an
+        object (L{UpstreamAgent.request_for}): stop the exchange unless its
+        outcome is told, and tell C{CancelledError} if stopping did not.
+        """
+        result = self.result
+        if result is None:
+            return
+        self._cancel(result)
+        if self.result is result:
+            self._fail(Failure(CancelledError()))
+
     # Getting a connection.
 
     def start(self, reuse: bool = True) -> None:
@@ -681,7 +712,7 @@ class _Exchange:
         if self.phase is not _CONNECTING:
             return
         self.phase = _DONE
-        self.result.errback(failure)
+        self._fail(failure)
 
     def _cancel(self, result: Deferred | _Outcome) -> None:
         # Deferred.cancel errbacks with CancelledError after this.
@@ -744,7 +775,7 @@ class _Exchange:
         if connection is not None:
             connection.exchange = None
             connection.abort()
-        self.result.errback(Failure(RequestGenerationFailed([failure])))
+        self._fail(Failure(RequestGenerationFailed([failure])))
 
     def _end_body(self) -> None:
         writer, self._writer = self._writer, None
@@ -836,7 +867,13 @@ class _Exchange:
         # Told once and not needed after: a Deferred keeps its canceller
         # (bound to this exchange), which would make a reference cycle.
         result, self.result = self.result, None
-        result.callback(response)
+        try:
+            result.callback(response)
+        except Exception:
+            # Only an outcome object's own callback can raise (a Deferred
+            # and request_with's functions log it themselves): logged as
+            # they would, not raised into the connection.
+            self._log.failure("handling an upstream response")
         if self.phase is _DONE:
             # Taken whole, cancelled or failed: nothing more to tell.
             return
@@ -909,7 +946,7 @@ class _Exchange:
             response = self._ended_response()
             response.body_ended(Failure(ResponseFailed([failure], response)))
         else:
-            self.result.errback(Failure(ResponseFailed([failure])))
+            self._fail(Failure(ResponseFailed([failure])))
 
     def connection_lost(self, reason: Failure) -> None:
         phase, self.phase = self.phase, _DONE
@@ -929,7 +966,7 @@ class _Exchange:
             return
         if phase is _SENDING:
             self._stop_body()
-            self.result.errback(Failure(RequestTransmissionFailed([reason])))
+            self._fail(Failure(RequestTransmissionFailed([reason])))
             return
         if phase is not _WAITING:
             return
@@ -948,7 +985,7 @@ class _Exchange:
             self.start(reuse=False)
             return
         error = ResponseFailed if received else ResponseNeverReceived
-        self.result.errback(Failure(error([reason])))
+        self._fail(Failure(error([reason])))
 
 
 def _asks_close(headers: HeaderFields) -> bool:
@@ -1008,7 +1045,7 @@ class UpstreamAgent:
 
     def request(self, method: bytes, uri: bytes, headers: HeaderFields = None, bodyProducer=None):
         # C{headers}: a L{Headers}, as IAgent has it, or (name, value) pairs.
-        return self._start(method, uri, headers, bodyProducer, None).result
+        return self._start(method, uri, headers, bodyProducer, None)
 
     def request_with(
         self,
@@ -1025,7 +1062,7 @@ class UpstreamAgent:
         rather than through a Deferred; the answer's C{cancel()} is the
         Deferred's.
         """
-        return self._start(method, uri, headers, bodyProducer, (on_response, on_failure)).result
+        return self._start(method, uri, headers, bodyProducer, (on_response, on_failure))
 
     def request_target_with(
         self,
@@ -1045,11 +1082,39 @@ class UpstreamAgent:
         return self._start(
             method, b"http://" + authority + target, headers, bodyProducer,
             (on_response, on_failure), authority, target,
-        ).result
+        )
+
+    def request_for(
+        self,
+        outcome,
+        method: bytes,
+        authority: bytes,
+        target: bytes,
+        headers: HeaderFields = None,
+        bodyProducer=None,
+    ) -> _Exchange:
+        """
+        L{request_target_with}, its outcome told to C{outcome.callback(response)}
+        or C{outcome.errback(failure)}, as a Deferred would tell its
+        callbacks: once, an error raised by either logged rather than raised
+        into the connection, and C{outcome} let go of once told.  The
+        answer's C{cancel()} is the Deferred's.  No Deferred, and no object
+        to hold two functions, is made for the request.
+        """
+        return self._start(
+            method, b"http://" + authority + target, headers, bodyProducer,
+            outcome, authority, target,
+        )
 
     def _start(
         self, method, uri, headers, bodyProducer, outcome, authority=None, target=None
-    ) -> _Exchange:
+    ):
+        """
+        Start an exchange, and answer what its caller is given: the
+        Deferred, the L{_Outcome}, or (for an outcome object) the exchange
+        itself; taken before the exchange starts, as it may be told at
+        once (and then lets go of it).
+        """
         if target is None:
             authority, target = split_uri(uri)
         pairs = headers if type(headers) is list else _pairs_of(headers)
@@ -1076,8 +1141,11 @@ class UpstreamAgent:
             outcome,
             not persistent or b"connection" in names and _asks_close(pairs),
         )
+        result = exchange.result
+        if result is outcome:
+            result = exchange
         exchange.start(reuse=persistent)
-        return exchange
+        return result
 
 
 class UpstreamPool:

@@ -157,6 +157,59 @@ def test_a_forwarded_request_is_freed_without_the_garbage_collector() -> None:
     _assert_freed_without_the_collector(answer)
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+    ],
+    ids=["whole", "head-then-body"],
+)
+def test_a_request_through_quayfronts_own_agent_is_freed_without_the_garbage_collector(answer) -> None:
+    """
+    Through quayfront's own agent (its outcome told to the forwarding, the
+    upstream exchange what the forwarding can cancel), a GET answered whole
+    or head first leaves no reference cycle: the request, its forwarding and
+    the upstream exchange are freed by their reference counts.
+    """
+    import gc
+    import weakref
+
+    from quayfront.config import UpstreamConfig
+    from quayfront.upstream import upstream_agent
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        clock = MemoryReactorClock()
+        agent = upstream_agent(clock, UpstreamConfig())
+        log = RecordingLog()
+        site = site_for(make_router(agent, clock), clock, access_log=log)
+        channel, client = connect(site)
+        channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+        factory = clock.tcpClients[0][2]
+        upstream = factory.buildProtocol(None)
+        upstream_socket = StringTransport()
+        upstream.makeConnection(upstream_socket)
+        clock.advance(0)
+        assert upstream_socket.value().startswith(b"GET /v2/x HTTP/1.1\r\n")
+        forwarding = channel.request.forwarding
+        exchange = forwarding._upstream
+        assert exchange.result is forwarding  # told to the forwarding itself
+        freed = [weakref.ref(channel.request), weakref.ref(forwarding), weakref.ref(exchange)]
+        del forwarding, exchange
+        upstream.dataReceived(answer)
+        if not answer.endswith(b"ok"):
+            upstream.dataReceived(b"ok")
+        assert client.value().endswith(b"\r\n\r\nok") and len(log.entries) == 1
+        assert agent.pool.idle_count(agent.key) == 1
+        assert channel.request is None
+        assert [ref() for ref in freed] == [None] * len(freed)
+    finally:
+        if collecting:
+            gc.enable()
+
+
 def test_a_request_answered_whole_is_freed_without_the_garbage_collector() -> None:
     """
     A forwarded request whose response was relayed whole leaves no

@@ -33,7 +33,7 @@ from zope.interface.verify import verifyObject
 from quayfront.config import UpstreamAddress, UpstreamConfig
 from quayfront.http import UpstreamMisbehaved
 from quayfront.twistedadapter import proxied_transport
-from quayfront.upstream import upstream_agent, upstream_key, upstream_uri
+from quayfront.upstream import UPSTREAM_AUTHORITY, upstream_agent, upstream_key, upstream_uri
 from quayfront.upstreamclient import UpstreamPool
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -87,8 +87,9 @@ class Upstream:
         self.agent = upstream_agent(self.reactor, self.config, persistent=persistent)
         self.accepted = 0
 
-    #: How requests are made: "deferred" (request) or "callbacks"
-    #: (request_with); every test runs both ways (the fixture below).
+    #: How requests are made: "deferred" (request), "callbacks"
+    #: (request_with) or "object" (request_for); every test runs each way
+    #: (the fixture below).
     via = "deferred"
 
     def request(self, method=b"GET", target=b"/v2/", headers=None, body=None):
@@ -96,6 +97,10 @@ class Upstream:
         if Upstream.via == "callbacks":
             d = self.agent.request_with(
                 outcome.append, outcome.append, method, upstream_uri(target), headers, body
+            )
+        elif Upstream.via == "object":
+            d = self.agent.request_for(
+                Told(outcome), method, UPSTREAM_AUTHORITY, target, headers, body
             )
         else:
             d = self.agent.request(method, upstream_uri(target), headers, body)
@@ -118,11 +123,25 @@ class Upstream:
         return len(self.reactor.tcpClients) + len(self.reactor.unixClients)
 
 
-@pytest.fixture(autouse=True, params=["deferred", "callbacks"])
+class Told:
+    """An outcome object for request_for: what it is told, in a list."""
+
+    def __init__(self, outcome: list) -> None:
+        self.outcome = outcome
+
+    def callback(self, response) -> None:
+        self.outcome.append(response)
+
+    def errback(self, failure) -> None:
+        self.outcome.append(failure)
+
+
+@pytest.fixture(autouse=True, params=["deferred", "callbacks", "object"])
 def requests_made(request):
     """
-    Each test with requests made by request() (a Deferred) and by
-    request_with() (the outcome told to two functions): the same outcome.
+    Each test with requests made by request() (a Deferred), by
+    request_with() (the outcome told to two functions) and by request_for()
+    (the outcome told to an object): the same outcome.
     """
     Upstream.via = request.param
     yield request.param
@@ -190,7 +209,7 @@ def test_an_exchange_that_ends_well_is_freed_without_the_garbage_collector(answe
     gc.disable()
     try:
         _Exchange.__init__ = recording_init
-        _, outcome = upstream.request()
+        handle, outcome = upstream.request()
         protocol, transport = upstream.accept()
         protocol.dataReceived(answer)
         response = outcome[0]
@@ -199,6 +218,12 @@ def test_an_exchange_that_ends_well_is_freed_without_the_garbage_collector(answe
             protocol.connectionLost(Failure(ConnectionDone()))
         assert body.reason is not None and body.data == b"ok"
         freed = [weakref.ref(response), weakref.ref(body)] + made
+        if Upstream.via == "object":
+            # request_for answers the exchange itself (for cancel()): what
+            # its caller holds, it holds.  The Deferred and the _Outcome
+            # of the other ways let go of it once told.
+            assert handle is made[0]()
+            del handle
         del response, body, outcome[:]
         assert [ref() for ref in freed] == [None] * len(freed)
     finally:
