@@ -872,6 +872,49 @@ def test_a_whole_response_is_relayed_as_a_streamed_one(case) -> None:
     assert relay_once(FrontRequest, case, whole=True) == relay_once(FrontRequest, in_one_piece)
 
 
+@given(relayed_cases.filter(lambda case: case["drain"] != "after-head"))
+def test_the_usual_actions_carried_out_directly_agree_with_the_action_loop(case) -> None:
+    """
+    Forwarding carries out the usual start (START_UPSTREAM_REQUEST, Arm)
+    and the usual whole response (RELAY_WHOLE_RESPONSE, RELEASE_SLOT,
+    FINISH_RESPONSE, Disarm) itself: the client, the access log and the
+    response headers are what the general action loop gives.
+    """
+    from unittest import mock
+
+    from quayfront import forward
+
+    def run() -> tuple:
+        # With what is done to the slots and the deadlines, in order.
+        done = []
+
+        def recorded(cls, name):
+            method = getattr(cls, name)
+
+            def recording(self, *args):
+                done.append(name)
+                return method(self, *args)
+
+            return mock.patch.object(cls, name, recording)
+
+        with recorded(ConcurrencyLimiter, "release"), recorded(
+            DeadlineWatch, "add"
+        ), recorded(DeadlineWatch, "drop"):
+            outputs = (
+                relay_once(FrontRequest, case, whole=True),
+                relay_once(FrontRequest, case),
+            )
+        return outputs, done
+
+    direct = run()
+    # Action lists that no exchange answers: every list goes the general way.
+    with mock.patch.object(forward, "ADMITTED_WITHOUT_BODY", ()), mock.patch.object(
+        forward, "WHOLE_WITHOUT_BODY", ()
+    ):
+        general = run()
+    assert direct == general
+
+
 def test_a_whole_response_goes_out_in_one_write() -> None:
     """A response offered whole reaches the client's transport as one write: head and body."""
     site, agent, log, _ = make_site()
