@@ -1081,7 +1081,8 @@ class DeadlineWatch:
         heappush(self._heap, entry)
         self.live += 1
         timer = self._timer
-        if timer is None:
+        if timer is None or timer.cancelled:
+            # (A timer is only ever cancelled by someone else: made anew.)
             self._timer = self._clock().callLater(delay_s, self._watch)
             self._timer_s = due_s
         elif due_s < self._timer_s:
@@ -1136,7 +1137,7 @@ class DeadlineWatch:
         if heap:
             next_s = heap[0][0]
             timer = self._timer
-            if timer is None:
+            if timer is None or timer.cancelled:
                 self._timer = clock.callLater(max(0.0, next_s - now), self._watch)
                 self._timer_s = next_s
             elif next_s < self._timer_s:

@@ -629,13 +629,13 @@ def test_the_deadlines_of_many_exchanges_share_one_timer_and_keep_their_times() 
     r._bodyDataFinished(Failure(ResponseDone()))
     assert _status(clients[0]) == 200
     assert len(forwarding_timers(clock)) == 1
-    clock.advance(15 - 1e-3)
+    clock.advance(14.5)
     assert not clients[1].value()
-    clock.advance(1e-3)  # 40: the second's deadline
+    clock.advance(0.5)  # 40: the second's deadline
     assert _status(clients[1]) == 504 and not clients[2].value()
-    clock.advance(10 - 1e-3)
+    clock.advance(9.5)
     assert not clients[2].value()
-    clock.advance(1e-3)  # 50: the third's
+    clock.advance(0.5)  # 50: the third's
     assert _status(clients[2]) == 504
     assert [entry.outcome for entry in log.entries] == [None, "upstream-timeout", "upstream-timeout"]
     assert forwarding_timers(clock) == [] and deadline_watch(clock).live == 0
@@ -676,6 +676,26 @@ def test_an_error_watching_one_exchange_stops_none_of_the_others(monkeypatch) ->
     ]
     assert not first.value()
     assert [_status(client) for client in clients[1:]] == [504, 504]
+
+
+def test_a_deadline_timer_cancelled_by_someone_else_is_made_anew() -> None:
+    """Should anything cancel the clock's deadline timer, the next exchange still times out on time."""
+    site, agent, log, clock = make_site(response_timeout_s=30.0)
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n")
+    r = response(200, {}, 0)
+    agent.requests[0]["d"].callback(r)
+    r._bodyDataFinished(Failure(ResponseDone()))
+    [timer] = forwarding_timers(clock)
+    timer.cancel()
+    clock.advance(10)
+    channel.dataReceived(b"GET /v2/b HTTP/1.1\r\nHost: h\r\n\r\n")
+    clock.advance(29)
+    assert _status(client) == 200 and client.value().count(b"HTTP/1.1 ") == 1
+    clock.advance(1)  # 40: armed at 10
+    clock.advance(0)  # the 504 is written on the next reactor turn
+    assert client.value().count(b"HTTP/1.1 504 ") == 1
+    assert [entry.outcome for entry in log.entries] == [None, "upstream-timeout"]
 
 
 def test_the_deadline_watch_lets_go_of_ended_exchanges_and_stays_bounded() -> None:
