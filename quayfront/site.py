@@ -37,7 +37,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server, static
 from twisted.web.http import parse_qs
@@ -184,8 +183,94 @@ def _socket_origin(transport) -> ConnectionOrigin:
     )
 
 
+class LazyTimeoutMixin:
+    """
+    C{twisted.protocols.policies.TimeoutMixin}'s idle timeout (the same
+    C{timeOut}, C{setTimeout}, C{resetTimeout}, C{timeoutConnection} and
+    C{callLater}, firing at the same moments) with a timer that is not
+    moved on every reset: a reset only notes the new deadline
+    (C{_idle_deadline}), and the timer, when it fires before it, is armed
+    again for the rest.  A busy connection resets its timeout on every
+    read and rarely sees it fire: one timer operation per timeout period
+    instead of one per read.
+
+    A subclass may reset inline, as L{resetTimeout} does, with
+    C{_idle_now} (the clock's C{seconds}, set by L{start_idle_clock}).
+    """
+
+    timeOut: float | None = None
+    #: When the idle timeout falls due, as of the last reset.
+    _idle_deadline = 0.0
+    #: The timer: due at or before C{_idle_deadline}; None when off or fired.
+    _idle_call: IDelayedCall | None = None
+    _idle_now = None
+
+    def start_idle_clock(self, seconds) -> None:
+        """
+        Read the time with C{seconds}, the clock of C{callLater}.
+        """
+        self._idle_now = seconds
+
+    def callLater(self, period, func):
+        # As TimeoutMixin's: set on each channel by the site's buildProtocol.
+        from twisted.internet import reactor
+
+        return reactor.callLater(period, func)
+
+    def resetTimeout(self) -> None:
+        """
+        Restart the count-down, if the timeout is on and has not fired.
+        """
+        if self._idle_call is not None and self.timeOut is not None:
+            self._idle_deadline = self._idle_now() + self.timeOut
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """
+        Change the timeout period (None: off), counting from now; return
+        the previous one.
+        """
+        previous = self.timeOut
+        self.timeOut = period
+        call = self._idle_call
+        if period is None:
+            if call is not None:
+                self._idle_call = None
+                if call.active():
+                    call.cancel()
+            return previous
+        if self._idle_now is None:
+            self._idle_now = _clock_seconds()
+        deadline = self._idle_deadline = self._idle_now() + period
+        if call is None:
+            self._idle_call = self.callLater(period, self._idle_timer_fired)
+        elif call.getTime() > deadline:
+            # Due sooner than the timer: move it (later deadlines wait).
+            call.reset(period)
+        return previous
+
+    def _idle_timer_fired(self) -> None:
+        left = self._idle_deadline - self._idle_now()
+        if left > 0:
+            # Reset since it was armed: wait for the rest.
+            self._idle_call = self.callLater(left, self._idle_timer_fired)
+            return
+        self._idle_call = None
+        self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        self.transport.loseConnection()
+
+
+def _clock_seconds():
+    # The global reactor's time, for a channel left on TimeoutMixin's default
+    # callLater.
+    from twisted.internet import reactor
+
+    return reactor.seconds
+
+
 @implementer(IPushProducer)
-class FrontChannel(TimeoutMixin, Protocol):
+class FrontChannel(LazyTimeoutMixin, Protocol):
     """
     One client connection: every byte goes to quayfront's strict framer
     (L{RequestFramer}) and only its events make requests.
@@ -263,6 +348,8 @@ class FrontChannel(TimeoutMixin, Protocol):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
+        clock = getattr(self.site, "clock", None)
+        self.start_idle_clock(_clock_seconds() if clock is None else clock.seconds)
         self.setTimeout(self.timeOut)
         if IPushProducer.providedBy(transport):
             transport.registerProducer(self, True)
@@ -275,7 +362,9 @@ class FrontChannel(TimeoutMixin, Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._refused or self._closing:
             return
-        self.resetTimeout()
+        if self._idle_call is not None and self.timeOut is not None:
+            # resetTimeout, inline: once per read.
+            self._idle_deadline = self._idle_now() + self.timeOut
         framer = self._framer
         framer.feed(data)
         if self.handling_request:
@@ -568,9 +657,19 @@ class FrontChannel(TimeoutMixin, Protocol):
             return
         saved, self.saved_timeout = self.saved_timeout, None
         if saved:
-            self.setTimeout(saved)
-        # A pipelined request (or the start of one) that waited.
-        self._drive()
+            # setTimeout(saved), for the usual case: the timer kept through
+            # the response is due before the new deadline, and waits.
+            self.timeOut = saved
+            call = self._idle_call
+            deadline = self._idle_deadline = self._idle_now() + saved
+            if call is None or call.getTime() > deadline:
+                self.timeOut = None
+                self.setTimeout(saved)
+        if not self._framer.idle:
+            # A pipelined request (or the start of one) that waited.  (An
+            # idle framer has no event to give and no head under way: the
+            # loop would find nothing.)
+            self._drive()
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers) -> None:
         parts = [version, b" ", code, b" ", reason, b"\r\n"]

@@ -460,6 +460,15 @@ class RequestFramer:
         return self._state is _STATES.HEAD and len(self._buffer) > 0
 
     @property
+    def idle(self) -> bool:
+        """
+        Whether the framer waits for the first byte of a request: nothing
+        is buffered and no request is under way (L{next_event} answers
+        L{NEED_DATA}, and no head is in progress).
+        """
+        return self._state is _STATES.HEAD and not self._buffer and self._direct is None
+
+    @property
     def buffered_bytes(self) -> int:
         """
         How many bytes have been fed and not yet framed into events (for an
