@@ -146,7 +146,13 @@ class Counters:
         if by < 0:
             raise ValueError(f"{name}: a counter only goes up (by {by})")
         key = (name, label)
-        self._values[key] += by
+        values = self._values
+        if self.folds and key in values:
+            # Counted before: its child (if exported) exists, and is
+            # brought up to date when scraped.
+            values[key] += by
+            return
+        values[key] += by
         add = self._exported_children.get(key, _NOT_MADE)
         if add is _NOT_MADE:
             # The child is made at the first increment either way (its

@@ -1186,8 +1186,10 @@ class FrontRequest(LeanRequest):
         if result is not None and isinstance(result, Failure) and not self.startedWriting:
             status = CLIENT_CLOSED_REQUEST
         head = self.head
+        fields = self.fields
         referer, user_agent, authorization = logged_fields(
-            self.field_pairs(), None if head is None else head.names
+            self.field_pairs() if fields is None else fields,
+            None if head is None else head.names,
         )
         if forwarding is not None:
             exchange = forwarding.exchange
@@ -1315,6 +1317,10 @@ class FrontSite(server.Site):
         self._tlv_headers = tuple((field, name.encode("ascii")) for field, name in tlv_headers)
         self._tls_headers = tuple((field, name.encode("ascii")) for field, name in tls_headers)
         self.wants_tls_fields = access_log.format == "json" or bool(tls_headers)
+        # The usual vouched headers: the request id alone.
+        self._request_id_only = bool(
+            self._request_id_header and not self._tlv_headers and not self._tls_headers
+        )
         self.reserved_headers = frozenset(
             name.lower()
             for name in (
@@ -1401,6 +1407,8 @@ class FrontSite(server.Site):
         """
         The headers quayfront itself asserts to the upstream for a request.
         """
+        if self._request_id_only:
+            return [(self._request_id_header, request_id.encode("ascii"))]
         headers = []
         if self._request_id_header:
             headers.append((self._request_id_header, request_id.encode("ascii")))

@@ -434,3 +434,17 @@ def test_a_response_ending_with_nothing_buffered_reads_on_as_the_framer_loop_wou
         patched.setattr(RequestFramer, "idle", property(lambda self: False))
         general = channel_run(pieces, answers)
     assert short == general
+
+
+_PREFIX_TEXT = st.text("/v12ab.*?()[]\\", max_size=6)
+
+
+@given(st.lists(_PREFIX_TEXT, max_size=6), st.lists(_PREFIX_TEXT.map(str.encode), max_size=8))
+def test_routing_in_one_match_agrees_with_prefix_by_prefix(prefixes, paths):
+    """The router's one pattern picks the route the longest-prefix-first loop picks."""
+    from quayfront.config import RouteConfig
+    from quayfront.routing import Route, Router
+
+    router = Router([Route(RouteConfig(prefix=prefix, upstream="u")) for prefix in prefixes])
+    for path in [*paths, *(prefix.encode() + b"x" for prefix in prefixes)]:
+        assert router.route_for(path) is router.route_for_each(path)
