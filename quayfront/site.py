@@ -362,9 +362,11 @@ class FrontChannel(LazyTimeoutMixin, Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._refused or self._closing:
             return
-        if self._idle_call is not None and self.timeOut is not None:
-            # resetTimeout, inline: once per read.
-            self._idle_deadline = self._idle_now() + self.timeOut
+        timeout = self.timeOut
+        if timeout is not None:
+            # resetTimeout, inline: once per read.  (Without a timer the
+            # deadline is not read: setTimeout sets it afresh.)
+            self._idle_deadline = self._idle_now() + timeout
         framer = self._framer
         framer.feed(data)
         if self.handling_request:
@@ -505,11 +507,11 @@ class FrontChannel(LazyTimeoutMixin, Protocol):
             if version == b"HTTP/1.1":
                 request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         request.gotLength(head.content_length)
-        if self.request is not request or self._refused or self._closing:
-            return
         expect = head.expect
+        if expect is None or self.request is not request or self._refused or self._closing:
+            return
         # As Twisted's channel: the first Expect header, on HTTP/1.1.
-        if expect is not None and expect.lower() == b"100-continue" and version == b"HTTP/1.1":
+        if expect.lower() == b"100-continue" and version == b"HTTP/1.1":
             if not self.hold_continue():
                 self.send_continue()
 
@@ -992,7 +994,8 @@ class FrontRequest(LeanRequest):
         # Routed on the normalised path and sent upstream as routed; the
         # access log keeps the target as the client sent it.
         uri = self.upstream_target = self.uri
-        if uri[:1] == b"/":
+        origin_form = uri[:1] == b"/"
+        if origin_form:
             if head is None or b"%" in uri or b"/." in uri:
                 try:
                     self.path, self.upstream_target = normalise_target(uri)
@@ -1030,7 +1033,7 @@ class FrontRequest(LeanRequest):
         # A head from the channel's framer has one Host at most (it refuses
         # more): only the rest of _forwardable is left to check.
         if site.local_resource(self.path) is None and (
-            (uri[:1] == b"/" and self._target_refused is None)
+            (origin_form and self._target_refused is None)
             if head is not None and isinstance(channel, FrontChannel)
             else self._forwardable()
         ):
@@ -1187,10 +1190,21 @@ class FrontRequest(LeanRequest):
             status = CLIENT_CLOSED_REQUEST
         head = self.head
         fields = self.fields
-        referer, user_agent, authorization = logged_fields(
-            self.field_pairs() if fields is None else fields,
-            None if head is None else head.names,
-        )
+        if head is not None and fields is head.headers:
+            # logged_fields, inline, with the framer's names (one per field).
+            names = head.names
+            referer = fields[names.index(b"referer")][1] if b"referer" in names else None
+            user_agent = (
+                fields[names.index(b"user-agent")][1] if b"user-agent" in names else None
+            )
+            authorization = (
+                fields[names.index(b"authorization")][1] if b"authorization" in names else None
+            )
+        else:
+            referer, user_agent, authorization = logged_fields(
+                self.field_pairs() if fields is None else fields,
+                None if head is None else head.names,
+            )
         if forwarding is not None:
             exchange = forwarding.exchange
             ending = exchange.ending

@@ -515,6 +515,13 @@ class RequestFramer:
         elif state is _STATES.END:
             # The end of a request without a body (or whose body is all
             # there): nothing left to check.
+            if self._keep_alive:
+                # _end_message(b"", _NO_TRAILERS) for a connection that
+                # goes on, the usual case.
+                self._state = _STATES.HEAD
+                self._line_start = self._scanned = 0
+                self._skipped_empty_line = False
+                return _PLAIN_END
             return self._end_message(b"", _NO_TRAILERS)
         elif self._error is not None:
             raise self._error
@@ -731,28 +738,33 @@ class RequestFramer:
         headers = _FIELD_PAIR.findall(raw, fields_start, fields_end)
         if len(headers) > MAX_HEADER_COUNT:
             return None
-        self._request_line = matched.group(1, 2, 3)
-        self._headers = headers
-        return self._head_complete(
-            head_end, list(map(bytes.lower, map(_name_of, headers))), raw
+        # What _head_complete does, for a head whose request line and fields
+        # the framer did not keep (they are the locals here).
+        method, target, version = matched.group(1, 2, 3)
+        names = list(map(bytes.lower, map(_name_of, headers)))
+        length, keep_alive, host, expect = head_facts(version, headers, names)
+        if head_end == len(buffer):
+            buffer.clear()
+        else:
+            del buffer[:head_end]
+        self._keep_alive = keep_alive
+        self._scanned = 0
+        if length is None:
+            self._state = _STATES.CHUNK_SIZE
+        elif length:
+            self._state = _STATES.BODY_LENGTH
+            self._remaining = length
+        else:
+            self._state = _STATES.END
+        return RequestHead(
+            method, target, version, headers, length, keep_alive, raw, names, host, expect
         )
 
-    def _head_complete(
-        self, head_end: int, names: list[bytes], raw: bytes | None = None
-    ) -> RequestHead:
-        """
-        The head that ends at C{head_end}, taken from the buffer; C{raw},
-        when given, is a copy of those bytes already made.
-        """
+    def _head_complete(self, head_end: int, names: list[bytes]) -> RequestHead:
         method, target, version = self._request_line
         headers = self._headers
         length, keep_alive, host, expect = head_facts(version, headers, names)
-        if raw is None:
-            raw = self._take(head_end)
-        elif head_end == len(self._buffer):
-            self._buffer.clear()
-        else:
-            del self._buffer[:head_end]
+        raw = self._take(head_end)
         self._request_line = None
         self._headers = []
         self._keep_alive = keep_alive

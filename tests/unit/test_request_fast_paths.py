@@ -448,3 +448,58 @@ def test_routing_in_one_match_agrees_with_prefix_by_prefix(prefixes, paths):
     router = Router([Route(RouteConfig(prefix=prefix, upstream="u")) for prefix in prefixes])
     for path in [*paths, *(prefix.encode() + b"x" for prefix in prefixes)]:
         assert router.route_for(path) is router.route_for_each(path)
+
+
+@given(st.sampled_from([
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\n",
+    b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n",
+]), st.integers(1, 40))
+def test_the_end_of_a_request_on_a_connection_that_goes_on_is_the_general_end(data, cut):
+    """next_event's own end of a request leaves the framer as _end_message leaves it."""
+    from quayfront.http._framing import _NO_TRAILERS, NEED_DATA
+
+    def framer_at_end():
+        framer = RequestFramer()
+        framer.feed(data[:cut])
+        framer.feed(data[cut:])
+        while framer._state.name not in ("END", "CLOSED"):
+            if framer.next_event() is NEED_DATA:
+                return None
+        return framer
+
+    short, general = framer_at_end(), framer_at_end()
+    if short is None or short._state.name == "CLOSED":
+        return
+    assert short.next_event() is general._end_message(b"", _NO_TRAILERS)
+    assert vars(short) == vars(general)
+
+
+_LOGGED_NAMES = st.sampled_from(
+    [b"Referer", b"referer", b"User-Agent", b"USER-AGENT", b"Authorization", b"X-A"]
+)
+_LOGGED_VALUES = st.sampled_from([b"a", b"docker/27", b"Basic dTpw", b"Basic dTI6cA==", b"x y"])
+
+
+@given(st.lists(st.tuples(_LOGGED_NAMES, _LOGGED_VALUES), max_size=6))
+def test_the_logged_fields_of_a_framed_head_are_those_logged_fields_finds(fields):
+    """The access log reads Referer, User-Agent and Authorization of a framed head as logged_fields does."""
+    from quayfront.accesslog import basic_auth_user
+    from quayfront.site import logged_fields
+    from tests.unit.test_channel import answer
+    from tests.unit.test_forward import connect, make_site
+
+    site, agent, log, _ = make_site()
+    channel, _ = connect(site)
+    head = b"GET /v2/a HTTP/1.1\r\nHost: h\r\n" + b"".join(
+        name + b": " + value + b"\r\n" for name, value in fields
+    )
+    channel.dataReceived(head + b"\r\n")
+    answer(agent)
+    (entry,) = log.entries
+    referer, user_agent, authorization = logged_fields([(b"Host", b"h"), *fields])
+    assert (entry.referer, entry.user_agent, entry.remote_user) == (
+        referer, user_agent, basic_auth_user(authorization)
+    )
