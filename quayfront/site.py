@@ -183,6 +183,14 @@ def _socket_origin(transport) -> ConnectionOrigin:
     )
 
 
+def _reactor_seconds() -> float:
+    # The global reactor's time, for a channel left on TimeoutMixin's default
+    # callLater (imported when used, as that callLater imports it).
+    from twisted.internet import reactor
+
+    return reactor.seconds()
+
+
 class LazyTimeoutMixin:
     """
     C{twisted.protocols.policies.TimeoutMixin}'s idle timeout (the same
@@ -194,8 +202,10 @@ class LazyTimeoutMixin:
     read and rarely sees it fire: one timer operation per timeout period
     instead of one per read.
 
-    A subclass may reset inline, as L{resetTimeout} does, with
-    C{_idle_now} (the clock's C{seconds}, set by L{start_idle_clock}).
+    A subclass may reset inline: C{_idle_deadline = _idle_now() + timeOut}
+    when C{timeOut} is not None (C{_idle_now} is the clock's C{seconds},
+    set by L{start_idle_clock}); without a timer the deadline is not read,
+    and L{setTimeout} sets it afresh before arming one.
     """
 
     timeOut: float | None = None
@@ -203,7 +213,9 @@ class LazyTimeoutMixin:
     _idle_deadline = 0.0
     #: The timer: due at or before C{_idle_deadline}; None when off or fired.
     _idle_call: IDelayedCall | None = None
-    _idle_now = None
+    #: The time, by the clock of C{callLater}: the global reactor's, as
+    #: TimeoutMixin's C{callLater}, unless L{start_idle_clock} says otherwise.
+    _idle_now = staticmethod(_reactor_seconds)
 
     def start_idle_clock(self, seconds) -> None:
         """
@@ -238,8 +250,6 @@ class LazyTimeoutMixin:
                 if call.active():
                     call.cancel()
             return previous
-        if self._idle_now is None:
-            self._idle_now = _clock_seconds()
         deadline = self._idle_deadline = self._idle_now() + period
         if call is None:
             self._idle_call = self.callLater(period, self._idle_timer_fired)
@@ -259,14 +269,6 @@ class LazyTimeoutMixin:
 
     def timeoutConnection(self) -> None:
         self.transport.loseConnection()
-
-
-def _clock_seconds():
-    # The global reactor's time, for a channel left on TimeoutMixin's default
-    # callLater.
-    from twisted.internet import reactor
-
-    return reactor.seconds
 
 
 @implementer(IPushProducer)
@@ -349,7 +351,8 @@ class FrontChannel(LazyTimeoutMixin, Protocol):
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
         clock = getattr(self.site, "clock", None)
-        self.start_idle_clock(_clock_seconds() if clock is None else clock.seconds)
+        if clock is not None:
+            self.start_idle_clock(clock.seconds)
         self.setTimeout(self.timeOut)
         if IPushProducer.providedBy(transport):
             transport.registerProducer(self, True)
