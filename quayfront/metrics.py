@@ -7,7 +7,10 @@ With one process every metric lives in that process's registry.  With
 worker processes, C{prometheus_client}'s multiprocess mode keeps each
 worker's values in files under C{PROMETHEUS_MULTIPROC_DIR} and the main
 process serves their sum: the rest of the code keeps calling
-L{Counters.increment} either way.  Gauges that read live objects (requests in
+L{Counters.increment} either way.  With one process, what requests add is
+folded into C{prometheus_client}'s values when the registry is collected
+(see L{Counters.folds}), not added to them (taking their locks) one at a
+time.  Gauges that read live objects (requests in
 flight, open connections) are then sampled by each worker every second and
 summed over the living workers.
 """
@@ -92,7 +95,8 @@ class Counters:
         #: (a scrape), rather than added to them at once: each addition to
         #: a value takes its lock, five times per request.  Only in one
         #: process: with workers the values live in files that the main
-        #: process reads, never collecting this registry.
+        #: process reads, never collecting this registry.  Decided here,
+        #: before anything is counted, and never changed after.
         self.folds = not multiprocess_enabled() and _can_fold()
         self.registry = _FoldingRegistry(self._fold, auto_describe=True)
         self._exported = {
