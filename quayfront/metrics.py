@@ -304,7 +304,8 @@ def _can_fold() -> bool:
     ).labels("x")
     values = [getattr(counter, "_value", None), getattr(histogram, "_sum", None)]
     buckets = getattr(histogram, "_buckets", None)
-    if not isinstance(buckets, list) or getattr(histogram, "_upper_bounds", None) != _DURATION_BOUNDS:
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if not isinstance(buckets, list) or bounds != _DURATION_BOUNDS:
         return False
     values += buckets
     return all(
