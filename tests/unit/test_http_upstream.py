@@ -246,6 +246,14 @@ def test_bad_status_line_is_refused_before_the_head_ends() -> None:
         reader.receive(b"K\r\nX: y\r\n")
 
 
+def test_a_bad_status_line_after_an_interim_head_is_refused_as_early() -> None:
+    """The status line of the head after a 1xx one is checked as soon as its line is complete too."""
+    reader = ResponseReader(b"GET", HEAD_BYTES, HEADERS)
+    assert reader.receive(b"HTTP/1.1 100 Continue\r\n\r\nHTTX/1.1 200 O") == []
+    with pytest.raises(UpstreamMisbehaved, match="upstream-bad-status-line"):
+        reader.receive(b"K\r\nX: y\r\n")
+
+
 def test_head_limits_are_the_readers() -> None:
     """max_head_bytes and max_headers are the reader's own, with 1xx heads counted."""
     answer = b"HTTP/1.1 204 No Content\r\nX-A: 1\r\nX-B: 2\r\nX-C: 3\r\n\r\n"
