@@ -47,6 +47,9 @@ _NO_BODY_STATUSES = frozenset((204, 304))
 # The lengths of the names framing looks at: Connection, Content-Length,
 # Transfer-Encoding.  Any other name is passed over on its length alone.
 _FRAMING_NAME_LENGTHS = (10, 14, 17)
+# A Connection field of one of these values (lower-cased) alone: whether
+# the connection stays open, in HTTP/1.0 and 1.1 alike.
+_KEEP_ALIVE_BY_CONNECTION = {b"keep-alive": True, b"close": False}
 
 # Status lines already checked, as received (CR included, LF not) -> what
 # check_status_line made of them: an upstream answers with a handful of
@@ -481,8 +484,20 @@ class ResponseReader:
         if connection is None:
             keep_alive = version[1] == 1
         else:
-            tokens = {token.strip().lower() for value in connection for token in value.split(b",")}
-            keep_alive = (b"keep-alive" in tokens) if version[1] == 0 else (b"close" not in tokens)
+            # The usual single "keep-alive" or "close": what the tokens
+            # would say of it, in either version, without splitting it.
+            keep_alive = (
+                _KEEP_ALIVE_BY_CONNECTION.get(connection[0].lower())
+                if len(connection) == 1
+                else None
+            )
+            if keep_alive is None:
+                tokens = {
+                    token.strip().lower() for value in connection for token in value.split(b",")
+                }
+                keep_alive = (
+                    (b"keep-alive" in tokens) if version[1] == 0 else (b"close" not in tokens)
+                )
         length: int | None = None
         if self._no_body or status in _NO_BODY_STATUSES:
             # RFC 9112 section 6.3 (1): whatever the fields say.
