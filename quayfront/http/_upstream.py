@@ -46,7 +46,7 @@ _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7
 _NO_BODY_STATUSES = frozenset((204, 304))
 # The lengths of the names framing looks at: Connection, Content-Length,
 # Transfer-Encoding.  Any other name is passed over on its length alone.
-_FRAMING_NAME_LENGTHS = (10, 14, 17)
+_FRAMING_NAME_LENGTHS = frozenset((10, 14, 17))
 # A Connection field of one of these values (lower-cased) alone: whether
 # the connection stays open, in HTTP/1.0 and 1.1 alike.
 _KEEP_ALIVE_BY_CONNECTION = {b"keep-alive": True, b"close": False}
