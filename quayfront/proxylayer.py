@@ -300,6 +300,10 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
 
+    #: Pausing and resuming only relay to the transport below: the TLS layer
+    #: above may resume the socket itself (twistedadapter.epoll_socket_below).
+    relays_production = True
+
     def connectionMade(self) -> None:
         self.factory.registerProtocol(self)
         policy = self.factory.policy

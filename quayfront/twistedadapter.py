@@ -37,7 +37,8 @@ parsed and checked into a L{Headers} without checking them again
 (L{add_checked_fields}).
 
 Below HTTP, the reactor (its last section): C{EPollReactor.doPoll} with
-C{_poller}, C{_selectables} and C{_doReadOrWrite}, and the TCP write
+C{_poller}, C{_selectables} and C{_doReadOrWrite}, its C{_reads} (the
+descriptors being read: L{epoll_socket_below}), and the TCP write
 buffer (C{dataBuffer}, C{offset}, C{_tempDataBuffer},
 C{_writeDisconnected}) with the places the reactor builds TCP transports.
 
@@ -139,6 +140,7 @@ import sys as _sys
 
 from select import EPOLLIN as _EPOLLIN
 
+from twisted.internet import abstract as _abstract
 from twisted.internet import main as _main
 from twisted.internet import tcp as _tcp
 from twisted.internet.posixbase import _NO_FILEDESC
@@ -327,6 +329,30 @@ class LeanEPollReactor(_EPollReactor):
         return listening
 
 
+def epoll_socket_below(transport):
+    """
+    The TCP transport under C{transport} (itself, or under layers whose
+    pause and resume only relay to their own transport: marked
+    C{relays_production}), if it runs on an epoll reactor and resumes as
+    Twisted's C{FileDescriptor} does, so that whether resuming would change
+    anything can be read from the reactor's C{_reads}; else None.
+    """
+    for _ in range(8):
+        if not getattr(type(transport), "relays_production", False):
+            break
+        transport = transport.transport
+    kind = type(transport)
+    if (
+        isinstance(transport, EagerWrite)
+        and isinstance(getattr(transport, "reactor", None), _EPollReactor)
+        and kind.resumeProducing is _abstract.FileDescriptor.resumeProducing
+        and kind.startReading is _abstract.FileDescriptor.startReading
+        and type(transport.reactor).addReader is _EPollReactor.addReader
+    ):
+        return transport
+    return None
+
+
 def _log_escaped_error(selectable) -> None:
     try:
         prefix = selectable.logPrefix()
@@ -472,7 +498,10 @@ def add_checked_fields(headers: _Headers, fields) -> None:
 # and C{_flushSendBIO}.  pyOpenSSL's: C{Connection._ssl}, C{._from_ssl},
 # C{._raise_ssl_error} and the bindings C{SSL_read}, C{SSL_write},
 # C{SSL_get_error}, C{BIO_read}; without any of them the protocol is
-# Twisted's own.
+# Twisted's own.  A long read is decrypted in place through
+# C{BIO_new_mem_buf}, C{BIO_set_mem_eof_return} and C{SSL_set_bio} (with
+# C{Connection._into_ssl} kept up to date); without them it is copied into
+# the memory BIO.
 
 from OpenSSL.SSL import Error as _SSLError  # noqa: E402
 from OpenSSL.SSL import WantReadError as _WantReadError  # noqa: E402
@@ -492,6 +521,13 @@ _RAW_TLS = _BIO_BINDINGS and all(
 
 #: Bytes of a read put into the memory BIO at a time (see dataReceived).
 _BIO_FEED_BYTES = 2**16
+#: A read at least this long is decrypted where it lies (see
+#: _receive_in_place); a shorter one is copied into the memory BIO.
+_IN_PLACE_READ_BYTES = 2**15
+#: Whether pyOpenSSL's bindings have what _receive_in_place calls.
+_IN_PLACE = _RAW_TLS and all(
+    hasattr(_ssl_lib, name) for name in ("BIO_new_mem_buf", "BIO_set_mem_eof_return", "BIO_free")
+)
 #: Plaintext bytes per TLS record (the protocol's maximum).
 _RECORD_BYTES = 2**14
 #: The process's buffers for what one read decrypts and one write
@@ -564,7 +600,21 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
+        below = self._socket_below
+        if below is False:
+            below = self._socket_below = epoll_socket_below(self.transport)
+        if below is None:
+            self.transport.resumeProducing()
+        elif below.fileno() not in below.reactor._reads:
+            below.resumeProducing()
+        # Else the socket is being read already: what resuming it would come
+        # to (FileDescriptor.resumeProducing, startReading, addReader and
+        # _add find it in the epoll reactor's _reads), without those four
+        # calls and the PROXY layer's relay on every response.
+
+    #: The socket transport below, for resumeProducing: False until looked
+    #: up, None where the general way is taken.
+    _socket_below: object = False
 
     def connectionLost(self, reason) -> None:
         super().connectionLost(reason)
@@ -581,16 +631,25 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
 
     def dataReceived(self, data: bytes) -> None:
         # Twisted's dataReceived once the handshake is done (the BIO fed,
-        # writes held back by the handshake retried, the records read), but
-        # the read goes into the memory BIO a piece at a time as the records
-        # before it are read out (_flushReceiveBIO).  A memory BIO keeps the
-        # largest buffer it ever held until the connection closes: a 256 KiB
-        # read written into it at once would stay allocated on every
-        # connection that ever uploaded (measured: 274 KiB per connection).
-        # In pieces it never holds much more than one: 64 KiB, what
-        # Twisted's own 64 KiB reads leave.
+        # writes held back by the handshake retried, the records read).  A
+        # long read (an upload's) is decrypted in place (_receive_in_place).
+        # A shorter one goes into the memory BIO, a piece at a time as the
+        # records before it are read out (_flushReceiveBIO), should it be
+        # long after all (the in-place way unavailable): a memory BIO keeps
+        # the largest buffer it ever held until the connection closes, and
+        # a 256 KiB read written into it at once would stay allocated on
+        # every connection that ever uploaded (measured: 274 KiB per
+        # connection).
         if not self._handshakeDone or not _RAW_TLS:
             return super().dataReceived(data)
+        if (
+            len(data) >= _IN_PLACE_READ_BYTES
+            and _IN_PLACE
+            and not _bio_pending(self._tlsConnection._into_ssl)
+        ):
+            return self._receive_in_place(data)
+        if self._view_bio is not None:
+            self._writable_input()
         with _ssl_ffi.from_buffer(data) as pointer:
             self._input = pointer
             self._input_length = length = len(data)
@@ -607,6 +666,62 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             finally:
                 self._input = None
                 self._input_fed = self._input_length = 0
+
+    #: The read-only BIO over the bytes of the read being (or last) decrypted
+    #: in place, or None.
+    _view_bio = None
+
+    def _receive_in_place(self, data: bytes) -> None:
+        """
+        Decrypt C{data} where it lies: OpenSSL reads its records from a
+        read-only BIO over C{data}'s own bytes, not from a copy in the
+        memory BIO.  An upload's every byte is then copied once less, and
+        not cleared first either (a memory BIO zeroes what it grows into):
+        measured, 0.67 -> 0.59 s per GiB decrypted.  A record cut short at
+        the end of the read is not lost: OpenSSL has taken its first bytes
+        into its own record buffer by the time it asks for more.  Whatever
+        is left unread when this returns (only if decrypting stopped early)
+        is copied into a memory BIO, so that no BIO points into C{data}
+        once it is gone.
+        """
+        connection = self._tlsConnection
+        with _ssl_ffi.from_buffer(data) as pointer:
+            view = _ssl_lib.BIO_new_mem_buf(pointer, len(data))
+            if view == _ssl_ffi.NULL:
+                raise MemoryError("BIO_new_mem_buf failed")
+            # Empty, it asks for more bytes rather than signalling the end.
+            _ssl_lib.BIO_set_mem_eof_return(view, -1)
+            # The read BIO before it is empty (checked): SSL_set_bio frees it.
+            _ssl_lib.SSL_set_bio(connection._ssl, view, connection._from_ssl)
+            connection._into_ssl = self._view_bio = view
+            try:
+                if self._appSendBuffer:
+                    self._unbufferPendingWrites()
+                self._flushReceiveBIO()
+            finally:
+                if connection._into_ssl == view and _bio_pending(view):
+                    self._writable_input()
+
+    def _writable_input(self) -> None:
+        """
+        Give the connection a memory BIO to read from again, in place of
+        the read-only one over an earlier read, with what that one has not
+        been read of.
+        """
+        connection = self._tlsConnection
+        view, self._view_bio = self._view_bio, None
+        if connection._into_ssl != view:
+            # Replaced since (release_handshake_bios).
+            return
+        fresh = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
+        if fresh == _ssl_ffi.NULL:
+            raise MemoryError("BIO_new failed")
+        left = _ssl_lib.BIO_get_mem_data(view, _MEM_DATA_START)
+        if left > 0 and _ssl_lib.BIO_write(fresh, _MEM_DATA_START[0], left) != left:
+            _ssl_lib.BIO_free(fresh)
+            raise MemoryError(f"BIO_write of {left} bytes failed")
+        _ssl_lib.SSL_set_bio(connection._ssl, fresh, connection._from_ssl)
+        connection._into_ssl = fresh
 
     def _feed_input(self) -> bool:
         """

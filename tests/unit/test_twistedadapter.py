@@ -1020,9 +1020,11 @@ def test_batched_tls_reads_and_writes_more_than_its_buffers(tls_version, monkeyp
     pump.flush()
     assert b"".join(app.calls) == payload
     assert len(app.calls) == 3
-    # The read went into the memory BIO a piece at a time, which is all it
-    # keeps allocated afterwards.
-    assert sum(fed) > len(payload) and max(fed) == twistedadapter._BIO_FEED_BYTES
+    # The read was decrypted where it lay: nothing was copied into the
+    # memory BIO, and no BIO is left pointing at it.
+    assert fed == []
+    assert server._view_bio is None or bindings.BIO_get_mem_data(
+        server._tlsConnection._into_ssl, twistedadapter._MEM_DATA_START) == 0
     received = []
     client_app.dataReceived = received.append
     writes = []
@@ -1091,3 +1093,195 @@ def test_canary_lean_request_does_what_twisted_web_does() -> None:
     for name in ("_disconnected", "_inFakeHead", "_encoder"):
         assert hasattr(server.Request, name), name
     assert "_parsePOSTFormSubmission" in LeanRequest.MIRRORED_ATTRIBUTES
+
+
+def test_canary_epoll_reads_table() -> None:
+    """EPollReactor's addReader does nothing for a descriptor in _reads; FileDescriptor resumes by startReading, which is addReader."""
+    add = inspect.getsource(epollreactor.EPollReactor._add)
+    assert "fd = xer.fileno()" in add and "if fd not in primary:" in add
+    assert "self._reads, self._writes" in inspect.getsource(epollreactor.EPollReactor.addReader)
+    assert "self.startReading()" in inspect.getsource(abstract.FileDescriptor.resumeProducing)
+    assert "self.connected and not self.disconnecting" in inspect.getsource(
+        abstract.FileDescriptor.resumeProducing)
+    assert "self.reactor.addReader(self)" in inspect.getsource(abstract.FileDescriptor.startReading)
+    reactor = LeanEPollReactor()
+    ours, theirs = socket.socketpair()
+    try:
+        transport = EagerWriteServer(ours, _Sink(), ("127.0.0.1", 1), None, 1, reactor)
+        # A server connection starts reading as it is made.
+        assert ours.fileno() in reactor._reads
+        transport.stopReading()
+        assert ours.fileno() not in reactor._reads
+        transport.startReading()
+        assert ours.fileno() in reactor._reads
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+class _Relay:
+    """A layer marked as relaying pause and resume to its transport."""
+
+    relays_production = True
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+
+
+def test_epoll_socket_below_finds_the_socket_through_relaying_layers_only() -> None:
+    """The socket is found under relaying layers on an epoll reactor; anything else takes the general way."""
+    from quayfront.twistedadapter import epoll_socket_below
+
+    reactor = LeanEPollReactor()
+    ours, theirs = socket.socketpair()
+    try:
+        transport = EagerWriteServer(ours, _Sink(), ("127.0.0.1", 1), None, 1, reactor)
+        assert epoll_socket_below(transport) is transport
+        assert epoll_socket_below(_Relay(_Relay(transport))) is transport
+        # A layer not marked may do more than relay.
+        assert epoll_socket_below(StringTransport()) is None
+        memory, _, _ = _eager_pair()
+        try:
+            assert epoll_socket_below(memory) is None  # not an epoll reactor
+        finally:
+            memory.socket.close()
+
+        class Resumes(EagerWriteServer):
+            def resumeProducing(self) -> None:
+                pass
+
+        assert epoll_socket_below(Resumes(ours, _Sink(), ("127.0.0.1", 1), None, 1, reactor)) is None
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+def test_batched_tls_resumes_the_socket_below_as_twisted_would(monkeypatch) -> None:
+    """Resuming through the TLS layer reads again after a pause, and costs no call while reading already."""
+    from quayfront.proxylayer import ProxyHeaderProtocol
+    from quayfront.twistedadapter import BatchedReceiveTLS
+
+    reactor = LeanEPollReactor()
+    ours, theirs = socket.socketpair()
+    try:
+        transport = EagerWriteServer(ours, _Sink(), ("127.0.0.1", 1), None, 1, reactor)
+        # The PROXY layer between, as on 8443, is only a relay.
+        proxy = ProxyHeaderProtocol.__new__(ProxyHeaderProtocol)
+        proxy.transport = transport
+        tls = BatchedReceiveTLS.__new__(BatchedReceiveTLS)
+        tls.transport = proxy
+        transport.connected = 1
+        transport.startReading()
+        calls = []
+        original_add = epollreactor.EPollReactor._add
+        monkeypatch.setattr(epollreactor.EPollReactor, "_add",
+                            lambda self, *args: calls.append(args) or original_add(self, *args))
+        tls.resumeProducing()
+        assert calls == [] and ours.fileno() in reactor._reads
+        tls.pauseProducing()
+        assert ours.fileno() not in reactor._reads
+        tls.resumeProducing()
+        assert len(calls) == 1 and ours.fileno() in reactor._reads
+        # A connection being closed is not read again, as Twisted's.
+        tls.pauseProducing()
+        transport.disconnecting = True
+        tls.resumeProducing()
+        assert ours.fileno() not in reactor._reads
+    finally:
+        ours.close()
+        theirs.close()
+        reactor._poller.close()
+
+
+
+def _records_for(payload: bytes, tls_version=None) -> tuple[object, bytes]:
+    """A handshaken BatchedReceiveTLS server (its app a _Recorder) and the TLS records of C{payload} from its client."""
+    app = _Recorder()
+    server, client, client_app, pump, clock = _batched_tls_pair(app, tls_version)
+    sent = []
+    client.transport.write = sent.append
+    client.transport.writeSequence = lambda parts: sent.extend(parts)
+    client_app.transport.write(payload)
+    clock.advance(0)
+    return server, app, b"".join(sent)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_tls_reads_of_any_size_in_place_or_copied_give_the_stream(seed) -> None:
+    """Records cut anywhere across reads small (copied into the BIO) and large (decrypted in place) arrive whole and in order."""
+    import random
+
+    from quayfront import twistedadapter
+
+    rng = random.Random(seed)
+    payload = rng.randbytes(700_000)
+    server, app, records = _records_for(payload)
+    offset = 0
+    in_place = copied = 0
+    for _ in range(10_000):
+        if offset == len(records):
+            break
+        size = rng.choice([1, 5, 100, 16_000, 40_000, 70_000, 262_144])
+        read = records[offset : offset + size]
+        offset += len(read)
+        if len(read) >= twistedadapter._IN_PLACE_READ_BYTES:
+            in_place += 1
+        else:
+            copied += 1
+        server.dataReceived(read)
+    assert offset == len(records) and in_place and copied
+    assert b"".join(app.calls) == payload
+
+
+def test_batched_tls_keeps_what_a_read_in_place_left_unread() -> None:
+    """An error from the protocol above mid-read: what was not decrypted yet is copied out of the read and decrypted with the next."""
+    from quayfront import twistedadapter
+
+    payload = bytes(range(256)) * 4096  # 1 MiB: more than the buffer a read is decrypted into
+    server, app, records = _records_for(payload)
+    calls = []
+
+    def fail_once(data: bytes) -> None:
+        calls.append(data)
+        if len(calls) == 1:
+            raise RuntimeError("the protocol above failed")
+
+    app.dataReceived = fail_once
+    with pytest.raises(RuntimeError):
+        server.dataReceived(records[:900_000])
+    # The first bufferful went up; the rest of the read now lies in a
+    # memory BIO of its own, not in the read's bytes.
+    assert len(calls[0]) == twistedadapter._SCRATCH_BYTES
+    into_ssl = server._tlsConnection._into_ssl
+    assert server._view_bio is None
+    assert twistedadapter._bio_pending(into_ssl) > 0
+    server.dataReceived(records[900_000:])
+    assert b"".join(calls) == payload
+
+
+def test_canary_pyopenssl_read_only_bio() -> None:
+    """pyOpenSSL's bindings make a read-only BIO over bytes; drained, with eof_return -1, it asks for more; a record cut short waits inside OpenSSL."""
+    from OpenSSL._util import ffi, lib
+
+    from quayfront import twistedadapter
+
+    assert twistedadapter._IN_PLACE
+    server, client = _tls_pair()
+    _pump(client, server)
+    client.send(b"x" * 1000)
+    record = client.bio_read(4096)
+    buffer = ffi.new("char[]", 2048)
+    for part in (record[:500], record[500:]):
+        with ffi.from_buffer(part) as pointer:
+            view = lib.BIO_new_mem_buf(pointer, len(part))
+            lib.BIO_set_mem_eof_return(view, -1)
+            lib.SSL_set_bio(server._ssl, view, server._from_ssl)
+            server._into_ssl = view
+            count = lib.SSL_read(server._ssl, buffer, 2048)
+            # Every byte of the view taken, whether the record is whole yet or not.
+            assert twistedadapter._bio_pending(view) == 0
+    assert count == 1000 and ffi.buffer(buffer, 1000)[:] == b"x" * 1000
+    count = lib.SSL_read(server._ssl, buffer, 2048)
+    assert count <= 0 and lib.SSL_get_error(server._ssl, count) == lib.SSL_ERROR_WANT_READ
