@@ -7,13 +7,17 @@ With one process every metric lives in that process's registry.  With
 worker processes, C{prometheus_client}'s multiprocess mode keeps each
 worker's values in files under C{PROMETHEUS_MULTIPROC_DIR} and the main
 process serves their sum: the rest of the code keeps calling
-L{Counters.increment} either way.  Gauges that read live objects (requests in
+L{Counters.increment} either way.  With one process, what requests add is
+folded into C{prometheus_client}'s values when the registry is collected
+(see L{Counters.folds}), not added to them (taking their locks) one at a
+time.  Gauges that read live objects (requests in
 flight, open connections) are then sampled by each worker every second and
 summed over the living workers.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from bisect import bisect_left
 from collections import Counter
@@ -86,7 +90,15 @@ class Counters:
 
     def __init__(self) -> None:
         self._values: Counter[tuple[str, str]] = Counter()
-        self.registry = CollectorRegistry(auto_describe=True)
+        #: Whether what requests add is kept in plain numbers here and folded
+        #: into prometheus_client's values when the registry is collected
+        #: (a scrape), rather than added to them at once: each addition to
+        #: a value takes its lock, five times per request.  Only in one
+        #: process: with workers the values live in files that the main
+        #: process reads, never collecting this registry.  Decided here,
+        #: before anything is counted, and never changed after.
+        self.folds = not multiprocess_enabled() and _can_fold()
+        self.registry = _FoldingRegistry(self._fold, auto_describe=True)
         self._exported = {
             name: PromCounter(
                 f"quayfront_{name}", help_text, [label] if label else [], registry=self.registry
@@ -123,17 +135,35 @@ class Counters:
             tuple[str, int],
             tuple[Callable[[float], None], Callable[[float], None], Callable[[float], None]],
         ] = {}
+        # Folding (see folds): the counts of each exported counter already
+        # added to its child; and the running totals of the request
+        # metrics' children, by route and status class.  A child's value
+        # is set to its running total, so that a scrape reads exactly the
+        # sums and counts the children's own inc and observe would have
+        # made, in the same order.
+        self._folded: dict[tuple[str, str], int] = {}
+        self._request_totals: dict[tuple[str, int], tuple[list, list]] = {}
+        self._byte_totals: dict[str, list] = {}
+        self._duration_totals: list[list] = []
 
     def increment(self, name: str, label: str = "", by: int = 1) -> None:
         if by < 0:
             raise ValueError(f"{name}: a counter only goes up (by {by})")
         key = (name, label)
-        self._values[key] += by
+        values = self._values
+        if self.folds and key in values:
+            # Counted before: its child (if exported) exists, and is
+            # brought up to date when scraped.
+            values[key] += by
+            return
+        values[key] += by
         add = self._exported_children.get(key, _NOT_MADE)
         if add is _NOT_MADE:
+            # The child is made at the first increment either way (its
+            # _created time is then).
             exported = self._exported_child(name, label)
             add = self._exported_children[key] = None if exported is None else _adder(exported)
-        if add is not None:
+        if add is not None and not self.folds:
             add(by)
 
     def _exported_child(self, name: str, label: str):
@@ -163,6 +193,21 @@ class Counters:
         outcome: str | None,
     ) -> None:
         status_class = status // 100
+        if self.folds:
+            totals = self._request_totals.get((route, status_class))
+            if totals is None:
+                totals = self._new_request_totals(route, status_class)
+            byte_totals, duration_totals = totals
+            byte_totals[0] += request_bytes
+            byte_totals[1] += response_bytes
+            # What Histogram.observe adds: the amount to the sum, one to
+            # the first bucket whose bound is not below it (none for NaN).
+            duration_totals[0] += duration_s
+            if duration_s == duration_s:
+                duration_totals[1 + bisect_left(_DURATION_BOUNDS, duration_s)] += 1
+            if outcome and ending_for(outcome).counter == UPSTREAM_COUNTER:
+                self.increment(UPSTREAM_COUNTER, outcome)
+            return
         children = self._request_children.get((route, status_class))
         if children is None:
             children = self._request_children[(route, status_class)] = (
@@ -176,6 +221,97 @@ class Counters:
         add_response_bytes(response_bytes)
         if outcome and ending_for(outcome).counter == UPSTREAM_COUNTER:
             self.increment(UPSTREAM_COUNTER, outcome)
+
+    def _new_request_totals(self, route: str, status_class: int) -> tuple[list, list]:
+        """
+        The running totals of the children C{observe_request(route, status)}
+        adds to, made with the children (their _created time is the first
+        request's), from the values they hold.
+        """
+        byte_totals = self._byte_totals.get(route)
+        if byte_totals is None:
+            values = (
+                self.request_bytes.labels(route)._value,
+                self.response_bytes.labels(route)._value,
+            )
+            byte_totals = self._byte_totals[route] = [*(value.get() for value in values), values]
+        histogram = self.request_duration.labels(route, f"{status_class}xx")
+        duration_totals = [
+            histogram._sum.get(),
+            *(bucket.get() for bucket in histogram._buckets),
+            (histogram._sum, *histogram._buckets),
+        ]
+        self._duration_totals.append(duration_totals)
+        totals = self._request_totals[(route, status_class)] = (byte_totals, duration_totals)
+        return totals
+
+    def _fold(self) -> None:
+        """
+        Bring prometheus_client's values up to what has been counted (see
+        C{folds}); the registry does it before every collection.
+        """
+        if not self.folds:
+            return
+        values = self._values
+        folded = self._folded
+        for key, add in self._exported_children.items():
+            if add is not None:
+                count = values[key]
+                added = folded.get(key, 0)
+                if count != added:
+                    add(count - added)
+                    folded[key] = count
+        for byte_totals in self._byte_totals.values():
+            request_value, response_value = byte_totals[2]
+            request_value.set(byte_totals[0])
+            response_value.set(byte_totals[1])
+        for duration_totals in self._duration_totals:
+            for value, total in zip(duration_totals[-1], duration_totals):
+                value.set(total)
+
+
+class _FoldingRegistry(CollectorRegistry):
+    """
+    A registry that folds the counted values into its metrics (L{Counters})
+    before each collection.
+    """
+
+    def __init__(self, fold: Callable[[], None], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._fold_counted = fold
+
+    def collect(self):
+        self._fold_counted()
+        yield from super().collect()
+
+
+#: The duration histogram's bucket bounds, +Inf last, as Histogram keeps them.
+_DURATION_BOUNDS = [*DURATION_BUCKETS_S, float("inf")]
+
+
+@functools.lru_cache(maxsize=None)
+def _can_fold() -> bool:
+    """
+    Whether this prometheus_client keeps counter and histogram values as
+    L{Counters} folding expects (a value object with get and set per
+    counter child, per histogram sum and bucket, the histogram's bounds):
+    else every addition goes through the children's own methods.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    counter = PromCounter("probe", "", ["label"], registry=registry).labels("x")
+    histogram = Histogram(
+        "probe_seconds", "", ["label"], buckets=DURATION_BUCKETS_S, registry=registry
+    ).labels("x")
+    values = [getattr(counter, "_value", None), getattr(histogram, "_sum", None)]
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if not isinstance(buckets, list) or bounds != _DURATION_BOUNDS:
+        return False
+    values += buckets
+    return all(
+        callable(getattr(value, "get", None)) and callable(getattr(value, "set", None))
+        for value in values
+    ) and _observable(counter) and _observable(histogram)
 
 
 _NOT_MADE = object()

@@ -37,7 +37,6 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web import http, pages, resource, server, static
 from twisted.web.http import parse_qs
@@ -184,8 +183,96 @@ def _socket_origin(transport) -> ConnectionOrigin:
     )
 
 
+def _reactor_seconds() -> float:
+    # The global reactor's time, for a channel left on TimeoutMixin's default
+    # callLater (imported when used, as that callLater imports it).
+    from twisted.internet import reactor
+
+    return reactor.seconds()
+
+
+class LazyTimeoutMixin:
+    """
+    C{twisted.protocols.policies.TimeoutMixin}'s idle timeout (the same
+    C{timeOut}, C{setTimeout}, C{resetTimeout}, C{timeoutConnection} and
+    C{callLater}, firing at the same moments) with a timer that is not
+    moved on every reset: a reset only notes the new deadline
+    (C{_idle_deadline}), and the timer, when it fires before it, is armed
+    again for the rest.  A busy connection resets its timeout on every
+    read and rarely sees it fire: one timer operation per timeout period
+    instead of one per read.
+
+    A subclass may reset inline: C{_idle_deadline = _idle_now() + timeOut}
+    when C{timeOut} is not None (C{_idle_now} is the clock's C{seconds},
+    set by L{start_idle_clock}); without a timer the deadline is not read,
+    and L{setTimeout} sets it afresh before arming one.
+    """
+
+    timeOut: float | None = None
+    #: When the idle timeout falls due, as of the last reset.
+    _idle_deadline = 0.0
+    #: The timer: due at or before C{_idle_deadline}; None when off or fired.
+    _idle_call: IDelayedCall | None = None
+    #: The time, by the clock of C{callLater}: the global reactor's, as
+    #: TimeoutMixin's C{callLater}, unless L{start_idle_clock} says otherwise.
+    _idle_now = staticmethod(_reactor_seconds)
+
+    def start_idle_clock(self, seconds) -> None:
+        """
+        Read the time with C{seconds}, the clock of C{callLater}.
+        """
+        self._idle_now = seconds
+
+    def callLater(self, period, func):
+        # As TimeoutMixin's: set on each channel by the site's buildProtocol.
+        from twisted.internet import reactor
+
+        return reactor.callLater(period, func)
+
+    def resetTimeout(self) -> None:
+        """
+        Restart the count-down, if the timeout is on and has not fired.
+        """
+        if self._idle_call is not None and self.timeOut is not None:
+            self._idle_deadline = self._idle_now() + self.timeOut
+
+    def setTimeout(self, period: float | None) -> float | None:
+        """
+        Change the timeout period (None: off), counting from now; return
+        the previous one.
+        """
+        previous = self.timeOut
+        self.timeOut = period
+        call = self._idle_call
+        if period is None:
+            if call is not None:
+                self._idle_call = None
+                if call.active():
+                    call.cancel()
+            return previous
+        deadline = self._idle_deadline = self._idle_now() + period
+        if call is None:
+            self._idle_call = self.callLater(period, self._idle_timer_fired)
+        elif call.getTime() > deadline:
+            # Due sooner than the timer: move it (later deadlines wait).
+            call.reset(period)
+        return previous
+
+    def _idle_timer_fired(self) -> None:
+        left = self._idle_deadline - self._idle_now()
+        if left > 0:
+            # Reset since it was armed: wait for the rest.
+            self._idle_call = self.callLater(left, self._idle_timer_fired)
+            return
+        self._idle_call = None
+        self.timeoutConnection()
+
+    def timeoutConnection(self) -> None:
+        self.transport.loseConnection()
+
+
 @implementer(IPushProducer)
-class FrontChannel(TimeoutMixin, Protocol):
+class FrontChannel(LazyTimeoutMixin, Protocol):
     """
     One client connection: every byte goes to quayfront's strict framer
     (L{RequestFramer}) and only its events make requests.
@@ -263,6 +350,9 @@ class FrontChannel(TimeoutMixin, Protocol):
         transport = self.transport
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
+        clock = getattr(self.site, "clock", None)
+        if clock is not None:
+            self.start_idle_clock(clock.seconds)
         self.setTimeout(self.timeOut)
         if IPushProducer.providedBy(transport):
             transport.registerProducer(self, True)
@@ -275,7 +365,11 @@ class FrontChannel(TimeoutMixin, Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._refused or self._closing:
             return
-        self.resetTimeout()
+        timeout = self.timeOut
+        if timeout is not None:
+            # resetTimeout, inline: once per read.  (Without a timer the
+            # deadline is not read: setTimeout sets it afresh.)
+            self._idle_deadline = self._idle_now() + timeout
         framer = self._framer
         framer.feed(data)
         if self.handling_request:
@@ -416,11 +510,11 @@ class FrontChannel(TimeoutMixin, Protocol):
             if version == b"HTTP/1.1":
                 request.responseHeaders.setRawHeaders(b"Connection", [b"close"])
         request.gotLength(head.content_length)
-        if self.request is not request or self._refused or self._closing:
-            return
         expect = head.expect
+        if expect is None or self.request is not request or self._refused or self._closing:
+            return
         # As Twisted's channel: the first Expect header, on HTTP/1.1.
-        if expect is not None and expect.lower() == b"100-continue" and version == b"HTTP/1.1":
+        if expect.lower() == b"100-continue" and version == b"HTTP/1.1":
             if not self.hold_continue():
                 self.send_continue()
 
@@ -568,9 +662,19 @@ class FrontChannel(TimeoutMixin, Protocol):
             return
         saved, self.saved_timeout = self.saved_timeout, None
         if saved:
-            self.setTimeout(saved)
-        # A pipelined request (or the start of one) that waited.
-        self._drive()
+            # setTimeout(saved), for the usual case: the timer kept through
+            # the response is due before the new deadline, and waits.
+            self.timeOut = saved
+            call = self._idle_call
+            deadline = self._idle_deadline = self._idle_now() + saved
+            if call is None or call.getTime() > deadline:
+                self.timeOut = None
+                self.setTimeout(saved)
+        if not self._framer.idle:
+            # A pipelined request (or the start of one) that waited.  (An
+            # idle framer has no event to give and no head under way: the
+            # loop would find nothing.)
+            self._drive()
 
     def writeHeaders(self, version: bytes, code: bytes, reason: bytes, headers) -> None:
         parts = [version, b" ", code, b" ", reason, b"\r\n"]
@@ -893,7 +997,8 @@ class FrontRequest(LeanRequest):
         # Routed on the normalised path and sent upstream as routed; the
         # access log keeps the target as the client sent it.
         uri = self.upstream_target = self.uri
-        if uri[:1] == b"/":
+        origin_form = uri[:1] == b"/"
+        if origin_form:
             if head is None or b"%" in uri or b"/." in uri:
                 try:
                     self.path, self.upstream_target = normalise_target(uri)
@@ -931,7 +1036,7 @@ class FrontRequest(LeanRequest):
         # A head from the channel's framer has one Host at most (it refuses
         # more): only the rest of _forwardable is left to check.
         if site.local_resource(self.path) is None and (
-            (uri[:1] == b"/" and self._target_refused is None)
+            (origin_form and self._target_refused is None)
             if head is not None and isinstance(channel, FrontChannel)
             else self._forwardable()
         ):
@@ -1087,9 +1192,22 @@ class FrontRequest(LeanRequest):
         if result is not None and isinstance(result, Failure) and not self.startedWriting:
             status = CLIENT_CLOSED_REQUEST
         head = self.head
-        referer, user_agent, authorization = logged_fields(
-            self.field_pairs(), None if head is None else head.names
-        )
+        fields = self.fields
+        if head is not None and fields is head.headers:
+            # logged_fields, inline, with the framer's names (one per field).
+            names = head.names
+            referer = fields[names.index(b"referer")][1] if b"referer" in names else None
+            user_agent = (
+                fields[names.index(b"user-agent")][1] if b"user-agent" in names else None
+            )
+            authorization = (
+                fields[names.index(b"authorization")][1] if b"authorization" in names else None
+            )
+        else:
+            referer, user_agent, authorization = logged_fields(
+                self.field_pairs() if fields is None else fields,
+                None if head is None else head.names,
+            )
         if forwarding is not None:
             exchange = forwarding.exchange
             ending = exchange.ending
@@ -1216,6 +1334,10 @@ class FrontSite(server.Site):
         self._tlv_headers = tuple((field, name.encode("ascii")) for field, name in tlv_headers)
         self._tls_headers = tuple((field, name.encode("ascii")) for field, name in tls_headers)
         self.wants_tls_fields = access_log.format == "json" or bool(tls_headers)
+        # The usual vouched headers: the request id alone.
+        self._request_id_only = bool(
+            self._request_id_header and not self._tlv_headers and not self._tls_headers
+        )
         self.reserved_headers = frozenset(
             name.lower()
             for name in (
@@ -1302,6 +1424,8 @@ class FrontSite(server.Site):
         """
         The headers quayfront itself asserts to the upstream for a request.
         """
+        if self._request_id_only:
+            return [(self._request_id_header, request_id.encode("ascii"))]
         headers = []
         if self._request_id_header:
             headers.append((self._request_id_header, request_id.encode("ascii")))

@@ -116,6 +116,15 @@ _FIELD_LINES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1
 # (a lazy quantifier retries the rest of the line at every byte, about
 # twice the cost); on lines _FIELD_LINES accepted, the pairs are the same.
 _FIELD_PAIR = re.compile(rb"([^:\r\n]+):[ \t]*((?:[^\r\n]*[^ \t\r\n])?)[ \t]*\r\n")
+# A whole head, request line to empty line, in one match, as the line by
+# line path would accept it: a token method, a target of the bytes it takes,
+# HTTP/1.1 or HTTP/1.0, then field lines as _FIELD_LINES takes them (no CR or
+# LF but in the CRLFs, no bytes between them).  Groups: method, target,
+# version, the field lines.
+_WHOLE_HEAD = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21\x22\x24-\x7e]+) (HTTP/1\.[01])\r\n"
+    rb"((?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n)*)\r\n"
+)
 # Host = uri-host [ ":" port ]; uri-host is an IP-literal or a reg-name
 # (which also covers IPv4 addresses), RFC 3986 section 3.2.2.
 _HOST = re.compile(
@@ -460,6 +469,15 @@ class RequestFramer:
         return self._state is _STATES.HEAD and len(self._buffer) > 0
 
     @property
+    def idle(self) -> bool:
+        """
+        Whether the framer waits for the first byte of a request: nothing
+        is buffered and no request is under way (L{next_event} answers
+        L{NEED_DATA}, and no head is in progress).
+        """
+        return self._state is _STATES.HEAD and not self._buffer and self._direct is None
+
+    @property
     def buffered_bytes(self) -> int:
         """
         How many bytes have been fed and not yet framed into events (for an
@@ -475,12 +493,13 @@ class RequestFramer:
         return self._state is _STATES.CLOSED
 
     def feed(self, data: bytes) -> None:
-        if self._state is _STATES.CLOSED or self._state is _STATES.ERROR:
+        state = self._state
+        if state is _STATES.CLOSED or state is _STATES.ERROR:
             return
         if self._direct is not None:
             self._buffer += self._direct
             self._direct = None
-        if not self._buffer and self._state in _BODY_BYTES:
+        if not self._buffer and state in _BODY_BYTES:
             # Body bytes with nothing buffered before them are handed on
             # without being copied through the buffer.
             self._direct = data
@@ -496,12 +515,24 @@ class RequestFramer:
         elif state is _STATES.END:
             # The end of a request without a body (or whose body is all
             # there): nothing left to check.
+            if self._keep_alive:
+                # _end_message(b"", _NO_TRAILERS) for a connection that
+                # goes on, the usual case.
+                self._state = _STATES.HEAD
+                self._line_start = self._scanned = 0
+                self._skipped_empty_line = False
+                return _PLAIN_END
             return self._end_message(b"", _NO_TRAILERS)
         elif self._error is not None:
             raise self._error
         try:
             if state is _STATES.HEAD:
-                return self._next_head()
+                if self._line_start == 0 and self._request_line is None:
+                    # A head from its first byte: whole, the usual case?
+                    head = self._whole_head()
+                    if head is not None:
+                        return head
+                return self._next_head_lines()
             return self._next_event()
         except PeerMisbehaved as error:
             if self._state is _STATES.HEAD:
@@ -634,14 +665,20 @@ class RequestFramer:
             )
 
     def _next_head(self) -> RequestHead | _NeedData:
-        buffer = self._buffer
-        if not buffer:
+        if not self._buffer:
             # Between requests, the usual case: nothing to scan.
             return NEED_DATA
         if self._line_start == 0 and self._request_line is None:
             head = self._whole_head()
             if head is not None:
                 return head
+        return self._next_head_lines()
+
+    def _next_head_lines(self) -> RequestHead | _NeedData:
+        """
+        The head line by line, from where the last call left it.
+        """
+        buffer = self._buffer
         while True:
             start = self._line_start
             if self._request_line is None:
@@ -689,25 +726,39 @@ class RequestFramer:
         end = buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)
         if end <= 0:
             return None
-        # The request line and the field lines, each with its CRLF.
-        lines = bytes(buffer[: end + 2])
-        line_end = lines.find(b"\r\n")
-        crlfs = lines.count(b"\r\n")
-        if (
-            lines.count(b"\n") != crlfs
-            or lines.count(b"\r") != crlfs
-            or line_end > MAX_REQUEST_LINE_BYTES
-            or crlfs - 1 > MAX_HEADER_COUNT
-            or _FIELD_LINES.fullmatch(lines, line_end + 2) is None
-        ):
+        head_end = end + 4
+        raw = bytes(buffer) if head_end == len(buffer) else bytes(buffer[:head_end])
+        matched = _WHOLE_HEAD.fullmatch(raw)
+        if matched is None:
             return None
-        try:
-            request_line = parse_request_line(lines[:line_end])
-        except PeerMisbehaved:
+        fields_start, fields_end = matched.span(4)
+        # The request line ends 2 bytes before the field lines start.
+        if fields_start - 2 > MAX_REQUEST_LINE_BYTES:
             return None
-        self._request_line = request_line
-        self._headers = headers = _FIELD_PAIR.findall(lines, line_end + 2)
-        return self._head_complete(end + 4, list(map(bytes.lower, map(_name_of, headers))))
+        headers = _FIELD_PAIR.findall(raw, fields_start, fields_end)
+        if len(headers) > MAX_HEADER_COUNT:
+            return None
+        # What _head_complete does, for a head whose request line and fields
+        # the framer did not keep (they are the locals here).
+        method, target, version = matched.group(1, 2, 3)
+        names = list(map(bytes.lower, map(_name_of, headers)))
+        length, keep_alive, host, expect = head_facts(version, headers, names)
+        if head_end == len(buffer):
+            buffer.clear()
+        else:
+            del buffer[:head_end]
+        self._keep_alive = keep_alive
+        self._scanned = 0
+        if length is None:
+            self._state = _STATES.CHUNK_SIZE
+        elif length:
+            self._state = _STATES.BODY_LENGTH
+            self._remaining = length
+        else:
+            self._state = _STATES.END
+        return RequestHead(
+            method, target, version, headers, length, keep_alive, raw, names, host, expect
+        )
 
     def _head_complete(self, head_end: int, names: list[bytes]) -> RequestHead:
         method, target, version = self._request_line

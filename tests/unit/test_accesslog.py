@@ -259,3 +259,47 @@ def test_logged_fields_ignore_names_that_do_not_match_the_fields() -> None:
 
     fields = [(b"User-Agent", b"docker/27"), (b"Referer", b"r")]
     assert logged_fields(fields, []) == (b"r", b"docker/27", None)
+
+
+def reference_quay_line(entry: AccessLogEntry) -> str:
+    """The Quay line field by field, as an f-string writes it."""
+    from quayfront.accesslog import _quay_time
+
+    upstream = "-" if entry.upstream_response_time_s is None else (
+        "%.3f" % entry.upstream_response_time_s)
+    remote_user = "-" if entry.remote_user is None else _escape(entry.remote_user).replace(
+        " ", "\\x20")
+    return (
+        f"{entry.socket_peer} ({entry.client if entry.proxy_version is not None else '-'}) - "
+        f"{remote_user} [{_quay_time(int(entry.timestamp // 1))}] "
+        f'"{_escape(entry.method + b" " + entry.uri + b" " + entry.protocol)}" {entry.status} '
+        f'{entry.body_bytes_sent} "{_escape(entry.referer)}" "{_escape(entry.user_agent)}" '
+        f"({entry.request_time_s:.3f} {entry.request_length} {upstream})"
+    )
+
+
+_SOME_BYTES = st.one_of(st.none(), st.binary(max_size=12))
+_SECONDS = st.one_of(
+    st.floats(min_value=0, max_value=1e6), st.integers(0, 10**6),
+    st.sampled_from([float("nan"), float("inf"), 0.0005, 0.0015, 2.0005]),
+)
+
+
+@given(
+    st.floats(min_value=0, max_value=4e9), st.binary(min_size=1, max_size=12),
+    st.integers(0, 2**64), st.integers(0, 2**64), _SOME_BYTES, _SOME_BYTES, _SOME_BYTES,
+    _SECONDS, st.one_of(st.none(), _SECONDS), st.sampled_from([None, 1, 2]),
+)
+def test_the_quay_line_in_one_operation_is_the_field_by_field_line(
+    timestamp, uri, status, length, referer, user_agent, remote_user, request_time_s,
+    upstream_s, proxy_version,
+) -> None:
+    """format_quay_line fills its line in one operation; the line is the one built field by field."""
+    entry = AccessLogEntry(
+        timestamp=timestamp, socket_peer="127.0.0.1", client="192.0.2.1", method=b"GET",
+        uri=uri, protocol=b"HTTP/1.1", status=status, body_bytes_sent=length, referer=referer,
+        user_agent=user_agent, request_time_s=request_time_s, request_length=length,
+        upstream_response_time_s=upstream_s, proxy_version=proxy_version,
+        remote_user=remote_user,
+    )
+    assert format_quay_line(entry) == reference_quay_line(entry)

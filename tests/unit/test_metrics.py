@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from OpenSSL import SSL
 from prometheus_client import generate_latest
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -228,3 +231,61 @@ def test_requests_are_counted_as_through_prometheus_clients_own_methods() -> Non
     }
     assert samples(counters.registry, names) == samples(reference, names)
     assert len(samples(reference, names)) > 40
+
+
+_REQUESTS = st.lists(
+    st.tuples(
+        st.sampled_from(["/v2/", "/", "-"]),
+        st.sampled_from([200, 201, 304, 404, 499, 502, 99]),
+        st.one_of(
+            st.floats(min_value=0.0, max_value=3000.0),
+            st.sampled_from([float("nan"), float("inf"), 0.005, 0.0050000001, 300.0]),
+        ),
+        st.integers(0, 2**40),
+        st.integers(0, 2**40),
+        st.sampled_from([None, "upstream-unreachable", "client-closed"]),
+        # Whether a scrape (which folds) follows this request.
+        st.booleans(),
+    ),
+    max_size=40,
+)
+
+
+@given(_REQUESTS)
+def test_folded_counts_scrape_as_counts_added_at_once(requests) -> None:
+    """
+    In one process, what requests add is folded into prometheus_client's
+    values only when scraped: every scrape, whenever it comes, reads what
+    adding each request at once (the workers' way) gives.
+    """
+    folded = Counters()
+    at_once = Counters()
+    at_once.folds = False
+    assert folded.folds
+    for route, status, duration_s, request_bytes, response_bytes, outcome, scrape in requests:
+        for counters in (folded, at_once):
+            counters.increment("http_responses", str(status))
+            counters.observe_request(
+                route, status, duration_s, request_bytes, response_bytes, outcome
+            )
+        if scrape:
+            assert without_creation_times(generate_latest(folded.registry)) == (
+                without_creation_times(generate_latest(at_once.registry))
+            )
+        assert folded.value("http_responses", str(status)) == at_once.value(
+            "http_responses", str(status)
+        )
+    assert without_creation_times(generate_latest(folded.registry)) == without_creation_times(
+        generate_latest(at_once.registry)
+    )
+    # The series exist from the first request on, not from the first scrape.
+    assert sorted(sample.name for metric in folded.registry.collect()
+                  for sample in metric.samples) == sorted(
+        sample.name for metric in at_once.registry.collect() for sample in metric.samples
+    )
+
+
+def test_counters_add_at_once_with_workers(monkeypatch) -> None:
+    """With workers (multiprocess values in files) nothing waits for a scrape."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unused")
+    assert Counters().folds is False

@@ -85,3 +85,34 @@ def test_refuses_what_it_cannot_build():
 
             def __post_init__(self) -> None:
                 pass
+
+
+# A record longer than a one-instruction dict display: stored another way.
+_LONG_FIELDS = [(f"f{index}", int, index) for index in range(18)]
+_LONG_FIELDS[3] = ("f3", dict, dataclasses.field(default_factory=dict))
+_LONG_FIELDS[17] = ("f17", list, dataclasses.field(default_factory=list))
+LongSample = frozen_record(
+    type(
+        "LongSample",
+        (),
+        {
+            "__annotations__": {name: kind for name, kind, _ in _LONG_FIELDS},
+            **{name: default for name, _, default in _LONG_FIELDS},
+        },
+    )
+)
+LongReference = dataclasses.make_dataclass("LongSample", _LONG_FIELDS, frozen=True)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [{}, {"f0": "a", "f3": {"k": "v"}, "f16": None}, {"f17": [1], "f3": None, "f9": b"x"}],
+)
+def test_a_long_record_stores_what_a_frozen_dataclass_stores(arguments):
+    record, reference = LongSample(**arguments), LongReference(**arguments)
+    assert vars(record) == vars(reference)
+    assert list(vars(record)) == list(vars(reference))
+    assert repr(record) == repr(reference)
+    assert LongSample().f3 is not LongSample().f3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.f1 = 2

@@ -22,6 +22,7 @@ from quayfront.http import (
     normalise_path,
 )
 from quayfront.http._exchange import accepts
+from quayfront.site import LazyTimeoutMixin
 from quayfront.http._framing import (
     _HOST,
     _PLAIN_HOST,
@@ -318,3 +319,187 @@ def test_the_short_way_to_admission_agrees_with_the_action_queue(monkeypatch, sc
         "no-limiter": [b"200", b"200"],
     }[scenario]
     assert statuses == expected
+
+
+# The idle timeout: a lazily moved timer against Twisted's TimeoutMixin.
+_TIMER_STEPS = st.lists(
+    st.one_of(
+        st.just(("reset",)),
+        st.tuples(st.just("set"), st.sampled_from([None, 0.5, 1, 3, 10, 60])),
+        st.tuples(st.just("advance"), st.sampled_from([0, 0.5, 1, 2.5, 9, 30, 61])),
+    ),
+    max_size=30,
+)
+
+
+def timeouts_seen(mixin, initial, steps):
+    """When each timeout fires, for a protocol on C{mixin} run through C{steps}."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    clock = MemoryReactorClock()
+    fired = []
+
+    class Timed(mixin):
+        timeOut = initial
+
+        def callLater(self, period, func):
+            return clock.callLater(period, func)
+
+        def timeoutConnection(self):
+            fired.append(clock.seconds())
+
+    timed = Timed()
+    if mixin is LazyTimeoutMixin:
+        timed.start_idle_clock(clock.seconds)
+    results = [timed.setTimeout(initial)]
+    for step in steps:
+        if step[0] == "reset":
+            timed.resetTimeout()
+        elif step[0] == "set":
+            results.append(timed.setTimeout(step[1]))
+        else:
+            clock.advance(step[1])
+    clock.advance(1000)
+    return fired, results, timed.timeOut
+
+
+@given(st.sampled_from([None, 1, 60]), _TIMER_STEPS)
+def test_the_lazy_idle_timer_fires_when_twisteds_timeout_mixin_would(initial, steps):
+    from twisted.protocols.policies import TimeoutMixin
+
+    lazy = timeouts_seen(LazyTimeoutMixin, initial, steps)
+    assert lazy == timeouts_seen(TimeoutMixin, initial, steps)
+
+
+def test_a_busy_connection_moves_no_timer_per_read():
+    """Reads reset the idle timeout without touching the timer; it still fires from the last one."""
+    from tests.unit.test_forward import connect, make_site
+
+    site, agent, _, clock = make_site()
+    site.header_timeout_s = 1000.0
+    channel, client = connect(site)
+    timer = channel._idle_call
+    armed_at = timer.getTime()
+    for line in [b"GET /v2/a HTTP/1.1\r\n"] + [b"X-A: b\r\n"] * 4:
+        clock.advance(10)
+        channel.dataReceived(line)
+    assert channel._idle_call is timer and timer.getTime() == armed_at
+    clock.advance(59.5)
+    assert not client.disconnecting
+    clock.advance(0.5)
+    assert client.disconnecting and client.value() == b""
+
+
+_CLIENT_PIECES = st.lists(
+    st.sampled_from([
+        b"GET /v2/a HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /v2/b HTTP/1.1\r\nHo",
+        b"st: h\r\n\r\n",
+        b"PUT /v2/c HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab",
+        b"GET /health HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET /v2/d HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        b"GET /v2/e HTTP/1.1\r\n\r\n",
+        b"\r\n",
+    ]),
+    max_size=6,
+)
+
+
+def channel_run(pieces, answers):
+    """What a client sees of a channel fed C{pieces}, each upstream request answered in turn."""
+    from tests.unit.test_channel import answer
+    from tests.unit.test_forward import connect, make_site
+
+    site, agent, log, clock = make_site()
+    channel, client = connect(site)
+    answered = 0
+    for piece in pieces:
+        channel.dataReceived(piece)
+        clock.advance(1)
+        for _ in range(answers):
+            if answered < len(agent.requests):
+                answer(agent, answered)
+                answered += 1
+    clock.advance(1000)
+    return client.value(), client.disconnecting, [entry.status for entry in log.entries]
+
+
+@given(_CLIENT_PIECES, st.integers(0, 2))
+def test_a_response_ending_with_nothing_buffered_reads_on_as_the_framer_loop_would(
+    pieces, answers
+):
+    """requestDone skips the framer loop only when the framer is idle: the same answers either way."""
+    short = channel_run(pieces, answers)
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(RequestFramer, "idle", property(lambda self: False))
+        general = channel_run(pieces, answers)
+    assert short == general
+
+
+_PREFIX_TEXT = st.text("/v12ab.*?()[]\\", max_size=6)
+
+
+@given(st.lists(_PREFIX_TEXT, max_size=6), st.lists(_PREFIX_TEXT.map(str.encode), max_size=8))
+def test_routing_in_one_match_agrees_with_prefix_by_prefix(prefixes, paths):
+    """The router's one pattern picks the route the longest-prefix-first loop picks."""
+    from quayfront.config import RouteConfig
+    from quayfront.routing import Route, Router
+
+    router = Router([Route(RouteConfig(prefix=prefix, upstream="u")) for prefix in prefixes])
+    for path in [*paths, *(prefix.encode() + b"x" for prefix in prefixes)]:
+        assert router.route_for(path) is router.route_for_each(path)
+
+
+@given(st.sampled_from([
+    b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\n",
+    b"PUT / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n",
+]), st.integers(1, 40))
+def test_the_end_of_a_request_on_a_connection_that_goes_on_is_the_general_end(data, cut):
+    """next_event's own end of a request leaves the framer as _end_message leaves it."""
+    from quayfront.http._framing import _NO_TRAILERS, NEED_DATA
+
+    def framer_at_end():
+        framer = RequestFramer()
+        framer.feed(data[:cut])
+        framer.feed(data[cut:])
+        while framer._state.name not in ("END", "CLOSED"):
+            if framer.next_event() is NEED_DATA:
+                return None
+        return framer
+
+    short, general = framer_at_end(), framer_at_end()
+    if short is None or short._state.name == "CLOSED":
+        return
+    assert short.next_event() is general._end_message(b"", _NO_TRAILERS)
+    assert vars(short) == vars(general)
+
+
+_LOGGED_NAMES = st.sampled_from(
+    [b"Referer", b"referer", b"User-Agent", b"USER-AGENT", b"Authorization", b"X-A"]
+)
+_LOGGED_VALUES = st.sampled_from([b"a", b"docker/27", b"Basic dTpw", b"Basic dTI6cA==", b"x y"])
+
+
+@given(st.lists(st.tuples(_LOGGED_NAMES, _LOGGED_VALUES), max_size=6))
+def test_the_logged_fields_of_a_framed_head_are_those_logged_fields_finds(fields):
+    """The access log reads Referer, User-Agent and Authorization of a framed head as logged_fields does."""
+    from quayfront.accesslog import basic_auth_user
+    from quayfront.site import logged_fields
+    from tests.unit.test_channel import answer
+    from tests.unit.test_forward import connect, make_site
+
+    site, agent, log, _ = make_site()
+    channel, _ = connect(site)
+    head = b"GET /v2/a HTTP/1.1\r\nHost: h\r\n" + b"".join(
+        name + b": " + value + b"\r\n" for name, value in fields
+    )
+    channel.dataReceived(head + b"\r\n")
+    answer(agent)
+    (entry,) = log.entries
+    referer, user_agent, authorization = logged_fields([(b"Host", b"h"), *fields])
+    assert (entry.referer, entry.user_agent, entry.remote_user) == (
+        referer, user_agent, basic_auth_user(authorization)
+    )
