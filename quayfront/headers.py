@@ -182,6 +182,8 @@ def client_response_headers(pairs: Iterable[tuple[bytes, bytes]]) -> HeaderPairs
 # cache, so that a stream of made-up names cannot grow it without end.
 _response_names: dict[bytes, tuple[bytes, bytes]] = {}
 _MAX_RESPONSE_NAMES = 10_000
+# Connection values (lower-cased) whose every token is hop-by-hop already.
+_NOMINATING_NOTHING = frozenset({b"keep-alive", b"close"})
 # The names of _response_names that are not hop-by-hop -> the case Headers
 # writes them in (as bounded): the fields a response relays.
 _relayed_names: dict[bytes, bytes] = {}
@@ -239,6 +241,10 @@ def client_response_fields(pairs: Iterable[tuple[bytes, bytes]]) -> dict[bytes, 
         else:
             fields[written] = [value]
     if connection is not None:
+        if len(connection) == 1 and connection[0].lower() in _NOMINATING_NOTHING:
+            # The usual "keep-alive" or "close": a token that names no
+            # field, with nothing else to remove.
+            return fields
         tokens = {t.strip().lower() for value in connection for t in value.split(b",")}
         tokens -= HOP_BY_HOP
         tokens.discard(b"")

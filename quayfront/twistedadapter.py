@@ -981,8 +981,12 @@ class LeanRequest(_web_server.Request):
             fields[b"Transfer-Encoding"] = [b"chunked"]
             self.chunked = 1
         lines = [b"%s %d %s" % (version, code, self.code_message)]
-        lines += [name + b": " + value for name, values in fields.items() for value in values]
-        lines.append(b"\r\n")
+        # A loop rather than a comprehension, which is a call of its own.
+        append = lines.append
+        for name, values in fields.items():
+            for value in values:
+                append(name + b": " + value)
+        append(b"\r\n")
         channel = self.channel
         head = b"\r\n".join(lines)
         if with_body:

@@ -29,6 +29,7 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 from ._response import (
+    _FIELD_LINES,
     UpstreamMisbehaved,
     check_field_line,
     check_status_line,
@@ -43,6 +44,19 @@ MAX_RESPONSE_BODY_LENGTH = 2**63 - 1
 _DIGITS = re.compile(rb"[0-9]+\Z")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _NO_BODY_STATUSES = frozenset((204, 304))
+# The lengths of the names framing looks at: Connection, Content-Length,
+# Transfer-Encoding.  Any other name is passed over on its length alone.
+_FRAMING_NAME_LENGTHS = frozenset((10, 14, 17))
+# A Connection field of one of these values (lower-cased) alone: whether
+# the connection stays open, in HTTP/1.0 and 1.1 alike.
+_KEEP_ALIVE_BY_CONNECTION = {b"keep-alive": True, b"close": False}
+
+# Status lines already checked, as received (CR included, LF not) -> what
+# check_status_line made of them: an upstream answers with a handful of
+# them, and a lookup costs a fraction of the check.  Bounded, so that an
+# upstream making up reason phrases cannot grow it.
+_checked_status_lines: dict[bytes, tuple[int, bytes, tuple[int, int]]] = {}
+_MAX_CHECKED_STATUS_LINES = 1000
 
 
 # Members are looked up in the transition table on every move: hashed by
@@ -208,6 +222,9 @@ Event = ResponseHead | ResponseData | ResponseEnd
 
 # An end is the same every time: made once.
 _END = ResponseEnd()
+# What a named tuple's own __new__ calls, without the Python frame of that
+# __new__: tuple.__new__(ResponseHead, (status, ...)) is ResponseHead(status, ...).
+_new_tuple = tuple.__new__
 
 
 class ResponseReader:
@@ -306,7 +323,7 @@ class ResponseReader:
             # The common case of a streamed body: no copy.
             if data:
                 self._move(_EVENTS.BODY_BYTES)
-                events.append(ResponseData(data))
+                events.append(_new_tuple(ResponseData, (data,)))
             return events
         if self.state is _STATES.BODY_LENGTH and not self._buffer:
             return self._length_body(data, events)
@@ -398,15 +415,30 @@ class ResponseReader:
         self._head_bytes_used += end
         self._buffer = buffer[end:]
         self._head_scanned = 0
-        self._status_line_checked = False
         status_end = buffer.find(b"\n")
-        status, reason, version = self._check_status_line(buffer[:status_end])
-        # The field lines with their line ends, without the blank line.
-        blank = 2 if buffer[end - 2 : end] == b"\r\n" else 1
-        try:
-            headers = parse_field_block(buffer[status_end + 1 : end - blank], self.max_headers)
-        except UpstreamMisbehaved as refused:
-            raise self._misbehaved(refused.reason, refused.detail) from None
+        line = buffer[:status_end]
+        checked = _checked_status_lines.get(line)
+        if checked is None:
+            checked = self._check_status_line(line)
+            if len(_checked_status_lines) < _MAX_CHECKED_STATUS_LINES:
+                _checked_status_lines[line] = checked
+        # The next head's status line (after an interim one) is checked anew.
+        self._status_line_checked = False
+        status, reason, version = checked
+        # The field lines with their line ends, without the blank line,
+        # split and checked in one pass (see _FIELD_LINES); a section it
+        # does not wholly accept, or too many fields, goes to the general
+        # rule, which names the first line broken.
+        block_end = end - 2 if buffer[end - 2] == 13 else end - 1
+        headers = _FIELD_LINES.findall(buffer, status_end + 1, block_end)
+        if (
+            len(headers) != buffer.count(b"\n", status_end + 1, block_end)
+            or len(headers) > self.max_headers
+        ):
+            try:
+                headers = parse_field_block(buffer[status_end + 1 : block_end], self.max_headers)
+            except UpstreamMisbehaved as refused:
+                raise self._misbehaved(refused.reason, refused.detail) from None
         if status < 200:
             if status == 101:
                 raise self._misbehaved("upstream-switching-protocols", "101 to a request without Upgrade")
@@ -439,24 +471,33 @@ class ResponseReader:
         headers: list[tuple[bytes, bytes]],
         events: list[Event],
     ) -> None:
-        lengths: list[bytes] = []
-        codings: list[bytes] = []
-        connection: list[bytes] = []
+        lengths = codings = connection = None
         for name, value in headers:
-            if len(name) in (10, 14, 17):
+            if len(name) in _FRAMING_NAME_LENGTHS:
                 lowered = name.lower()
                 if lowered == b"content-length":
-                    lengths.append(value)
+                    lengths = [value] if lengths is None else [*lengths, value]
                 elif lowered == b"transfer-encoding":
-                    codings.append(value)
+                    codings = [value] if codings is None else [*codings, value]
                 elif lowered == b"connection":
-                    connection.append(value)
-        tokens = (
-            {token.strip().lower() for value in connection for token in value.split(b",")}
-            if connection
-            else ()
-        )
-        keep_alive = (b"keep-alive" in tokens) if version == (1, 0) else (b"close" not in tokens)
+                    connection = [value] if connection is None else [*connection, value]
+        if connection is None:
+            keep_alive = version[1] == 1
+        else:
+            # The usual single "keep-alive" or "close": what the tokens
+            # would say of it, in either version, without splitting it.
+            keep_alive = (
+                _KEEP_ALIVE_BY_CONNECTION.get(connection[0].lower())
+                if len(connection) == 1
+                else None
+            )
+            if keep_alive is None:
+                tokens = {
+                    token.strip().lower() for value in connection for token in value.split(b",")
+                }
+                keep_alive = (
+                    (b"keep-alive" in tokens) if version[1] == 0 else (b"close" not in tokens)
+                )
         length: int | None = None
         if self._no_body or status in _NO_BODY_STATUSES:
             # RFC 9112 section 6.3 (1): whatever the fields say.
@@ -503,7 +544,9 @@ class ResponseReader:
         except KeyError:
             self._move(event)
         events.append(
-            ResponseHead(status, reason, version, headers, framing, length, keep_alive)
+            _new_tuple(
+                ResponseHead, (status, reason, version, headers, framing, length, keep_alive)
+            )
         )
         if self.state is _STATES.DONE:
             events.append(_END)
@@ -533,17 +576,18 @@ class ResponseReader:
 
     def _length_body(self, data: bytes, events: list[Event]) -> list[Event]:
         remaining = self._remaining
-        if len(data) < remaining:
-            self._remaining = remaining - len(data)
+        size = len(data)
+        if size < remaining:
+            self._remaining = remaining - size
             self._move(_EVENTS.BODY_BYTES)
-            events.append(ResponseData(data))
+            events.append(_new_tuple(ResponseData, (data,)))
             return events
-        if len(data) > remaining:
+        if size > remaining:
             self._buffer = data[remaining:]
             data = data[:remaining]
         self._remaining = 0
         if data:
-            events.append(ResponseData(data))
+            events.append(_new_tuple(ResponseData, (data,)))
         try:
             self.state = _TRANSITIONS[self.state, _BODY_COMPLETE]
         except KeyError:

@@ -116,7 +116,10 @@ def test_response_fields_are_grouped_and_named_as_headers_holds_them() -> None:
 _names = st.sampled_from(
     [b"x-a", b"X-A", b"x-B", b"Connection", b"connection", b"Keep-Alive", b"te", b"ETag", b"etag"]
 )
-_values = st.sampled_from([b"1", b"x-a", b"X-b, close", b" , x-A ,", b"keep-alive", b"te", b""])
+_values = st.sampled_from(
+    [b"1", b"x-a", b"X-b, close", b" , x-A ,", b"keep-alive", b"te", b"",
+     b"close", b"Keep-Alive", b"CLOSE", b" close"]
+)
 
 
 @given(st.lists(st.tuples(_names, _values), max_size=10))

@@ -179,6 +179,26 @@ def test_connection_close_is_seen(headers: bytes, keep_alive: bool) -> None:
     assert events[0].keep_alive is keep_alive
 
 
+@given(
+    st.lists(
+        st.sampled_from(
+            [b"keep-alive", b"Keep-Alive", b"close", b"CLOSE", b"close, keep-alive",
+             b"keep-alive ,", b"x-a", b"", b"Upgrade, Close"]
+        ),
+        max_size=3,
+    ),
+    st.sampled_from([b"1.0", b"1.1"]),
+)
+def test_connection_tokens_decide_keep_alive_as_the_rule_says(values, version) -> None:
+    """However its Connection fields read, a response's keep_alive is RFC 9112 section 9.3's answer."""
+    tokens = {token.strip().lower() for value in values for token in value.split(b",")}
+    expected = (b"keep-alive" in tokens) if version == b"1.0" else (b"close" not in tokens)
+    fields = b"".join(b"Connection: " + value + b"\r\n" for value in values)
+    reader = ResponseReader(b"GET", HEAD_BYTES, HEADERS)
+    head = reader.receive(b"HTTP/" + version + b" 200 OK\r\n" + fields + b"Content-Length: 0\r\n\r\n")[0]
+    assert head.keep_alive is expected
+
+
 def test_identical_content_lengths_are_one() -> None:
     """Repeated identical Content-Length values (RFC 9110 8.6) are one length."""
     events, _, error = one_way(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2, 2\r\n\r\nok")
@@ -242,6 +262,14 @@ def test_bad_status_line_is_refused_before_the_head_ends() -> None:
     """A bad status line is refused as soon as its line is complete, not after the whole head."""
     reader = ResponseReader(b"GET", HEAD_BYTES, HEADERS)
     assert reader.receive(b"HTTX/1.1 200 O") == []
+    with pytest.raises(UpstreamMisbehaved, match="upstream-bad-status-line"):
+        reader.receive(b"K\r\nX: y\r\n")
+
+
+def test_a_bad_status_line_after_an_interim_head_is_refused_as_early() -> None:
+    """The status line of the head after a 1xx one is checked as soon as its line is complete too."""
+    reader = ResponseReader(b"GET", HEAD_BYTES, HEADERS)
+    assert reader.receive(b"HTTP/1.1 100 Continue\r\n\r\nHTTX/1.1 200 O") == []
     with pytest.raises(UpstreamMisbehaved, match="upstream-bad-status-line"):
         reader.receive(b"K\r\nX: y\r\n")
 
