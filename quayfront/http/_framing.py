@@ -749,6 +749,14 @@ class RequestFramer:
             del buffer[:head_end]
         self._keep_alive = keep_alive
         self._scanned = 0
+        self._enter_body(length)
+        return RequestHead(
+            method, target, version, headers, length, keep_alive, raw, names, host, expect
+        )
+
+    def _enter_body(self, length: int | None) -> None:
+        # Where a head that says C{length} leaves the framer: a chunked
+        # body (None), so many body bytes, or the end of the request.
         if length is None:
             self._state = _STATES.CHUNK_SIZE
         elif length:
@@ -756,9 +764,6 @@ class RequestFramer:
             self._remaining = length
         else:
             self._state = _STATES.END
-        return RequestHead(
-            method, target, version, headers, length, keep_alive, raw, names, host, expect
-        )
 
     def _head_complete(self, head_end: int, names: list[bytes]) -> RequestHead:
         method, target, version = self._request_line
@@ -769,13 +774,7 @@ class RequestFramer:
         self._headers = []
         self._keep_alive = keep_alive
         self._line_start = self._scanned = 0
-        if length is None:
-            self._state = _STATES.CHUNK_SIZE
-        elif length:
-            self._state = _STATES.BODY_LENGTH
-            self._remaining = length
-        else:
-            self._state = _STATES.END
+        self._enter_body(length)
         return RequestHead(
             method, target, version, headers, length, keep_alive, raw, names, host, expect
         )
