@@ -311,3 +311,22 @@ def test_an_error_ending_a_request_is_logged_not_raised(fail_on_unhandled_errors
     _WhenOver(broken).callback(None)
     [event] = fail_on_unhandled_errors
     assert event["log_failure"].check(ValueError)
+
+
+def test_an_idle_connection_keeps_its_attributes_few_enough_to_share_keys() -> None:
+    """A connected, idle channel has at most 30 instance attributes: CPython then keeps its __dict__ key-sharing (296 bytes, not 1,584)."""
+    import sys
+
+    from twisted.internet.testing import StringTransport
+
+    site = make_site()
+    site = site[0] if isinstance(site, tuple) else site
+    channels = []
+    for _ in range(3):
+        channel = site.buildProtocol(None)
+        channel.makeConnection(StringTransport())
+        channels.append(channel)
+    attributes = vars(channels[-1])
+    assert len(attributes) <= 30, sorted(attributes)
+    if sys.implementation.name == "cpython" and sys.version_info[:2] == (3, 11):
+        assert sys.getsizeof(attributes) < 600
