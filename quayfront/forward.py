@@ -59,7 +59,6 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from quayfront.headers import (
-    client_response_fields,
     client_response_headers,
     upstream_request_headers,
 )
@@ -880,7 +879,7 @@ class Forwarding:
             relay_response_head(
                 code,
                 response.phrase,
-                client_response_fields(pairs),
+                pairs,
                 None
                 if length is UNKNOWN_LENGTH or request.method == b"HEAD" or code in NO_BODY_CODES
                 else length,

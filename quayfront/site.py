@@ -57,7 +57,7 @@ from quayfront.forward import (
     header_pairs,
     respond_with_error,
 )
-from quayfront.headers import underscored_names, written_name
+from quayfront.headers import client_response_fields, underscored_names, written_name
 from quayfront.http import (
     BodyData,
     MessageEnd,
@@ -935,12 +935,17 @@ class FrontRequest(LeanRequest):
             self.responseHeaders.setRawHeaders(name, [value])
 
     def relay_response_head(
-        self, code: int, phrase: bytes | None, fields: dict[bytes, list[bytes]], length: int | None
+        self,
+        code: int,
+        phrase: bytes | None,
+        pairs: list[tuple[bytes, bytes]],
+        length: int | None,
     ) -> None:
         """
-        An upstream response's head, to relay: its status, the fields to
-        pass as L{quayfront.headers.client_response_fields} makes them, and
-        the C{Content-Length} to send, if any.  The head written is the one
+        An upstream response's head, to relay: its status, its fields as
+        received (the ones to pass are those
+        L{quayfront.headers.client_response_fields} keeps), and the
+        C{Content-Length} to send, if any.  The head written is the one
         C{responseHeaders} and twisted.web's C{Request.write} would write
         (added to the fields set already, HSTS and C{Connection: close}
         where quayfront adds them, chunked framing), built straight from
@@ -952,6 +957,7 @@ class FrontRequest(LeanRequest):
             self.code_message = phrase
         else:
             self.setResponseCode(code, phrase)
+        fields = client_response_fields(pairs)
         if self._relayed is not None:
             # Relayed twice: the first as Headers, then this one added.
             self.responseHeaders
