@@ -52,15 +52,19 @@ class FieldShape(NamedTuple):
 
 
 # Order of names as received -> its shape, or None where the lines cannot
-# be joined as they came (a repeated name, fewer than two fields kept).
-_shapes: dict[tuple[bytes, ...], FieldShape | None] = {}
+# be joined as they came (a repeated name, fewer than two fields kept).  A
+# shape is kept as a plain tuple of a FieldShape's fields, read by
+# unpacking: CPython 3.11 reads a named tuple's fields by name through the
+# generic attribute lookup, several times slower.
+_shapes: dict[tuple[bytes, ...], tuple | None] = {}
 _UNLEARNT = object()
 
 
-def field_shape(names: tuple[bytes, ...]) -> FieldShape | None:
+def field_shape(names: tuple[bytes, ...]) -> tuple | None:
     """
-    The shape of a section with these names in this order; None if its
-    lines cannot be joined as they came.
+    The shape of a section with these names in this order (a L{FieldShape}'s
+    fields, as a plain tuple); None if its lines cannot be joined as they
+    came.
     """
     try:
         return _shapes[names]
@@ -72,7 +76,7 @@ def field_shape(names: tuple[bytes, ...]) -> FieldShape | None:
     return shape
 
 
-def _learn_shape(names: tuple[bytes, ...]) -> FieldShape | None:
+def _learn_shape(names: tuple[bytes, ...]) -> tuple | None:
     lowered = [name.lower() for name in names]
     if len(set(lowered)) != len(lowered):
         # A repeated name: its values go under its first appearance.
@@ -82,7 +86,7 @@ def _learn_shape(names: tuple[bytes, ...]) -> FieldShape | None:
         # itemgetter of one index gives the pair, not a tuple of pairs; rare
         # enough to leave to the general way.
         return None
-    return FieldShape(
+    shape = FieldShape(
         names=tuple(written_name(names[index]) for index in kept_at),
         kept=None if len(kept_at) == len(names) else itemgetter(*kept_at),
         connection_at=lowered.index(b"connection") if b"connection" in lowered else -1,
@@ -91,16 +95,18 @@ def _learn_shape(names: tuple[bytes, ...]) -> FieldShape | None:
         ),
         hsts=b"strict-transport-security" in lowered,
     )
+    return tuple(shape)
 
 
 def relayed_lines(
     pairs: list[tuple[bytes, bytes]], length: int | None
-) -> tuple[bytes, FieldShape] | None:
+) -> tuple[bytes, tuple] | None:
     """
     The field lines a client is sent of C{pairs} (an upstream's checked
     fields), each ended by CRLF, as the head built from
     L{quayfront.headers.client_response_fields} with C{Content-Length} set
-    to C{length} (when not None) writes them; and the section's shape.
+    to C{length} (when not None) writes them; and the section's shape (a
+    L{FieldShape}'s fields as a plain tuple).
     None when they cannot be joined as they came: a repeated name, a
     C{Connection} that names a field, a C{Content-Length} written otherwise
     than C{length} is (leading zeros, a list).
@@ -111,13 +117,12 @@ def relayed_lines(
         shape = field_shape(names)
     if shape is None:
         return None
-    at = shape.connection_at
-    if at >= 0 and pairs[at][1].lower() not in _NOMINATING_NOTHING:
+    written, kept, connection_at, content_length_at, _ = shape
+    if connection_at >= 0 and pairs[connection_at][1].lower() not in _NOMINATING_NOTHING:
         return None
-    if length is not None:
-        at = shape.content_length_at
-        if at < 0 or pairs[at][1] != b"%d" % length:
-            return None
-    kept = shape.kept
+    if length is not None and (
+        content_length_at < 0 or pairs[content_length_at][1] != b"%d" % length
+    ):
+        return None
     values = map(_value_of, pairs if kept is None else kept(pairs))
-    return b"\r\n".join(map(b": ".join, zip(shape.names, values))) + b"\r\n", shape
+    return b"\r\n".join(map(b": ".join, zip(written, values))) + b"\r\n", shape

@@ -905,6 +905,17 @@ class FrontRequest(LeanRequest):
     # Headers again, and the head goes twisted.web's way, when something
     # reads it.
 
+    def __init__(self, channel, *args, **kwargs) -> None:
+        super().__init__(channel, *args, **kwargs)
+        if not args and not kwargs:
+            # Read on every request before anything sets them: instance
+            # attributes, which CPython 3.11 reads faster than class ones
+            # (see LeanRequest.__init__).
+            self.defaultContentType = None
+            self.lean_channel_type = FrontChannel
+            self._response_headers = self._relayed = self._relayed_lines = None
+            self._target_refused = None
+
     def _materialise_relayed(self) -> None:
         """
         Hold a relayed head joined as it came (C{_relayed_lines}) as the
@@ -917,7 +928,7 @@ class FrontRequest(LeanRequest):
             fields[b"Content-Length"] = [b"%d" % length]
         if self.startedWriting:
             hsts = self.site.hsts
-            if hsts and not shape.hsts:
+            if hsts and not shape[4]:
                 fields[b"Strict-Transport-Security"] = [hsts]
             if self.chunked:
                 fields[b"Transfer-Encoding"] = [b"chunked"]
@@ -1098,15 +1109,18 @@ class FrontRequest(LeanRequest):
             self.route = site.router.route_for(self.path)
         route = self.route
         if route is not None and route.upstream is not None:
+            # Unpacked rather than read by name: CPython 3.11 reads a named
+            # tuple's fields through the generic attribute lookup.
+            client, _, _, _, default_host = self._origin_text
             self.forwarding = Forwarding(
                 self,
                 length,
                 route,
                 site.clock,
-                client_ip=self._origin_text.client,
+                client_ip=client,
                 vouched_headers=site.vouched_headers(self.request_id, self.tlvs, self._tls),
                 reserved_headers=site.reserved_headers,
-                default_host=self._origin_text.default_host,
+                default_host=default_host,
                 watch_client=False,
                 head=head,
                 now_s=now_s,
@@ -1192,12 +1206,10 @@ class FrontRequest(LeanRequest):
             site = self.site
             relayed = self._relayed_lines
             if relayed is not None:
-                shape = relayed[3]
+                # The shape as a plain tuple (see quayfront.relayedfields).
+                _, _, _, content_length_at, hsts = relayed[3]
                 if not site.draining and self._write_relayed_lines(
-                    relayed[2],
-                    shape.content_length_at >= 0,
-                    None if shape.hsts else site.hsts,
-                    data,
+                    relayed[2], content_length_at >= 0, None if hsts else site.hsts, data
                 ):
                     return
                 self._materialise_relayed()
@@ -1253,7 +1265,8 @@ class FrontRequest(LeanRequest):
         site.request_ended()
         forwarding = self.forwarding
         origin = self.origin
-        text = self._origin_text
+        # Unpacked: see gotLength.
+        client, socket_peer, client_port, proxy_version, _ = self._origin_text
         status = self.code
         if result is not None and isinstance(result, Failure) and not self.startedWriting:
             status = CLIENT_CLOSED_REQUEST
@@ -1290,8 +1303,8 @@ class FrontRequest(LeanRequest):
         site.access_log.write(
             AccessLogEntry(
                 timestamp=now_s,
-                socket_peer=text.socket_peer,
-                client=text.client,
+                socket_peer=socket_peer,
+                client=client,
                 method=self.method,
                 uri=self.uri,
                 protocol=self.clientproto,
@@ -1303,11 +1316,11 @@ class FrontRequest(LeanRequest):
                 request_length=request_length,
                 upstream_response_time_s=upstream_response_time_s,
                 listener=origin.listener,
-                client_port=text.client_port,
+                client_port=client_port,
                 request_id=self.request_id,
                 tlvs=self.tlvs,
                 tls=self._tls,
-                proxy_version=text.proxy_version,
+                proxy_version=proxy_version,
                 outcome=outcome,
                 # The metrics' label, known here: not routed again.  Local
                 # answers leave it to the path.

@@ -139,6 +139,7 @@ import errno as _errno
 import sys as _sys
 
 from select import EPOLLIN as _EPOLLIN
+from types import FunctionType as _FunctionType
 
 from twisted.internet import abstract as _abstract
 from twisted.internet import main as _main
@@ -221,12 +222,44 @@ class EagerWrite:
             super().writeSequence(iovec)
 
 
+def own_copies(cls: type, base: type, names: tuple[str, ...]) -> type:
+    """
+    Give C{cls} copies of C{base}'s methods C{names} with code objects of
+    their own.  CPython 3.11 specialises each attribute read for one type,
+    in the code object: a method shared by two classes whose instances
+    both pass through it (a server's and a client's connections) sees two
+    types, and its reads fall back to the generic lookup, several times
+    slower.  Each class with its own code is specialised for itself.
+    """
+    for name in names:
+        shared = base.__dict__[name]
+        own = _FunctionType(
+            shared.__code__.replace(),
+            shared.__globals__,
+            shared.__name__,
+            shared.__defaults__,
+            shared.__closure__,
+        )
+        own.__qualname__ = f"{cls.__qualname__}.{name}"
+        own.__doc__ = shared.__doc__
+        own.__kwdefaults__ = shared.__kwdefaults__
+        setattr(cls, name, own)
+    return cls
+
+
+_EAGER_WRITE_METHODS = ("doRead", "write", "write_borrowed", "_send_at_once", "writeSequence")
+
+
 class EagerWriteServer(EagerWrite, _tcp.Server):
     """An accepted TCP connection with L{EagerWrite}."""
 
 
 class EagerWriteClient(EagerWrite, _tcp.Client):
     """An outgoing TCP connection with L{EagerWrite}."""
+
+
+own_copies(EagerWriteServer, EagerWrite, _EAGER_WRITE_METHODS)
+own_copies(EagerWriteClient, EagerWrite, _EAGER_WRITE_METHODS)
 
 
 class EagerWritePort(_tcp.Port):
@@ -953,6 +986,14 @@ class LeanRequest(_web_server.Request):
         self.queued = False
         self._parsePOSTFormSubmission = channel.site._parsePOSTFormSubmission
         self._adapterCache = {}
+        # Class attributes that every relayed response reads: CPython 3.11
+        # specialises reading an instance's own attribute, not one its class
+        # holds (each such read takes the generic lookup), so they are set
+        # here, to twisted.web's own defaults (a test holds them to its
+        # class's).
+        self.finished = self.startedWriting = self.chunked = self.sentLength = 0
+        self.producer = self.etag = self.lastModified = self.content = self._encoder = None
+        self._disconnected = self._inFakeHead = False
 
     def _write_relayed_head(self, fields: dict[bytes, list[bytes]], data: bytes) -> bool:
         """

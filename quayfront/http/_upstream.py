@@ -26,7 +26,6 @@ from __future__ import annotations
 import enum
 import re
 from operator import itemgetter
-from types import SimpleNamespace
 from typing import NamedTuple
 
 from ._response import (
@@ -179,12 +178,36 @@ class Framing(enum.Enum):
 
 
 # EnumType has a __getattr__, so reading a member through its class
-# (ReaderState.HEAD) takes Python's slow attribute path, about 0.1 us, and the
-# code below does so several times per request: it reads the same members
-# through plain namespaces instead.
-_STATES = SimpleNamespace(**ReaderState.__members__)
-_EVENTS = SimpleNamespace(**_Event.__members__)
-_FRAMINGS = SimpleNamespace(**Framing.__members__)
+# (ReaderState.HEAD) takes Python's slow attribute path, and so does reading
+# an attribute of a namespace object (CPython 3.11 specialises neither): the
+# code below reads the members it uses as module globals, which it does
+# specialise.
+_STATE_BODY_LENGTH = ReaderState.BODY_LENGTH
+_STATE_BODY_UNTIL_CLOSE = ReaderState.BODY_UNTIL_CLOSE
+_STATE_CHUNK_DATA = ReaderState.CHUNK_DATA
+_STATE_CHUNK_END = ReaderState.CHUNK_END
+_STATE_CHUNK_SIZE = ReaderState.CHUNK_SIZE
+_STATE_DONE = ReaderState.DONE
+_STATE_ERROR = ReaderState.ERROR
+_STATE_HEAD = ReaderState.HEAD
+_STATE_TRAILERS = ReaderState.TRAILERS
+_EVENT_BODY_BYTES = _Event.BODY_BYTES
+_EVENT_CHUNK_COMPLETE = _Event.CHUNK_COMPLETE
+_EVENT_CHUNK_END = _Event.CHUNK_END
+_EVENT_CHUNK_SIZE = _Event.CHUNK_SIZE
+_EVENT_CLOSED = _Event.CLOSED
+_EVENT_HEAD_CHUNKED = _Event.HEAD_CHUNKED
+_EVENT_HEAD_LENGTH = _Event.HEAD_LENGTH
+_EVENT_HEAD_NO_BODY = _Event.HEAD_NO_BODY
+_EVENT_HEAD_UNTIL_CLOSE = _Event.HEAD_UNTIL_CLOSE
+_EVENT_INTERIM_HEAD = _Event.INTERIM_HEAD
+_EVENT_LAST_CHUNK = _Event.LAST_CHUNK
+_EVENT_MISBEHAVED = _Event.MISBEHAVED
+_EVENT_TRAILERS_END = _Event.TRAILERS_END
+_FRAMING_CHUNKED = Framing.CHUNKED
+_FRAMING_LENGTH = Framing.LENGTH
+_FRAMING_NONE = Framing.NONE
+_FRAMING_UNTIL_CLOSE = Framing.UNTIL_CLOSE
 _BODY_COMPLETE = _Event.BODY_COMPLETE
 
 
@@ -271,7 +294,7 @@ class ResponseReader:
         self._no_body = method == b"HEAD"
         self.max_head_bytes = max_head_bytes
         self.max_headers = max_headers
-        self.state = _STATES.HEAD
+        self.state = _STATE_HEAD
         self._buffer = b""
         # Head bytes of 1xx heads already consumed: they count towards the
         # bound of the final one.
@@ -293,7 +316,7 @@ class ResponseReader:
             ) from None
 
     def _misbehaved(self, reason: str, detail: str = "") -> UpstreamMisbehaved:
-        self._move(_EVENTS.MISBEHAVED)
+        self._move(_EVENT_MISBEHAVED)
         self._buffer = b""
         return UpstreamMisbehaved(reason, detail)
 
@@ -310,7 +333,7 @@ class ResponseReader:
         Bytes received after the end of the response (an upstream that
         talks out of turn: the connection cannot be reused).
         """
-        return self._buffer if self.state is _STATES.DONE else b""
+        return self._buffer if self.state is _STATE_DONE else b""
 
     def receive(self, data: bytes) -> list[Event]:
         """
@@ -320,8 +343,8 @@ class ResponseReader:
         and the error is raised by the next call (C{receive(b"")}), so no
         event is lost however the bytes were split.
         """
-        if self.state is _STATES.DONE or self.state is _STATES.ERROR:
-            if self.state is _STATES.DONE:
+        if self.state is _STATE_DONE or self.state is _STATE_ERROR:
+            if self.state is _STATE_DONE:
                 self._buffer += data
                 return []
             error, self._pending_error = self._pending_error, None
@@ -343,20 +366,20 @@ class ResponseReader:
         Whether the upstream broke the rules (the error is raised by the
         next L{receive} if it has not been yet).
         """
-        return self.state is _STATES.ERROR
+        return self.state is _STATE_ERROR
 
     def _receive(self, data: bytes, events: list[Event]) -> list[Event]:
         if data:
             self.received_any = True
-        if self.state is _STATES.BODY_UNTIL_CLOSE and not self._buffer:
+        if self.state is _STATE_BODY_UNTIL_CLOSE and not self._buffer:
             # The common case of a streamed body: no copy.
             if data:
-                self._move(_EVENTS.BODY_BYTES)
+                self._move(_EVENT_BODY_BYTES)
                 events.append(_new_tuple(ResponseData, (data,)))
             return events
-        if self.state is _STATES.BODY_LENGTH and not self._buffer:
+        if self.state is _STATE_BODY_LENGTH and not self._buffer:
             return self._length_body(data, events)
-        if self.state is _STATES.HEAD and not self._buffer:
+        if self.state is _STATE_HEAD and not self._buffer:
             # The common case of a response's first read: its head and a
             # body of known length (or none), without the loop below,
             # which takes whatever else there is (interim heads, a head in
@@ -364,12 +387,12 @@ class ResponseReader:
             self._buffer = data
             self._read_head(events)
             state = self.state
-            if state is _STATES.BODY_LENGTH:
+            if state is _STATE_BODY_LENGTH:
                 buffer, self._buffer = self._buffer, b""
                 if buffer:
                     self._length_body(buffer, events)
                 return events
-            if state is _STATES.DONE:
+            if state is _STATE_DONE:
                 return events
             data = b""
         self._buffer = self._buffer + data if self._buffer else data
@@ -379,24 +402,24 @@ class ResponseReader:
         while progress != (self.state, len(self._buffer)):
             progress = (self.state, len(self._buffer))
             state = self.state
-            if state is _STATES.HEAD:
+            if state is _STATE_HEAD:
                 self._read_head(events)
-            elif state is _STATES.BODY_LENGTH:
+            elif state is _STATE_BODY_LENGTH:
                 buffer, self._buffer = self._buffer, b""
                 if buffer:
                     self._length_body(buffer, events)
-            elif state is _STATES.BODY_UNTIL_CLOSE:
+            elif state is _STATE_BODY_UNTIL_CLOSE:
                 buffer, self._buffer = self._buffer, b""
                 if buffer:
-                    self._move(_EVENTS.BODY_BYTES)
+                    self._move(_EVENT_BODY_BYTES)
                     events.append(ResponseData(buffer))
-            elif state is _STATES.CHUNK_SIZE:
+            elif state is _STATE_CHUNK_SIZE:
                 self._read_chunk_size()
-            elif state is _STATES.CHUNK_DATA:
+            elif state is _STATE_CHUNK_DATA:
                 self._read_chunk_data(events)
-            elif state is _STATES.CHUNK_END:
+            elif state is _STATE_CHUNK_END:
                 self._read_chunk_end()
-            elif state is _STATES.TRAILERS:
+            elif state is _STATE_TRAILERS:
                 self._read_trailers(events)
         return events
 
@@ -406,10 +429,10 @@ class ResponseReader:
         ends here (a L{ResponseEnd}); a response already complete gives
         None; anything else raises L{ResponseIncomplete}.
         """
-        if self.state is _STATES.DONE:
+        if self.state is _STATE_DONE:
             return None
-        if self.state is _STATES.BODY_UNTIL_CLOSE:
-            self._move(_EVENTS.CLOSED)
+        if self.state is _STATE_BODY_UNTIL_CLOSE:
+            self._move(_EVENT_CLOSED)
             return ResponseEnd(delimited_by_close=True)
         raise ResponseIncomplete(self.state)
 
@@ -472,7 +495,7 @@ class ResponseReader:
             if status == 101:
                 raise self._misbehaved("upstream-switching-protocols", "101 to a request without Upgrade")
             # An interim response (100 Continue, 103 Early Hints): dropped.
-            self._move(_EVENTS.INTERIM_HEAD)
+            self._move(_EVENT_INTERIM_HEAD)
             return
         self._final_head(status, reason, version, headers, events)
 
@@ -542,8 +565,8 @@ class ResponseReader:
         length: int | None = None
         if self._no_body or status in _NO_BODY_STATUSES:
             # RFC 9112 section 6.3 (1): whatever the fields say.
-            framing = _FRAMINGS.NONE
-            event = _EVENTS.HEAD_NO_BODY
+            framing = _FRAMING_NONE
+            event = _EVENT_HEAD_NO_BODY
             length = 0
         elif codings:
             coding = b",".join(codings).strip(b" \t").lower()
@@ -558,8 +581,8 @@ class ResponseReader:
                 raise self._misbehaved(
                     "upstream-bad-content-length", "Content-Length with Transfer-Encoding"
                 )
-            framing = _FRAMINGS.CHUNKED
-            event = _EVENTS.HEAD_CHUNKED
+            framing = _FRAMING_CHUNKED
+            event = _EVENT_HEAD_CHUNKED
         elif lengths:
             value = lengths[0]
             if len(lengths) == 1 and len(value) < 19 and value.isdigit():
@@ -570,15 +593,15 @@ class ResponseReader:
             else:
                 length = self._content_length(lengths)
             if length == 0:
-                framing = _FRAMINGS.LENGTH
-                event = _EVENTS.HEAD_NO_BODY
+                framing = _FRAMING_LENGTH
+                event = _EVENT_HEAD_NO_BODY
             else:
-                framing = _FRAMINGS.LENGTH
-                event = _EVENTS.HEAD_LENGTH
+                framing = _FRAMING_LENGTH
+                event = _EVENT_HEAD_LENGTH
                 self._remaining = length
         else:
-            framing = _FRAMINGS.UNTIL_CLOSE
-            event = _EVENTS.HEAD_UNTIL_CLOSE
+            framing = _FRAMING_UNTIL_CLOSE
+            event = _EVENT_HEAD_UNTIL_CLOSE
             keep_alive = False
         try:
             self.state = _TRANSITIONS[self.state, event]
@@ -589,7 +612,7 @@ class ResponseReader:
                 ResponseHead, (status, reason, version, headers, framing, length, keep_alive)
             )
         )
-        if self.state is _STATES.DONE:
+        if self.state is _STATE_DONE:
             events.append(_END)
 
     def _content_length(self, values: list[bytes]) -> int:
@@ -620,7 +643,7 @@ class ResponseReader:
         size = len(data)
         if size < remaining:
             self._remaining = remaining - size
-            self._move(_EVENTS.BODY_BYTES)
+            self._move(_EVENT_BODY_BYTES)
             events.append(_new_tuple(ResponseData, (data,)))
             return events
         if size > remaining:
@@ -666,10 +689,10 @@ class ResponseReader:
             raise self._misbehaved("upstream-bad-chunk-size", line.decode("ascii"))
         if size == 0:
             self._head_bytes_used = 0
-            self._move(_EVENTS.LAST_CHUNK)
+            self._move(_EVENT_LAST_CHUNK)
             return
         self._remaining = size
-        self._move(_EVENTS.CHUNK_SIZE)
+        self._move(_EVENT_CHUNK_SIZE)
 
     def _read_chunk_data(self, events: list[Event]) -> None:
         buffer = self._buffer
@@ -679,13 +702,13 @@ class ResponseReader:
         if len(buffer) < remaining:
             self._remaining = remaining - len(buffer)
             self._buffer = b""
-            self._move(_EVENTS.BODY_BYTES)
+            self._move(_EVENT_BODY_BYTES)
             events.append(ResponseData(buffer))
             return
         self._buffer = buffer[remaining:]
         self._remaining = 0
         events.append(ResponseData(buffer[:remaining]))
-        self._move(_EVENTS.CHUNK_COMPLETE)
+        self._move(_EVENT_CHUNK_COMPLETE)
 
     def _read_chunk_end(self) -> None:
         buffer = self._buffer
@@ -697,7 +720,7 @@ class ResponseReader:
             return
         else:
             raise self._misbehaved("upstream-bad-chunk-size", "chunk data longer than its size")
-        self._move(_EVENTS.CHUNK_END)
+        self._move(_EVENT_CHUNK_END)
 
     def _read_trailers(self, events: list[Event]) -> None:
         # Trailer fields are read, bounded like a head, and dropped (RFC
@@ -710,7 +733,7 @@ class ResponseReader:
                 return
             self._head_bytes_used += before - len(self._buffer)
             if not line:
-                self._move(_EVENTS.TRAILERS_END)
+                self._move(_EVENT_TRAILERS_END)
                 events.append(ResponseEnd())
                 return
             self._field(line)
