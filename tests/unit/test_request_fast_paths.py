@@ -135,6 +135,9 @@ def test_upstream_headers_from_the_framers_names_agree_with_the_general_path(
     )
     given_names = upstream_request_headers(pairs, names=names, **settings)
     assert given_names == upstream_request_headers(pairs, **settings)
+    # With the first Host value as the framer has it (head_facts), too.
+    host = pairs[names.index(b"host")][1] if b"host" in names else None
+    assert upstream_request_headers(pairs, names=names, host=host, **settings) == given_names
     # The request's own fields are never changed.
     assert pairs == sent and names == [name.lower() for name, _ in pairs]
 
