@@ -281,11 +281,25 @@ class UpstreamResponse:
 
     # Set when first needed (see __init__).
     _headers: Headers | None = None
+    _transport: UpstreamBodyTransport | None = None
+    _connection: UpstreamConnection | None = None
     _protocol = None
     _early: list[bytes] | tuple = ()
     _ended: Failure | None = None
 
-    def __init__(self, head: ResponseHead, exchange: _Exchange, transport) -> None:
+    def __init__(
+        self,
+        head: ResponseHead,
+        exchange: _Exchange,
+        transport=None,
+        connection: UpstreamConnection | None = None,
+    ) -> None:
+        """
+        @param transport: what the body protocol is given as its transport;
+            or None, to give it an L{UpstreamBodyTransport} of
+            C{connection}, made when the body is delivered (most responses
+            are relayed whole, and never need one).
+        """
         minor = head.version[1]
         if minor != 1:
             self.version = (b"HTTP", 1, minor)
@@ -297,7 +311,10 @@ class UpstreamResponse:
         length = head.length
         self.length = UNKNOWN_LENGTH if length is None else length
         self._exchange = exchange
-        self._transport = transport
+        if transport is None:
+            self._connection = connection
+        else:
+            self._transport = transport
         # The body protocol once delivered (_protocol); body bytes that
         # came before it (_early); how the body ended, once it has (_ended).
 
@@ -336,7 +353,12 @@ class UpstreamResponse:
         if self._protocol is not None:
             raise RuntimeError("the response body was delivered already")
         self._protocol = protocol
-        protocol.makeConnection(self._transport)
+        transport = self._transport
+        if transport is None:
+            # Let go of with the connection if the body ended already.
+            transport = self._transport = UpstreamBodyTransport(self._connection)
+            self._connection = None
+        protocol.makeConnection(transport)
         early, self._early = self._early, ()
         for data in early:
             protocol.dataReceived(data)
@@ -359,7 +381,12 @@ class UpstreamResponse:
         if self._ended is not None:
             return
         self._ended = reason
-        self._transport.detach()
+        # The connection let go of, whether its transport is made or not.
+        transport = self._transport
+        if transport is None:
+            self._connection = None
+        else:
+            transport.detach()
         if self._protocol is not None:
             self._protocol.connectionLost(reason)
 
@@ -812,8 +839,9 @@ class _Exchange:
         except UpstreamMisbehaved:
             self._misbehaved(Failure())
             return
+        count = len(events)
         if (
-            len(events) > 1
+            count > 1
             and type(events[-1]) is ResponseEnd
             and self.phase is _WAITING
         ):
@@ -821,9 +849,9 @@ class _Exchange:
             # answer): its body is offered with its head, for a caller
             # that takes both at once (UpstreamResponse.take_whole_body);
             # if it does not, the events are told one by one as ever.
-            if len(events) == 2:
+            if count == 2:
                 body = b""
-            elif len(events) == 3:
+            elif count == 3:
                 body = events[1].data
             else:
                 body = b"".join([event.data for event in events[1:-1]])
@@ -861,7 +889,7 @@ class _Exchange:
         self.phase = _RECEIVING
         self._response_head = head
         connection = self.connection
-        response = UpstreamResponse(head, self, UpstreamBodyTransport(connection))
+        response = UpstreamResponse(head, self, None, connection)
         self._response = response
         self._delivery_pending = True
         if whole_body is not None:
@@ -1239,7 +1267,9 @@ class UpstreamPool:
         C{connection} is idle and reusable.
         """
         connection.expires_s = self._clock.seconds() + limits.idle_keepalive_s
-        stack = self._idle.setdefault(key, [])
+        stack = self._idle.get(key)
+        if stack is None:
+            stack = self._idle[key] = []
         stack.append(connection)
         while len(stack) > limits.max_idle_connections:
             stack.pop(0).close()
