@@ -757,7 +757,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                 # connection, so the loop stays tight.
                 used += count
                 if used == size:
-                    self._deliver(_ssl_ffi.buffer(buffer, used)[:])
+                    self._deliver(_ssl_ffi.unpack(buffer, used))
                     used = 0
                 count = ssl_read(ssl, buffer + used, size - used)
             if _ssl_lib.SSL_get_error(ssl, count) == _ssl_lib.SSL_ERROR_WANT_READ:
@@ -767,7 +767,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                 break
             # The end of the stream or an error: what came before it first.
             if used:
-                self._deliver(_ssl_ffi.buffer(buffer, used)[:])
+                self._deliver(_ssl_ffi.unpack(buffer, used))
                 used = 0
             try:
                 connection._raise_ssl_error(ssl, count)
@@ -782,7 +782,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                 break
         if used and not self._aborted:
             # _deliver, for the last (mostly the only) delivery of a read.
-            self.wrappedProtocol.dataReceived(_ssl_ffi.buffer(buffer, used)[:])
+            self.wrappedProtocol.dataReceived(_ssl_ffi.unpack(buffer, used))
         # What the records read may call for (a handshake reply, a key
         # update) goes out now: _flushSendBIO, with its usual case (nothing
         # to send) found here.
@@ -961,6 +961,28 @@ class LeanRequest(_web_server.Request):
         this request uses what that takes twisted.web's own way (a default
         content type, an encoder, cookies...) or is over.
         """
+        lines = []
+        # A loop rather than a comprehension, which is a call of its own.
+        append = lines.append
+        for name, values in fields.items():
+            for value in values:
+                append(name + b": " + value + b"\r\n")
+        if not self._write_relayed_lines(b"".join(lines), b"Content-Length" in fields, None, data):
+            return False
+        if self.chunked:
+            # As twisted.web leaves the fields it wrote.
+            fields[b"Transfer-Encoding"] = [b"chunked"]
+        return True
+
+    def _write_relayed_lines(
+        self, lines: bytes, has_length: bool, hsts: bytes | None, data: bytes
+    ) -> bool:
+        """
+        L{_write_relayed_head} for field lines joined already, each ended by
+        CRLF: C{has_length} says whether a C{Content-Length} is among them,
+        C{hsts} is a C{Strict-Transport-Security} value to add after them
+        (if any: None or empty adds none).
+        """
         if (
             self.finished
             or self._disconnected
@@ -975,20 +997,13 @@ class LeanRequest(_web_server.Request):
         self.startedWriting = 1
         version = self.clientproto
         code = self.code
+        added = b"Strict-Transport-Security: " + hsts + b"\r\n" if hsts else b""
         with_body = self.method != b"HEAD" and code not in _NO_BODY_CODES
-        if with_body and version == b"HTTP/1.1" and b"Content-Length" not in fields:
+        if with_body and version == b"HTTP/1.1" and not has_length:
             # Chunked, so that the connection can carry another request.
-            fields[b"Transfer-Encoding"] = [b"chunked"]
+            added += b"Transfer-Encoding: chunked\r\n"
             self.chunked = 1
-        lines = [b"%s %d %s" % (version, code, self.code_message)]
-        # A loop rather than a comprehension, which is a call of its own.
-        append = lines.append
-        for name, values in fields.items():
-            for value in values:
-                append(name + b": " + value)
-        append(b"\r\n")
-        channel = self.channel
-        head = b"\r\n".join(lines)
+        head = b"%s %d %s\r\n%s%s\r\n" % (version, code, self.code_message, lines, added)
         if with_body:
             self.sentLength += len(data)
             if data:
@@ -1001,7 +1016,7 @@ class LeanRequest(_web_server.Request):
             self.write = _write_nothing
         # The head and the first body bytes in one write, at once (what
         # write_head, write and flush_head would send).
-        channel.write_response_start(head)
+        self.channel.write_response_start(head)
         return True
 
     def finish(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import re
+from operator import itemgetter
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -44,9 +45,17 @@ MAX_RESPONSE_BODY_LENGTH = 2**63 - 1
 _DIGITS = re.compile(rb"[0-9]+\Z")
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00-\x08\x0a-\x1f\x7f]*)?\Z")
 _NO_BODY_STATUSES = frozenset((204, 304))
-# The lengths of the names framing looks at: Connection, Content-Length,
-# Transfer-Encoding.  Any other name is passed over on its length alone.
-_FRAMING_NAME_LENGTHS = frozenset((10, 14, 17))
+# The names framing looks at, lower-cased.
+_CONTENT_LENGTH = b"content-length"
+_TRANSFER_ENCODING = b"transfer-encoding"
+_CONNECTION = b"connection"
+# The names of a head's fields, in order -> where its Content-Length,
+# Transfer-Encoding and Connection fields are (tuples of indices): an
+# upstream answers with a handful of orders of names, so each is searched
+# once.  Bounded, so that an upstream making up names cannot grow it.
+_framing_fields_at: dict[tuple[bytes, ...], tuple[tuple[int, ...], ...]] = {}
+_MAX_FRAMING_SHAPES = 1000
+_name_of = itemgetter(0)
 # A Connection field of one of these values (lower-cased) alone: whether
 # the connection stays open, in HTTP/1.0 and 1.1 alike.
 _KEEP_ALIVE_BY_CONNECTION = {b"keep-alive": True, b"close": False}
@@ -225,6 +234,26 @@ _END = ResponseEnd()
 # What a named tuple's own __new__ calls, without the Python frame of that
 # __new__: tuple.__new__(ResponseHead, (status, ...)) is ResponseHead(status, ...).
 _new_tuple = tuple.__new__
+
+
+def _values_at(headers: list[tuple[bytes, bytes]], indices: tuple[int, ...]) -> list[bytes]:
+    return [headers[index][1] for index in indices]
+
+
+def framing_fields_at(names: tuple[bytes, ...]) -> tuple[tuple[int, ...], ...]:
+    """
+    Where the C{Content-Length}, C{Transfer-Encoding} and C{Connection}
+    fields are among a head's field C{names} (in any case), in order: three
+    tuples of indices.  Remembered for the next head of the same names.
+    """
+    lowered = [name.lower() for name in names]
+    found = tuple(
+        tuple(index for index, lower in enumerate(lowered) if lower == wanted)
+        for wanted in (_CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION)
+    )
+    if len(_framing_fields_at) < _MAX_FRAMING_SHAPES:
+        _framing_fields_at[names] = found
+    return found
 
 
 class ResponseReader:
@@ -471,16 +500,28 @@ class ResponseReader:
         headers: list[tuple[bytes, bytes]],
         events: list[Event],
     ) -> None:
+        names = tuple(map(_name_of, headers))
+        found = _framing_fields_at.get(names)
+        if found is None:
+            found = framing_fields_at(names)
+        lengths_at, codings_at, connection_at = found
+        # The values of each, in order, or None if it has none; the usual
+        # single field without a comprehension (a function made and called).
         lengths = codings = connection = None
-        for name, value in headers:
-            if len(name) in _FRAMING_NAME_LENGTHS:
-                lowered = name.lower()
-                if lowered == b"content-length":
-                    lengths = [value] if lengths is None else [*lengths, value]
-                elif lowered == b"transfer-encoding":
-                    codings = [value] if codings is None else [*codings, value]
-                elif lowered == b"connection":
-                    connection = [value] if connection is None else [*connection, value]
+        if lengths_at:
+            lengths = (
+                [headers[lengths_at[0]][1]]
+                if len(lengths_at) == 1
+                else _values_at(headers, lengths_at)
+            )
+        if codings_at:
+            codings = _values_at(headers, codings_at)
+        if connection_at:
+            connection = (
+                [headers[connection_at[0]][1]]
+                if len(connection_at) == 1
+                else _values_at(headers, connection_at)
+            )
         if connection is None:
             keep_alive = version[1] == 1
         else:

@@ -9,7 +9,7 @@ import json
 import os
 
 import pytest
-from hypothesis import example, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -29,6 +29,8 @@ from quayfront.forward import DeadlineWatch, deadline_watch
 from quayfront.limits import ConcurrencyLimiter
 from quayfront.metrics import Counters
 from quayfront.routing import Route, Router, Upstream
+from quayfront.headers import HOP_BY_HOP
+from quayfront.relayedfields import relayed_lines
 from quayfront.site import REQUEST_IDS, FrontRequest, FrontSite, RequestIds
 
 
@@ -877,6 +879,111 @@ def test_a_relayed_head_is_written_as_twisted_web_writes_it(case) -> None:
     304; so is what responseHeaders holds afterwards.
     """
     assert relay_once(FrontRequest, case) == relay_once(TwistedWayRequest, case)
+
+
+# Fields whose Content-Length can be the length relayed (0 or 5), so that
+# heads are also joined as they came with one.
+_JOINED_VALUES = [b"1", b"close", b"keep-alive", b"KEEP-ALIVE", b"x-A", b"", b"0", b"5", b"05"]
+_JOINED_PAIR = st.tuples(st.sampled_from(_FIELD_NAMES), st.sampled_from(_JOINED_VALUES))
+
+
+@st.composite
+def joined_cases(draw) -> dict:
+    case = draw(relayed_cases)
+    pairs = draw(
+        st.one_of(
+            # Mostly sections without a repeated name, which can be joined.
+            st.lists(_JOINED_PAIR, max_size=12, unique_by=lambda pair: pair[0].lower()),
+            st.lists(_JOINED_PAIR, max_size=12),
+        )
+    )
+    if case["length"] is not UNKNOWN_LENGTH and draw(st.booleans()):
+        # The Content-Length of the length relayed, as an upstream writes it.
+        pairs = [pair for pair in pairs if pair[0].lower() != b"content-length"]
+        at = draw(st.integers(0, len(pairs)))
+        name = draw(st.sampled_from([b"Content-Length", b"content-length"]))
+        pairs.insert(at, (name, b"%d" % case["length"]))
+    return dict(case, pairs=pairs)
+
+
+@given(joined_cases())
+@example(
+    dict(
+        pairs=[(b"Server", b"s"), (b"content-length", b"5"), (b"Connection", b"keep-alive"),
+               (b"etag", b"e")],
+        code=200, phrase=b"OK", length=5, method=b"GET", version=b"HTTP/1.1",
+        client_closes=False, hsts="max-age=1", drain="after-head", keepalive=True, early=False,
+        chunks=[b"he", b"llo"],
+    )
+)
+def test_a_head_joined_as_its_lines_came_is_the_one_twisted_web_writes(case) -> None:
+    """
+    A head whose field lines are joined from the upstream's pairs as they
+    came (no name repeated, a Connection that names no field, the
+    Content-Length relayed written as the length is) is byte for byte the
+    head Headers and twisted.web's Request.write make, with what is added
+    to it (HSTS, chunked framing, Connection: close when draining), and so
+    is what responseHeaders holds afterwards.
+    """
+    from unittest import mock
+
+    from quayfront import site as site_module
+
+    joined = []
+
+    def recording(pairs, length):
+        lines = relayed_lines(pairs, length)
+        joined.append(lines is not None)
+        return lines
+
+    with mock.patch.object(site_module, "relayed_lines", recording):
+        front = relay_once(FrontRequest, case)
+    assert front == relay_once(TwistedWayRequest, case)
+    length = None if case["length"] is UNKNOWN_LENGTH else case["length"]
+    if (case["method"] == b"HEAD" and not case["early"]) or case["code"] in (204, 304):
+        length = None
+    lowered = [name.lower() for name, _ in case["pairs"]]
+    connection = [value.lower() for name, value in case["pairs"] if name.lower() == b"connection"]
+    kept = [name for name in lowered if name not in HOP_BY_HOP]
+    expected = (
+        len(set(lowered)) == len(lowered)
+        and all(value in (b"keep-alive", b"close") for value in connection)
+        and len(kept) >= 2
+        and (
+            length is None
+            or [value for name, value in case["pairs"] if name.lower() == b"content-length"]
+            == [b"%d" % length]
+        )
+    )
+    # Asked once, unless headers were set before the response came (a
+    # drain's Connection: close), when the head goes the general way.
+    event(f"joined as it came: {joined}")
+    assert joined in ([expected], [])
+
+
+def test_a_usual_head_is_joined_as_it_came() -> None:
+    """
+    A usual head (nginx's fields) is written from its lines joined as they
+    came: neither the fields dict nor Headers is made for it.
+    """
+    site, agent, _, _ = make_site()
+    channel, client = connect(site)
+    channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    request = channel.request
+    pairs = [
+        (b"Server", b"nginx"), (b"Date", b"d"), (b"Content-Type", b"a/b"),
+        (b"Content-Length", b"2"), (b"Connection", b"keep-alive"), (b"ETag", b'"e"'),
+    ]
+    r = PairsResponse(200, b"OK", pairs, 2)
+    agent.requests[0]["d"].callback(r)
+    r.protocol.dataReceived(b"ok")
+    r.protocol.connectionLost(Failure(ResponseDone()))
+    assert client.value() == (
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: d\r\nContent-Type: a/b\r\n"
+        b"Content-Length: 2\r\nETag: \"e\"\r\n\r\nok"
+    )
+    assert request._relayed is None and request._response_headers is None
+    assert request._relayed_lines is not None
 
 
 @given(relayed_cases.filter(lambda case: case["drain"] != "after-head"))

@@ -371,3 +371,55 @@ def test_a_bad_status_line_is_named_without_its_line_end(answer: bytes, line: st
         reader.receive(answer)
     assert (refused.value.reason, refused.value.detail) == ("upstream-bad-status-line", line)
 
+
+
+_FRAMING_NAMES = st.sampled_from(
+    [b"Content-Length", b"content-length", b"CONTENT-LENGTH", b"Transfer-Encoding",
+     b"transfer-encoding", b"Connection", b"connection", b"Date", b"Content-Type", b"X-Len"]
+)
+
+
+@given(st.lists(_FRAMING_NAMES, max_size=8))
+def test_where_the_framing_fields_are_is_learnt_once_and_found_again(names) -> None:
+    """
+    Where a head's Content-Length, Transfer-Encoding and Connection fields
+    are (in any case) is found by name, then remembered for the same names.
+    """
+    from quayfront.http import _upstream
+
+    expected = tuple(
+        tuple(index for index, name in enumerate(names) if name.lower() == wanted)
+        for wanted in (b"content-length", b"transfer-encoding", b"connection")
+    )
+    key = tuple(names)
+    assert _upstream.framing_fields_at(key) == expected
+    assert _upstream._framing_fields_at.get(key, expected) == expected
+
+
+@given(
+    st.lists(st.sampled_from([b"Content-Length: 3", b"content-length: 3", b"Date: d",
+                              b"Connection: close", b"connection: keep-alive"]),
+             max_size=4)
+)
+def test_a_head_of_names_seen_before_is_framed_by_its_own_values(lines) -> None:
+    """
+    Two responses of the same names with different values: each is framed by
+    its own (the indices are remembered, not the values).
+    """
+    for length in (b"3", b"5"):
+        head = b"".join(line.replace(b": 3", b": " + length) + b"\r\n" for line in lines)
+        reader = ResponseReader(b"GET", 65536, 100)
+        has_length = any(line.lower().startswith(b"content-length") for line in lines)
+        events = reader.receive(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n")
+        [response_head] = [event for event in events if isinstance(event, ResponseHead)]
+        assert response_head.length == (int(length) if has_length else None)
+
+
+def test_the_framing_shapes_remembered_are_bounded(monkeypatch) -> None:
+    """Made-up names cannot grow the table past its bound."""
+    from quayfront.http import _upstream
+
+    monkeypatch.setattr(_upstream, "_framing_fields_at", {})
+    for number in range(_upstream._MAX_FRAMING_SHAPES + 20):
+        _upstream.framing_fields_at((b"X-%d" % number, b"Content-Length"))
+    assert len(_upstream._framing_fields_at) == _upstream._MAX_FRAMING_SHAPES
