@@ -131,7 +131,9 @@ def upstream_request_headers(
     if (
         names is not None
         and dropped.isdisjoint(names)
-        and b"_" not in b"".join(names)
+        # (find, not "in": bytes.__contains__ first tries its operand as an
+        # integer, and makes and drops a TypeError for a bytes one.)
+        and b"".join(names).find(b"_") < 0
     ):
         # Nothing to drop (so no Connection either): the fields as they
         # came, which the loop below would keep one by one.
