@@ -312,6 +312,10 @@ class Forwarding:
     _watch_entry: list | None = None
     _drain_timeout_s = 0.0
     _handling = False
+    # Set by the actions that make them (annotated here, where it costs
+    # nothing per request).
+    _admission: Deferred
+    _upstream: Deferred  # or what UpstreamAgent.request_for answers
 
     def __init__(
         self,
@@ -344,10 +348,9 @@ class Forwarding:
         self._client_ip = client_ip
         self._started_s = clock.seconds() if now_s is None else now_s
         # Set when the response head arrives (upstream_response_time_s).
-        # The Twisted objects the exchange's actions act on, set by the
-        # actions that make them (the exchange never asks for one before).
-        self._admission: Deferred
-        self._upstream: Deferred  # or what UpstreamAgent.request_for answers
+        # The Twisted objects the exchange's actions act on (_admission,
+        # _upstream) are set by the actions that make them (the exchange
+        # never asks for one before).
         # Made when a body is relayed (a response relayed whole needs none):
         # it points back here until the body ends (_relay), with the
         # upstream socket (upstream_transport).
@@ -370,10 +373,11 @@ class Forwarding:
 
         if head is None:
             fields = request_fields(request)
-            names = None
+            names = host = None
         else:
             fields = head.headers
             names = head.names
+            host = head.host
         # Sent upstream as pairs, in order: no Headers object is made.
         self._headers = upstream_request_headers(
             fields,
@@ -382,6 +386,7 @@ class Forwarding:
             reserved=reserved_headers,
             default_host=default_host,
             names=names,
+            host=host,
         )
 
         # The channel reports length None for a chunked body and 0 both for

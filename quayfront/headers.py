@@ -79,6 +79,8 @@ _name_of = itemgetter(0)
 # added, made once per set of reserved names (a site has one).
 _ALWAYS_DROPPED = HOP_BY_HOP | FORWARDING | FRAMING
 _dropped_with: dict[frozenset[bytes], frozenset[bytes]] = {}
+# upstream_request_headers' host when the caller does not give it.
+_NOT_GIVEN = object()
 
 
 def upstream_request_headers(
@@ -90,6 +92,7 @@ def upstream_request_headers(
     reserved: Iterable[bytes] = (),
     default_host: bytes = b"",
     names: list[bytes] | None = None,
+    host: bytes | None | object = _NOT_GIVEN,
 ) -> HeaderPairs:
     """
     The headers to send upstream for a client request with C{pairs}.
@@ -110,24 +113,33 @@ def upstream_request_headers(
     @param names: the names of C{pairs} (a list) lower-cased, in order, if
         the caller has them (the request framer does): a request with no
         field to drop is then passed on without walking its fields.
+    @param host: with C{names}, the first C{Host} value of C{pairs} (None
+        for none), if the caller has it (the request framer does).
     """
     vouched = vouched if type(vouched) is list else list(vouched)
     reserved = reserved if isinstance(reserved, frozenset) else frozenset(reserved)
     dropped = _dropped_with.get(reserved)
     if dropped is None:
         dropped = _dropped_with[reserved] = _ALWAYS_DROPPED | reserved
-    own = frozenset(map(bytes.lower, map(_name_of, vouched)))
-    if not own <= reserved:
+    if reserved.issuperset(map(bytes.lower, map(_name_of, vouched))):
+        # The usual case: every name quayfront sends is reserved already,
+        # so reserved names are all its own (what the rules below use).
+        own = reserved
+    else:
+        own = frozenset(map(bytes.lower, map(_name_of, vouched)))
         dropped = dropped | own
     if (
         names is not None
         and dropped.isdisjoint(names)
-        and b"_" not in b"".join(names)
+        # (find, not "in": bytes.__contains__ first tries its operand as an
+        # integer, and makes and drops a TypeError for a bytes one.)
+        and b"".join(names).find(b"_") < 0
     ):
         # Nothing to drop (so no Connection either): the fields as they
         # came, which the loop below would keep one by one.
         forwarded = list(pairs)
-        host = pairs[names.index(b"host")][1] if b"host" in names else None
+        if host is _NOT_GIVEN:
+            host = pairs[names.index(b"host")][1] if b"host" in names else None
     else:
         # One pass to lower-case the names (every rule below compares them).
         fields = [(name.lower(), name, value) for name, value in pairs]
@@ -155,9 +167,12 @@ def upstream_request_headers(
     if host is None and default_host:
         forwarded.insert(0, (b"Host", default_host))
         host = default_host
-    forwarded.append((b"X-Forwarded-For", client_ip.encode("ascii")))
-    forwarded.append((b"X-Forwarded-Proto", scheme))
-    forwarded.extend(vouched)
+    # In one extend: the forwarding fields, then those quayfront vouches for.
+    forwarded += [
+        (b"X-Forwarded-For", client_ip.encode("ascii")),
+        (b"X-Forwarded-Proto", scheme),
+        *vouched,
+    ]
     if host is not None:
         forwarded.append((b"X-Forwarded-Host", host))
     return forwarded

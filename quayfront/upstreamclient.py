@@ -84,6 +84,8 @@ _UNSAFE = frozenset(range(0x21)) | {0x7F}
 _KNOWN_METHODS = frozenset(
     (b"GET", b"HEAD", b"PUT", b"POST", b"PATCH", b"DELETE", b"OPTIONS", b"TRACE")
 )
+# Of those, the ones sent without a body as they are (no framing field).
+_BODILESS_METHODS = _KNOWN_METHODS - _METHODS_WITH_BODY
 
 
 class WrongBodyLength(Exception):
@@ -279,11 +281,25 @@ class UpstreamResponse:
 
     # Set when first needed (see __init__).
     _headers: Headers | None = None
+    _transport: UpstreamBodyTransport | None = None
+    _connection: UpstreamConnection | None = None
     _protocol = None
     _early: list[bytes] | tuple = ()
     _ended: Failure | None = None
 
-    def __init__(self, head: ResponseHead, exchange: _Exchange, transport) -> None:
+    def __init__(
+        self,
+        head: ResponseHead,
+        exchange: _Exchange,
+        transport=None,
+        connection: UpstreamConnection | None = None,
+    ) -> None:
+        """
+        @param transport: what the body protocol is given as its transport;
+            or None, to give it an L{UpstreamBodyTransport} of
+            C{connection}, made when the body is delivered (most responses
+            are relayed whole, and never need one).
+        """
         minor = head.version[1]
         if minor != 1:
             self.version = (b"HTTP", 1, minor)
@@ -295,7 +311,10 @@ class UpstreamResponse:
         length = head.length
         self.length = UNKNOWN_LENGTH if length is None else length
         self._exchange = exchange
-        self._transport = transport
+        if transport is None:
+            self._connection = connection
+        else:
+            self._transport = transport
         # The body protocol once delivered (_protocol); body bytes that
         # came before it (_early); how the body ended, once it has (_ended).
 
@@ -334,7 +353,12 @@ class UpstreamResponse:
         if self._protocol is not None:
             raise RuntimeError("the response body was delivered already")
         self._protocol = protocol
-        protocol.makeConnection(self._transport)
+        transport = self._transport
+        if transport is None:
+            # Let go of with the connection if the body ended already.
+            transport = self._transport = UpstreamBodyTransport(self._connection)
+            self._connection = None
+        protocol.makeConnection(transport)
         early, self._early = self._early, ()
         for data in early:
             protocol.dataReceived(data)
@@ -357,7 +381,12 @@ class UpstreamResponse:
         if self._ended is not None:
             return
         self._ended = reason
-        self._transport.detach()
+        # The connection let go of, whether its transport is made or not.
+        transport = self._transport
+        if transport is None:
+            self._connection = None
+        else:
+            transport.detach()
         if self._protocol is not None:
             self._protocol.connectionLost(reason)
 
@@ -810,8 +839,9 @@ class _Exchange:
         except UpstreamMisbehaved:
             self._misbehaved(Failure())
             return
+        count = len(events)
         if (
-            len(events) > 1
+            count > 1
             and type(events[-1]) is ResponseEnd
             and self.phase is _WAITING
         ):
@@ -819,9 +849,9 @@ class _Exchange:
             # answer): its body is offered with its head, for a caller
             # that takes both at once (UpstreamResponse.take_whole_body);
             # if it does not, the events are told one by one as ever.
-            if len(events) == 2:
+            if count == 2:
                 body = b""
-            elif len(events) == 3:
+            elif count == 3:
                 body = events[1].data
             else:
                 body = b"".join([event.data for event in events[1:-1]])
@@ -859,7 +889,7 @@ class _Exchange:
         self.phase = _RECEIVING
         self._response_head = head
         connection = self.connection
-        response = UpstreamResponse(head, self, UpstreamBodyTransport(connection))
+        response = UpstreamResponse(head, self, None, connection)
         self._response = response
         self._delivery_pending = True
         if whole_body is not None:
@@ -1101,10 +1131,63 @@ class UpstreamAgent:
         answer's C{cancel()} is the Deferred's.  No Deferred, and no object
         to hold two functions, is made for the request.
         """
+        if (
+            bodyProducer is None
+            and method in _BODILESS_METHODS
+            and type(headers) is list
+            and self.persistent
+            and target
+            and not _UNSAFE.intersection(target)
+        ):
+            names = set(map(bytes.lower, map(_name_of, headers)))
+            if b"connection" not in names:
+                return self._start_bodiless(
+                    outcome, method, authority, target, headers, b"host" in names
+                )
         return self._start(
             method, b"http://" + authority + target, headers, bodyProducer,
             outcome, authority, target,
         )
+
+    def _start_bodiless(self, outcome, method, authority, target, pairs, has_host):
+        """
+        L{_start} for what L{request_for} sends most: a request without a
+        body whose method needs no C{Content-Length: 0}, on a persistent
+        agent, whose fields (as pairs) have no C{Connection}: the same head
+        (L{_request_head}, written out for this case), the same exchange,
+        and the same connection taken from the pool and written to, without
+        the checks and branches those cases never take.
+        """
+        head = b"".join(
+            (
+                method,
+                b" ",
+                target,
+                _VERSION_LINE,
+                b"\r\n".join(map(b": ".join, pairs)),
+                b"\r\n" if pairs else b"",
+                b"" if has_host else b"Host: " + authority + b"\r\n",
+                b"\r\n",
+            )
+        )
+        exchange = _Exchange(
+            self, method, b"http://" + authority + target, pairs, head, None, outcome, False
+        )
+        result = exchange.result
+        if result is outcome:
+            result = exchange
+        connection = self.pool.take(self.key)
+        if connection is None:
+            exchange.start(reuse=False)
+            return result
+        # _send(connection, reused=True), for a request without a body.
+        exchange.connection = connection
+        exchange._reused = True
+        connection.exchange = exchange
+        exchange._reader = ResponseReader(method, self.max_head_bytes, self.max_headers)
+        exchange.phase = _WAITING
+        connection.transport.write(head)
+        return result
 
     def _start(
         self, method, uri, headers, bodyProducer, outcome, authority=None, target=None
@@ -1184,7 +1267,9 @@ class UpstreamPool:
         C{connection} is idle and reusable.
         """
         connection.expires_s = self._clock.seconds() + limits.idle_keepalive_s
-        stack = self._idle.setdefault(key, [])
+        stack = self._idle.get(key)
+        if stack is None:
+            stack = self._idle[key] = []
         stack.append(connection)
         while len(stack) > limits.max_idle_connections:
             stack.pop(0).close()

@@ -238,9 +238,20 @@ class _State(enum.Enum):
 # code below does so several times per request: it reads the same members
 # through plain namespaces instead.
 _STATES = SimpleNamespace(**_State.__members__)
+# And, for the states read on every request, as module-level names: one
+# lookup rather than two.
+_HEAD = _STATES.HEAD
+_BODY_LENGTH = _STATES.BODY_LENGTH
+_CHUNK_SIZE = _STATES.CHUNK_SIZE
+_CHUNK_DATA = _STATES.CHUNK_DATA
+_CHUNK_CRLF = _STATES.CHUNK_CRLF
+_TRAILER = _STATES.TRAILER
+_END = _STATES.END
+_CLOSED = _STATES.CLOSED
+_ERROR = _STATES.ERROR
 
 
-_BODY_BYTES = (_STATES.BODY_LENGTH, _STATES.CHUNK_DATA)
+_BODY_BYTES = (_BODY_LENGTH, _CHUNK_DATA)
 _name_of = itemgetter(0)
 
 
@@ -441,7 +452,7 @@ class RequestFramer:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._state = _STATES.HEAD
+        self._state = _HEAD
         # Head state: where the current line starts and how far the buffer
         # has been scanned for its end.
         self._line_start = 0
@@ -466,7 +477,7 @@ class RequestFramer:
         Whether bytes of a request head have arrived and the head is not
         complete yet.
         """
-        return self._state is _STATES.HEAD and len(self._buffer) > 0
+        return self._state is _HEAD and len(self._buffer) > 0
 
     @property
     def idle(self) -> bool:
@@ -475,7 +486,7 @@ class RequestFramer:
         is buffered and no request is under way (L{next_event} answers
         L{NEED_DATA}, and no head is in progress).
         """
-        return self._state is _STATES.HEAD and not self._buffer and self._direct is None
+        return self._state is _HEAD and not self._buffer and self._direct is None
 
     @property
     def buffered_bytes(self) -> int:
@@ -490,11 +501,11 @@ class RequestFramer:
         """
         Whether a request that ends the connection has been framed.
         """
-        return self._state is _STATES.CLOSED
+        return self._state is _CLOSED
 
     def feed(self, data: bytes) -> None:
         state = self._state
-        if state is _STATES.CLOSED or state is _STATES.ERROR:
+        if state is _CLOSED or state is _ERROR:
             return
         if self._direct is not None:
             self._buffer += self._direct
@@ -508,17 +519,17 @@ class RequestFramer:
 
     def next_event(self) -> RequestHead | BodyData | MessageEnd | _NeedData:
         state = self._state
-        if state is _STATES.HEAD:
+        if state is _HEAD:
             if not self._buffer:
                 # Between requests, the usual case: nothing to scan.
                 return NEED_DATA
-        elif state is _STATES.END:
+        elif state is _END:
             # The end of a request without a body (or whose body is all
             # there): nothing left to check.
             if self._keep_alive:
                 # _end_message(b"", _NO_TRAILERS) for a connection that
                 # goes on, the usual case.
-                self._state = _STATES.HEAD
+                self._state = _HEAD
                 self._line_start = self._scanned = 0
                 self._skipped_empty_line = False
                 return _PLAIN_END
@@ -526,7 +537,7 @@ class RequestFramer:
         elif self._error is not None:
             raise self._error
         try:
-            if state is _STATES.HEAD:
+            if state is _HEAD:
                 if self._line_start == 0 and self._request_line is None:
                     # A head from its first byte: whole, the usual case?
                     head = self._whole_head()
@@ -535,9 +546,9 @@ class RequestFramer:
                 return self._next_head_lines()
             return self._next_event()
         except PeerMisbehaved as error:
-            if self._state is _STATES.HEAD:
+            if self._state is _HEAD:
                 self.refused_request_line = self._first_line()
-            self._state = _STATES.ERROR
+            self._state = _ERROR
             self._error = error
             self._buffer = bytearray()
             raise
@@ -582,39 +593,39 @@ class RequestFramer:
 
     def _next_event(self) -> RequestHead | BodyData | MessageEnd | _NeedData:
         state = self._state
-        if state is _STATES.HEAD:
+        if state is _HEAD:
             return self._next_head()
-        if state is _STATES.BODY_LENGTH:
+        if state is _BODY_LENGTH:
             if not self._buffer and self._direct is None:
                 return NEED_DATA
             data = self._take_body()
             if self._remaining == 0:
-                self._state = _STATES.END
+                self._state = _END
             return BodyData(data, data)
-        if state is _STATES.CHUNK_SIZE:
+        if state is _CHUNK_SIZE:
             end = _line_end(self._buffer, 0, 0, MAX_CHUNK_LINE_BYTES, "bad-chunk-size", 400,
                             in_head=False)
             if end is None:
                 return NEED_DATA
             size = parse_chunk_size(bytes(self._buffer[:end]))
             if size == 0:
-                self._state = _STATES.TRAILER
+                self._state = _TRAILER
                 self._line_start = end + 2
                 self._scanned = end + 2
                 self._trailers = []
                 return self._next_event()
             self._remaining = size
-            self._state = _STATES.CHUNK_DATA
+            self._state = _CHUNK_DATA
             # The chunk's bytes follow as events of their own: no copy.
             return BodyData(b"", self._take(end + 2))
-        if state is _STATES.CHUNK_DATA:
+        if state is _CHUNK_DATA:
             if not self._buffer and self._direct is None:
                 return NEED_DATA
             data = self._take_body()
             if self._remaining == 0:
-                self._state = _STATES.CHUNK_CRLF
+                self._state = _CHUNK_CRLF
             return BodyData(data, data)
-        if state is _STATES.CHUNK_CRLF:
+        if state is _CHUNK_CRLF:
             if len(self._buffer) < 2:
                 if self._buffer[:1] not in (b"", b"\r"):
                     raise PeerMisbehaved(400, "bad-chunk-size", "no CRLF after chunk data",
@@ -623,17 +634,17 @@ class RequestFramer:
             if self._buffer[:2] != b"\r\n":
                 raise PeerMisbehaved(400, "bad-chunk-size", "no CRLF after chunk data",
                                      in_head=False)
-            self._state = _STATES.CHUNK_SIZE
+            self._state = _CHUNK_SIZE
             return BodyData(b"", self._take(2))
-        if state is _STATES.TRAILER:
+        if state is _TRAILER:
             return self._next_trailer()
-        if state is _STATES.END:
+        if state is _END:
             return self._end_message(b"", _NO_TRAILERS)
         # CLOSED: nothing more is accepted; ERROR is raised above.
         return NEED_DATA
 
     def _end_message(self, raw: bytes, trailers: list[tuple[bytes, bytes]]) -> MessageEnd:
-        self._state = _STATES.HEAD if self._keep_alive else _STATES.CLOSED
+        self._state = _HEAD if self._keep_alive else _CLOSED
         self._line_start = self._scanned = 0
         self._skipped_empty_line = False
         if not self._keep_alive:
@@ -758,12 +769,12 @@ class RequestFramer:
         # Where a head that says C{length} leaves the framer: a chunked
         # body (None), so many body bytes, or the end of the request.
         if length is None:
-            self._state = _STATES.CHUNK_SIZE
+            self._state = _CHUNK_SIZE
         elif length:
-            self._state = _STATES.BODY_LENGTH
+            self._state = _BODY_LENGTH
             self._remaining = length
         else:
-            self._state = _STATES.END
+            self._state = _END
 
     def _head_complete(self, head_end: int, names: list[bytes]) -> RequestHead:
         method, target, version = self._request_line

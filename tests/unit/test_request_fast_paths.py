@@ -135,6 +135,9 @@ def test_upstream_headers_from_the_framers_names_agree_with_the_general_path(
     )
     given_names = upstream_request_headers(pairs, names=names, **settings)
     assert given_names == upstream_request_headers(pairs, **settings)
+    # With the first Host value as the framer has it (head_facts), too.
+    host = pairs[names.index(b"host")][1] if b"host" in names else None
+    assert upstream_request_headers(pairs, names=names, host=host, **settings) == given_names
     # The request's own fields are never changed.
     assert pairs == sent and names == [name.lower() for name, _ in pairs]
 
@@ -522,3 +525,135 @@ def test_the_logged_fields_of_a_framed_head_are_those_logged_fields_finds(fields
     assert (entry.referer, entry.user_agent, entry.remote_user) == (
         referer, user_agent, basic_auth_user(authorization)
     )
+
+
+_SENT_METHODS = st.sampled_from(
+    [b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"PUT", b"POST", b"PATCH", b"PURGE", b"G T", b""]
+)
+_SENT_TARGETS = st.sampled_from([b"/v2/", b"/v2/a/manifests/1", b"/a b", b"/a\x7f", b"", b"*"])
+_SENT_NAMES = st.sampled_from([b"Host", b"HOST", b"Accept", b"Connection", b"X-A"])
+_SENT_VALUES = st.sampled_from([b"h", b"close", b"keep-alive", b"*/*"])
+
+
+def _agent_with_pooled_connection(persistent: bool, pooled: bool):
+    """An upstream agent whose pool holds one idle connection (if C{pooled}), and that connection's transport."""
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+
+    from quayfront.config import UpstreamConfig
+    from quayfront.upstream import upstream_agent
+    from quayfront.upstreamclient import UpstreamConnection
+
+    reactor = MemoryReactorClock()
+    agent = upstream_agent(reactor, UpstreamConfig(), persistent=persistent)
+    transport = StringTransport()
+    connection = UpstreamConnection(agent.pool, agent.key)
+    connection.makeConnection(transport)
+    if pooled:
+        agent.pool.put(agent.key, connection, agent)
+    return agent, connection, transport
+
+
+class _StillProducing:
+    """A request body of 3 bytes that never ends."""
+
+    length = 3
+
+    def startProducing(self, consumer):
+        from twisted.internet.defer import Deferred
+
+        return Deferred()
+
+    def stopProducing(self):
+        pass
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+
+class _Told:
+    def callback(self, response):
+        pass
+
+    def errback(self, failure):
+        pass
+
+
+@given(
+    _SENT_METHODS,
+    _SENT_TARGETS,
+    st.lists(st.tuples(_SENT_NAMES, _SENT_VALUES), max_size=4),
+    st.booleans(),
+    st.booleans(),
+    st.booleans(),
+)
+def test_a_bodiless_request_for_is_started_as_the_general_start_starts_it(
+    method, target, fields, with_body, persistent, pooled
+):
+    """UpstreamAgent.request_for's short way for a bodiless request writes, makes and answers what _start does, and is taken only when its conditions hold."""
+    from quayfront.upstream import UPSTREAM_AUTHORITY
+    from quayfront.upstreamclient import UpstreamAgent, _Exchange
+
+    body = _StillProducing() if with_body else None
+    short_agent, short_connection, short_transport = _agent_with_pooled_connection(persistent, pooled)
+    general_agent, general_connection, general_transport = _agent_with_pooled_connection(persistent, pooled)
+    taken = []
+    original = UpstreamAgent._start_bodiless
+
+    def recording(self, *args):
+        taken.append(args)
+        return original(self, *args)
+
+    outcome = _Told()
+    UpstreamAgent._start_bodiless = recording
+    try:
+        try:
+            short = short_agent.request_for(outcome, method, UPSTREAM_AUTHORITY, target, list(fields), body)
+        except ValueError as error:
+            short = error
+    finally:
+        UpstreamAgent._start_bodiless = original
+    try:
+        general = general_agent._start(
+            method, b"http://" + UPSTREAM_AUTHORITY + target, list(fields), body, outcome,
+            UPSTREAM_AUTHORITY, target,
+        )
+    except ValueError as error:
+        general = error
+
+    expected_short = (
+        body is None
+        and method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS", b"PATCH")
+        and persistent
+        and target not in (b"", b"/a b", b"/a\x7f")
+        and all(name.lower() != b"connection" for name, _ in fields)
+    )
+    assert bool(taken) == expected_short
+    if isinstance(general, ValueError):
+        assert isinstance(short, ValueError) and str(short) == str(general)
+        return
+    assert type(short) is type(general) is _Exchange
+    assert short_transport.value() == general_transport.value()
+    assert len(short_agent.pool._idle.get(short_agent.key, ())) == len(
+        general_agent.pool._idle.get(general_agent.key, ())
+    )
+    short_state, general_state = dict(vars(short)), dict(vars(general))
+    for state, agent, connection in (
+        (short_state, short_agent, short_connection),
+        (general_state, general_agent, general_connection),
+    ):
+        assert state.pop("_agent") is agent
+        if state.get("connection") is not None:
+            assert state.pop("connection") is connection
+            assert connection.exchange is (short if agent is short_agent else general)
+        reader = state.pop("_reader", None)
+        state["_reader"] = None if reader is None else vars(reader)
+        connecting = state.pop("_connecting", None)
+        state["_connecting"] = connecting is not None
+        state.pop("result")
+        for made in ("_writer", "_flow"):
+            state[made] = type(state.pop(made, None))
+    assert short_state == general_state
+    assert short.result is general.result is outcome

@@ -743,6 +743,24 @@ def test_proxied_transport_until_the_connection_goes_back_to_the_pool() -> None:
     assert not transport.disconnecting and transport.producerState == "producing"
 
 
+def test_a_body_delivered_after_its_end_gets_a_transport_that_reaches_nothing() -> None:
+    """A body protocol given a response that already ended (its connection pooled) gets a transport holding no connection."""
+    upstream = Upstream()
+    _, outcome = upstream.request()
+    protocol, transport = upstream.accept()
+    # Told with the head, before anyone delivers the body; the body's end
+    # is read at once, and the connection goes back to the pool.
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert upstream.agent.pool.idle_count(upstream.agent.key) == 1
+    body = body_of(outcome[0])
+    assert body.data == b"ok"
+    body.reason.trap(ResponseDone)
+    assert proxied_transport(body.transport) is None
+    body.transport.pauseProducing()
+    body.transport.stopProducing()
+    assert not transport.disconnecting and transport.producerState == "producing"
+
+
 def test_stopping_the_body_transport_aborts_the_connection() -> None:
     """stopProducing mid-body aborts the upstream connection; the body ends failed."""
     upstream = Upstream()
