@@ -78,6 +78,12 @@ from quayfront.twistedadapter import LeanRequest, add_checked_fields, client_gon
 MAX_HELD_BYTES = 16384
 
 
+#: The last count of a request id's prefix (RequestIds._LAST), also as a
+#: global: next_id reads it per request, and CPython 3.11 reads a class
+#: attribute through an instance by the generic lookup.
+_LAST_REQUEST_COUNT = (1 << 48) - 1
+
+
 class RequestIds:
     """
     The ids of requests that bring none (no PROXY UNIQUE_ID): 32 lower-case
@@ -92,7 +98,7 @@ class RequestIds:
     L{REQUEST_IDS}), so workers forked from one parent never share one.
     """
 
-    _LAST = (1 << 48) - 1
+    _LAST = _LAST_REQUEST_COUNT
 
     def __init__(self, urandom=os.urandom) -> None:
         self._urandom = urandom
@@ -107,7 +113,7 @@ class RequestIds:
 
     def next_id(self) -> str:
         count = self._count + 1
-        if count > self._LAST:
+        if count > _LAST_REQUEST_COUNT:
             # Drawn at first use, not at import.
             self._prefix = self._urandom(10).hex()
             count = 1

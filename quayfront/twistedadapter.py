@@ -158,6 +158,19 @@ class EagerWrite:
 
     bufferSize = 2**18
 
+    def __init__(self, *args, **kwargs) -> None:
+        # Read on every write and read: an instance's own attributes, which
+        # CPython 3.11 reads faster than the class attributes they copy
+        # (those take the generic lookup every time).  Set first, so that
+        # whatever Twisted's __init__ sets stands.
+        self.bufferSize = type(self).bufferSize
+        self.offset = 0
+        self.dataBuffer = b""
+        self.disconnecting = 0
+        self._writeDisconnected = False
+        self.TLS = False
+        super().__init__(*args, **kwargs)
+
     def doRead(self):
         # tcp.Connection.doRead and its _dataReceived in one call (one per
         # read on every connection).
@@ -443,6 +456,12 @@ except ImportError:  # pragma: no cover - a pyOpenSSL without its bindings
 #: BIO_get_mem_data's out-parameter (where the data starts), which
 #: _bio_pending does not read: one serves every call.
 _MEM_DATA_START = _ssl_ffi.new("char **") if _BIO_BINDINGS else None
+# cffi's functions as globals: reading them off the FFI object takes
+# CPython's generic attribute lookup, several times per request.
+if _BIO_BINDINGS:
+    _ffi_from_buffer = _ssl_ffi.from_buffer
+    _ffi_unpack = _ssl_ffi.unpack
+    _ffi_buffer = _ssl_ffi.buffer
 
 
 def _bio_pending(bio) -> int:
@@ -683,7 +702,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             return self._receive_in_place(data)
         if self._view_bio is not None:
             self._writable_input()
-        with _ssl_ffi.from_buffer(data) as pointer:
+        with _ffi_from_buffer(data) as pointer:
             self._input = pointer
             self._input_length = length = len(data)
             # The first piece now: reading before it would only find the
@@ -718,7 +737,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         once it is gone.
         """
         connection = self._tlsConnection
-        with _ssl_ffi.from_buffer(data) as pointer:
+        with _ffi_from_buffer(data) as pointer:
             view = _ssl_lib.BIO_new_mem_buf(pointer, len(data))
             if view == _ssl_ffi.NULL:
                 raise MemoryError("BIO_new_mem_buf failed")
@@ -790,7 +809,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                 # connection, so the loop stays tight.
                 used += count
                 if used == size:
-                    self._deliver(_ssl_ffi.unpack(buffer, used))
+                    self._deliver(_ffi_unpack(buffer, used))
                     used = 0
                 count = ssl_read(ssl, buffer + used, size - used)
             if _ssl_lib.SSL_get_error(ssl, count) == _ssl_lib.SSL_ERROR_WANT_READ:
@@ -800,7 +819,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                 break
             # The end of the stream or an error: what came before it first.
             if used:
-                self._deliver(_ssl_ffi.unpack(buffer, used))
+                self._deliver(_ffi_unpack(buffer, used))
                 used = 0
             try:
                 connection._raise_ssl_error(ssl, count)
@@ -815,7 +834,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
                 break
         if used and not self._aborted:
             # _deliver, for the last (mostly the only) delivery of a read.
-            self.wrappedProtocol.dataReceived(_ssl_ffi.unpack(buffer, used))
+            self.wrappedProtocol.dataReceived(_ffi_unpack(buffer, used))
         # What the records read may call for (a handshake reply, a key
         # update) goes out now: _flushSendBIO, with its usual case (nothing
         # to send) found here.
@@ -846,7 +865,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         bio_read = _ssl_lib.BIO_read
         total = len(data)
         offset = used = 0
-        with _ssl_ffi.from_buffer(data) as plaintext:
+        with _ffi_from_buffer(data) as plaintext:
             while offset < total:
                 count = total - offset
                 if count > _RECORD_BYTES:
@@ -880,7 +899,7 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             # _send_encrypted, for the last (mostly the only) send of a write.
             write_borrowed = self._write_borrowed
             if write_borrowed:
-                write_borrowed(_ssl_ffi.buffer(buffer, used))
+                write_borrowed(_ffi_buffer(buffer, used))
             else:
                 self._send_encrypted(used)
 
@@ -905,9 +924,9 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         if write_borrowed is not None:
             # Sent from the buffer where the socket takes it all; nothing
             # stays in the buffer either way.
-            write_borrowed(_ssl_ffi.buffer(_Scratch.ciphertext, used))
+            write_borrowed(_ffi_buffer(_Scratch.ciphertext, used))
         else:
-            self.transport.write(_ssl_ffi.buffer(_Scratch.ciphertext, used)[:])
+            self.transport.write(_ffi_buffer(_Scratch.ciphertext, used)[:])
 
     def _deliver(self, received: bytes) -> None:
         if not self._aborted:

@@ -300,21 +300,26 @@ class UpstreamResponse:
             C{connection}, made when the body is delivered (most responses
             are relayed whole, and never need one).
         """
-        minor = head.version[1]
+        # Unpacked: CPython 3.11 reads a named tuple's fields by name
+        # through the generic attribute lookup.
+        status, reason, version, headers, _, length, _ = head
+        minor = version[1]
         if minor != 1:
             self.version = (b"HTTP", 1, minor)
-        self.code = head.status
-        self.phrase = head.reason
+        self.code = status
+        self.phrase = reason
         #: The header fields as received, in order (what C{headers} holds).
-        self.header_pairs = head.headers
+        self.header_pairs = headers
         # The Headers made from them when asked for (_headers).
-        length = head.length
         self.length = UNKNOWN_LENGTH if length is None else length
         self._exchange = exchange
         if transport is None:
             self._connection = connection
         else:
             self._transport = transport
+        # What every response reads before it may be set: its own, not the
+        # class's, which CPython 3.11 reads through the generic lookup.
+        self.whole_body = self._protocol = self._ended = None
         # The body protocol once delivered (_protocol); body bytes that
         # came before it (_early); how the body ended, once it has (_ended).
 

@@ -485,9 +485,14 @@ class Exchange:
     ) -> None:
         self.state = _NEW
         self.body = _WAITING if has_body else _NONE
-        # draining, ending and body_bytes start as the class says.
         self._length = length
         self._max_body_bytes = max_body_bytes
+        # Set here although the class says the same: every request reads
+        # them, and CPython 3.11 reads an instance's own attribute faster
+        # than its class's.
+        self.draining = False
+        self.ending = None
+        self.body_bytes = 0
 
     draining = False
     ending: Ending | None = None

@@ -1092,3 +1092,21 @@ def test_a_request_is_made_as_twisted_web_makes_one() -> None:
     assert front.responseHeaders.getRawHeaders(b"X-A") == [b"1"]
     queued = FrontRequest(channel, True)
     assert queued.queued is True and queued.responseHeaders == Headers()
+
+
+def test_what_requests_and_exchanges_set_as_their_own_is_what_their_classes_say() -> None:
+    """
+    Class attributes set on each FrontRequest and Exchange (read on every
+    request, faster as an instance's own) keep the classes' values.
+    """
+    from quayfront.http import Exchange
+
+    site, _, _, _ = make_site()
+    channel, _ = connect(site)
+    request = FrontRequest(channel)
+    for name in ("defaultContentType", "lean_channel_type", "_response_headers", "_relayed",
+                 "_relayed_lines", "_target_refused"):
+        assert name in vars(request) and getattr(request, name) is getattr(FrontRequest, name)
+    exchange = Exchange(has_body=False)
+    for name in ("draining", "ending", "body_bytes"):
+        assert name in vars(exchange) and getattr(exchange, name) == getattr(Exchange, name)

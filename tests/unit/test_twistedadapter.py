@@ -1285,3 +1285,71 @@ def test_canary_pyopenssl_read_only_bio() -> None:
     assert count == 1000 and ffi.buffer(buffer, 1000)[:] == b"x" * 1000
     count = lib.SSL_read(server._ssl, buffer, 2048)
     assert count <= 0 and lib.SSL_get_error(server._ssl, count) == lib.SSL_ERROR_WANT_READ
+
+
+def test_each_eager_transport_runs_its_own_code_of_the_shared_methods() -> None:
+    """
+    The server's and the client's TCP transports each have their own code
+    objects for EagerWrite's methods (so CPython specialises each for its
+    own type), with EagerWrite's very bytecode, names and defaults.
+    """
+    from quayfront.twistedadapter import _EAGER_WRITE_METHODS, EagerWrite, EagerWriteClient
+
+    for name in _EAGER_WRITE_METHODS:
+        shared = EagerWrite.__dict__[name]
+        server = EagerWriteServer.__dict__[name]
+        client = EagerWriteClient.__dict__[name]
+        assert len({id(shared.__code__), id(server.__code__), id(client.__code__)}) == 3
+        for own in (server, client):
+            assert own.__code__.co_code == shared.__code__.co_code
+            assert own.__code__.co_names == shared.__code__.co_names
+            assert own.__defaults__ == shared.__defaults__
+            assert own.__closure__ == shared.__closure__
+            assert own.__doc__ == shared.__doc__
+
+
+def test_eager_transports_hold_their_class_defaults_as_their_own() -> None:
+    """What EagerWrite sets on each transport is what the classes it copies say."""
+    transport, peer, _ = _eager_pair()
+    try:
+        for name in ("bufferSize", "offset", "dataBuffer", "disconnecting",
+                     "_writeDisconnected", "TLS"):
+            assert name in vars(transport)
+            assert getattr(transport, name) == getattr(EagerWriteServer, name)
+    finally:
+        transport.socket.close()
+        peer.close()
+
+
+def test_a_lean_request_holds_twisted_webs_class_defaults_as_its_own() -> None:
+    """
+    The class attributes LeanRequest sets on each request (read through the
+    instance on every response) are twisted.web's Request's, value for value.
+    """
+    from twisted.web import server
+
+    from quayfront.twistedadapter import LeanRequest
+
+    class Channel:
+        transport = StringTransport()
+        site = server.Site(None)
+
+        def getPeer(self):
+            return self.transport.getPeer()
+
+        def getHost(self):
+            return self.transport.getHost()
+
+    request = LeanRequest(Channel())
+    own = {
+        name: value for name, value in vars(request).items()
+        if name not in LeanRequest.MIRRORED_ATTRIBUTES
+    }
+    assert set(own) == {
+        "finished", "startedWriting", "chunked", "sentLength", "producer", "etag",
+        "lastModified", "content", "_encoder", "_disconnected", "_inFakeHead",
+    }
+    for name, value in own.items():
+        assert getattr(server.Request, name) == value and type(value) is type(
+            getattr(server.Request, name)
+        ), name
