@@ -34,7 +34,7 @@ from twisted.application.service import Service
 from twisted.logger import Logger
 
 from quayfront.http._endings import CLIENT_CLOSED_STATUS
-from quayfront.http._record import frozen_record
+from quayfront.http._record import frozen_record, maker
 
 # The status nginx logs for a request whose client went away before the
 # response started; operators' dashboards already know it.  One entry of
@@ -75,6 +75,11 @@ class AccessLogEntry:
     # ("-" for none), when the site already knows it; None: the metrics
     # route the URI's path again (quayfront.metrics.MeteredAccessLog).
     route_label: str | None = None
+
+
+#: Builds an L{AccessLogEntry} from the same arguments, without calling the
+#: class (see quayfront.http._record.maker): what the request path uses.
+make_access_log_entry = maker(AccessLogEntry)
 
 
 # A user name longer than this is cut in the log.

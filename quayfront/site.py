@@ -49,6 +49,7 @@ from quayfront.accesslog import (
     AccessLog,
     AccessLogEntry,
     basic_auth_user,
+    make_access_log_entry,
 )
 from quayfront.connectioninfo import tls_fields, tlv_fields
 from quayfront.forward import (
@@ -1307,7 +1308,7 @@ class FrontRequest(LeanRequest):
         now_s = site.clock.seconds()
         site.counters.increment("http_responses", str(status))
         site.access_log.write(
-            AccessLogEntry(
+            make_access_log_entry(
                 timestamp=now_s,
                 socket_peer=socket_peer,
                 client=client,

@@ -82,7 +82,7 @@ from dataclasses import field
 from operator import itemgetter
 from types import SimpleNamespace
 
-from ._record import frozen_record
+from ._record import frozen_record, maker
 
 #: Longest request line (without CRLF): nginx's large_client_header_buffers.
 MAX_REQUEST_LINE_BYTES = 8192
@@ -215,6 +215,10 @@ class MessageEnd:
     trailers: list[tuple[bytes, bytes]]
     raw: bytes = field(repr=False)
 
+
+#: Builds a L{RequestHead} without calling the class (see L{maker}): one per
+#: request.
+_make_head = maker(RequestHead)
 
 #: The trailers of a request without chunks (never changed), and its end.
 _NO_TRAILERS: list[tuple[bytes, bytes]] = []
@@ -761,7 +765,7 @@ class RequestFramer:
         self._keep_alive = keep_alive
         self._scanned = 0
         self._enter_body(length)
-        return RequestHead(
+        return _make_head(
             method, target, version, headers, length, keep_alive, raw, names, host, expect
         )
 
@@ -786,6 +790,6 @@ class RequestFramer:
         self._keep_alive = keep_alive
         self._line_start = self._scanned = 0
         self._enter_body(length)
-        return RequestHead(
+        return _make_head(
             method, target, version, headers, length, keep_alive, raw, names, host, expect
         )

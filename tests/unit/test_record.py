@@ -87,7 +87,8 @@ def test_refuses_what_it_cannot_build():
                 pass
 
 
-# A record longer than a one-instruction dict display: stored another way.
+# A record longer than a one-instruction dict display (its display is built
+# one item at a time).
 _LONG_FIELDS = [(f"f{index}", int, index) for index in range(18)]
 _LONG_FIELDS[3] = ("f3", dict, dataclasses.field(default_factory=dict))
 _LONG_FIELDS[17] = ("f17", list, dataclasses.field(default_factory=list))
@@ -116,3 +117,25 @@ def test_a_long_record_stores_what_a_frozen_dataclass_stores(arguments):
     assert LongSample().f3 is not LongSample().f3
     with pytest.raises(dataclasses.FrozenInstanceError):
         record.f1 = 2
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [((1, b"x"), {}), ((1, b"x", "n"), {"hidden": b"h"}), ((2, b""), {"mapping": None})],
+)
+def test_its_maker_builds_what_its_class_builds(arguments):
+    """maker(cls) takes the class's arguments and builds an equal record, without __init__."""
+    from quayfront.http._record import maker
+
+    positional, keywords = arguments
+    made, built = maker(Sample)(*positional, **keywords), Sample(*positional, **keywords)
+    assert type(made) is Sample
+    assert made == built and vars(made) == vars(built) and list(vars(made)) == list(vars(built))
+    assert repr(made) == repr(built)
+    assert maker(Sample)(1, b"").mapping is not maker(Sample)(1, b"").mapping
+    with pytest.raises(TypeError):
+        maker(Sample)(1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.first = 2
+    long_made = maker(LongSample)(f0="a", f3=None)
+    assert vars(long_made) == vars(LongReference(f0="a", f3=None))
