@@ -398,9 +398,8 @@ class Forwarding:
             has_body = b"content-length" in names
         else:
             has_body = any(name.lower() == b"content-length" for name, _ in fields)
-        self.exchange = Exchange(
-            has_body=has_body, length=length, max_body_bytes=self._limits.max_body_bytes
-        )
+        # Positional: a class called with keywords gathers them in a dict.
+        self.exchange = Exchange(has_body, length, self._limits.max_body_bytes)
         self.body: RequestBodyStream | None = (
             RequestBodyStream(UNKNOWN_LENGTH if length is None else length, self)
             if has_body

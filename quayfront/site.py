@@ -827,30 +827,6 @@ class FrontChannel(LazyTimeoutMixin, Protocol):
             self._request_producer.stopProducing()
 
 
-class _WhenOver:
-    """
-    Stands in C{Request.notifications} for the Deferred C{notifyFinish}
-    adds: C{twisted.web} calls C{callback(None)} when the response is
-    finished, or C{errback(reason)} when the connection is lost first.
-    Either calls C{over} with it.  An error in C{over} is logged (a
-    Deferred would have logged it as unhandled), not raised into Twisted.
-    """
-
-    __slots__ = ("_over",)
-    _log = Logger()
-
-    def __init__(self, over) -> None:
-        self._over = over
-
-    def callback(self, result: object) -> None:
-        try:
-            self._over(result)
-        except Exception:
-            self._log.failure("ending a request")
-
-    errback = callback
-
-
 class FrontRequest(LeanRequest):
     """
     A request that is either streamed to an upstream (L{Forwarding}) or
@@ -1119,26 +1095,42 @@ class FrontRequest(LeanRequest):
             # Unpacked rather than read by name: CPython 3.11 reads a named
             # tuple's fields through the generic attribute lookup.
             client, _, _, _, default_host = self._origin_text
+            # Positional: a class called with keywords gathers them in a
+            # dict (Forwarding's parameters, in order).
             self.forwarding = Forwarding(
                 self,
                 length,
                 route,
                 site.clock,
-                client_ip=client,
-                vouched_headers=site.vouched_headers(self.request_id, self.tlvs, self._tls),
-                reserved_headers=site.reserved_headers,
-                default_host=default_host,
-                watch_client=False,
-                head=head,
-                now_s=now_s,
+                client,  # client_ip
+                site.vouched_headers(self.request_id, self.tlvs, self._tls),
+                site.reserved_headers,
+                default_host,
+                False,  # watch_client
+                head,
+                now_s,
             )
         else:
             # Local answers take no body; whatever is sent is read and
             # dropped rather than spooled.
             self.content = BytesIO()
         # What notifyFinish() would add, without a Deferred to make and fire
-        # for every request.
-        self.notifications.append(_WhenOver(self._request_over))
+        # for every request: the request itself (see callback).
+        self.notifications.append(self)
+
+    # The request stands in its own notifications for the Deferred that
+    # notifyFinish adds: twisted.web calls callback(None) when the response
+    # is finished, or errback(reason) when the connection is lost first, and
+    # empties the list after (so the reference to itself goes with it).  An
+    # error ending the request is logged, as a Deferred would log it, not
+    # raised into twisted.web's finish or connectionLost.
+    def callback(self, result: object) -> None:
+        try:
+            self._request_over(result)
+        except Exception:
+            self._log.failure("ending a request")
+
+    errback = callback
 
     def _request_over(self, result: object) -> None:
         forwarding = self.forwarding

@@ -481,7 +481,7 @@ class Exchange:
     """
 
     def __init__(
-        self, *, has_body: bool, length: int | None = None, max_body_bytes: int = 0
+        self, has_body: bool, length: int | None = None, max_body_bytes: int = 0
     ) -> None:
         self.state = _NEW
         self.body = _WAITING if has_body else _NONE

@@ -297,18 +297,24 @@ def test_an_error_ending_a_request_is_logged_not_raised(fail_on_unhandled_errors
     and an error in it is logged as a Deferred would log it, not raised
     into twisted.web's finish or connectionLost.
     """
-    from quayfront.site import _WhenOver
+    from quayfront.site import FrontRequest
+
+    def request_over_with(over) -> FrontRequest:
+        # A request whose end is told to `over`, as the request's own end is.
+        request = FrontRequest.__new__(FrontRequest)
+        request._request_over = over
+        return request
 
     told: list[object] = []
-    _WhenOver(told.append).callback(None)
+    request_over_with(told.append).callback(None)
     lost = Failure(ConnectionDone())
-    _WhenOver(told.append).errback(lost)
+    request_over_with(told.append).errback(lost)
     assert told == [None, lost]
 
     def broken(result: object) -> None:
         raise ValueError("broken access log")
 
-    _WhenOver(broken).callback(None)
+    request_over_with(broken).callback(None)
     [event] = fail_on_unhandled_errors
     assert event["log_failure"].check(ValueError)
 
