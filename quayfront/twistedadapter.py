@@ -702,22 +702,24 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
             return self._receive_in_place(data)
         if self._view_bio is not None:
             self._writable_input()
-        with _ffi_from_buffer(data) as pointer:
-            self._input = pointer
-            self._input_length = length = len(data)
-            # The first piece now: reading before it would only find the
-            # BIO empty.
-            piece = min(_BIO_FEED_BYTES, length)
+        # Released when the last reference goes, at the latest as this
+        # returns (the BIO copies what it is given): a with statement would
+        # add a call of its own per read.
+        self._input = pointer = _ffi_from_buffer(data)
+        self._input_length = length = len(data)
+        # The first piece now: reading before it would only find the BIO
+        # empty.
+        piece = length if length < _BIO_FEED_BYTES else _BIO_FEED_BYTES
+        try:
             if _ssl_lib.BIO_write(self._tlsConnection._into_ssl, pointer, piece) != piece:
                 raise MemoryError(f"BIO_write of {piece} bytes failed")
             self._input_fed = piece
-            try:
-                if self._appSendBuffer:
-                    self._unbufferPendingWrites()
-                self._flushReceiveBIO()
-            finally:
-                self._input = None
-                self._input_fed = self._input_length = 0
+            if self._appSendBuffer:
+                self._unbufferPendingWrites()
+            self._flushReceiveBIO()
+        finally:
+            self._input = None
+            self._input_fed = self._input_length = 0
 
     #: The read-only BIO over the bytes of the read being (or last) decrypted
     #: in place, or None.
@@ -865,36 +867,38 @@ class BatchedReceiveTLS(_TLSMemoryBIOProtocol):
         bio_read = _ssl_lib.BIO_read
         total = len(data)
         offset = used = 0
-        with _ffi_from_buffer(data) as plaintext:
-            while offset < total:
-                count = total - offset
-                if count > _RECORD_BYTES:
-                    count = _RECORD_BYTES
-                count = ssl_write(ssl, plaintext + offset, count)
-                if count <= 0:
-                    try:
-                        connection._raise_ssl_error(ssl, count)
-                    except _WantReadError:
-                        self._send_encrypted(used)
-                        self._bufferedWrite(bytes(data[offset:]))
-                        return
-                    except _SSLError:
-                        self._send_encrypted(used)
-                        self._tlsShutdownFinished(_Failure())
-                        return
-                    # SSL_write returns more than zero unless it failed.
-                    raise AssertionError(f"SSL_write returned {count} without an error")
-                offset += count
-                # The record just made, in one read unless it fills the
-                # buffer (then sent, and the rest read after it).
-                read = bio_read(from_ssl, buffer + used, _SCRATCH_BYTES - used)
-                while read > 0:
-                    used += read
-                    if used < _SCRATCH_BYTES:
-                        break
+        # Released when the last reference goes, as this returns (OpenSSL
+        # copies what it encrypts): no with statement, a call of its own.
+        plaintext = _ffi_from_buffer(data)
+        while offset < total:
+            count = total - offset
+            if count > _RECORD_BYTES:
+                count = _RECORD_BYTES
+            count = ssl_write(ssl, plaintext + offset, count)
+            if count <= 0:
+                try:
+                    connection._raise_ssl_error(ssl, count)
+                except _WantReadError:
                     self._send_encrypted(used)
-                    used = 0
-                    read = bio_read(from_ssl, buffer, _SCRATCH_BYTES)
+                    self._bufferedWrite(bytes(data[offset:]))
+                    return
+                except _SSLError:
+                    self._send_encrypted(used)
+                    self._tlsShutdownFinished(_Failure())
+                    return
+                # SSL_write returns more than zero unless it failed.
+                raise AssertionError(f"SSL_write returned {count} without an error")
+            offset += count
+            # The record just made, in one read unless it fills the
+            # buffer (then sent, and the rest read after it).
+            read = bio_read(from_ssl, buffer + used, _SCRATCH_BYTES - used)
+            while read > 0:
+                used += read
+                if used < _SCRATCH_BYTES:
+                    break
+                self._send_encrypted(used)
+                used = 0
+                read = bio_read(from_ssl, buffer, _SCRATCH_BYTES)
         if used:
             # _send_encrypted, for the last (mostly the only) send of a write.
             write_borrowed = self._write_borrowed
