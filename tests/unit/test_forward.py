@@ -1110,3 +1110,41 @@ def test_what_requests_and_exchanges_set_as_their_own_is_what_their_classes_say(
     exchange = Exchange(has_body=False)
     for name in ("draining", "ending", "body_bytes"):
         assert name in vars(exchange) and getattr(exchange, name) == getattr(Exchange, name)
+
+
+def test_a_proxied_request_keeps_its_dictionary_within_shared_keys() -> None:
+    """
+    What a proxied request sets on itself goes into slots or at most 30
+    dictionary keys: CPython 3.11 then shares the keys between requests
+    (and specialises reading, writing and method lookups on them).
+    """
+    site, agent, _, _ = make_site()
+    channel, _ = connect(site)
+    channel.dataReceived(b"GET /v2/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    request = channel.request
+    r = PairsResponse(200, b"OK", [(b"Server", b"s"), (b"Content-Length", b"2"), (b"ETag", b"e")], 2)
+    agent.requests[0]["d"].callback(r)
+    r.protocol.dataReceived(b"ok")
+    r.protocol.connectionLost(Failure(ResponseDone()))
+    assert request.finished and request.code == 200
+    assert len(vars(request)) <= 30
+
+
+@pytest.mark.parametrize("twisted_way", [False, True])
+def test_a_requests_slots_start_as_twisted_webs_class_attributes(twisted_way) -> None:
+    """
+    The slots FrontRequest stands in front of twisted.web's class
+    attributes start with twisted.web's values, made either way.
+    """
+    site, _, _, _ = make_site()
+    channel, _ = connect(site)
+    request = FrontRequest(channel, False) if twisted_way else FrontRequest(channel)
+    for name in ("finished", "startedWriting", "chunked", "sentLength", "producer", "etag",
+                 "lastModified", "content", "_encoder", "_disconnected", "_inFakeHead",
+                 "method", "uri", "clientproto", "path", "args", "site", "code",
+                 "code_message"):
+        assert name in FrontRequest.__slots__
+        expected = getattr(server.Request, name)
+        assert getattr(request, name) == expected and type(getattr(request, name)) is type(
+            expected
+        ), name
